@@ -1,0 +1,131 @@
+"""The `tinyalign` command: run the embedded graph, prepare models, synthesize speech.
+
+    tinyalign run [--input FILE] [--fast] [--jsonl]   the whole node graph in one process
+    tinyalign setup-models                            convert the packaged LLM once (~15 s)
+    tinyalign synth --out DIR                         synthesize a labelled speech corpus
+    tinyalign demo-audio OUT.wav                      synthesize the demo speech file
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+    from tinyalign_ros.core.audio import AudioError
+    from tinyalign_ros.nodes.common import from_time_msg
+    from tinyalign_ros.nodes.graph import EmbeddedGraph
+
+    overrides: dict[str, dict] = {"mic_node": {}}
+    if args.input:
+        overrides["mic_node"]["input_file"] = str(Path(args.input).resolve())
+        if args.fast:
+            overrides["mic_node"]["playback_rate"] = 0.0
+    elif args.device:
+        overrides["mic_node"]["device"] = args.device
+    lock = threading.Lock()
+
+    def emit(text: str) -> None:
+        with lock:
+            print(text, flush=True)
+
+    def on_utterance(u) -> None:
+        if not args.jsonl:
+            emit(f"[{u.stream_start_s:6.2f}-{u.stream_end_s:6.2f} s] you:   {u.transcript}")
+
+    graph_ref: list = []
+
+    def on_response(r) -> None:
+        if args.jsonl:
+            u = graph_ref[0].listener.utterances.get(r.utterance_id)
+            emit(json.dumps({
+                "utterance_id": r.utterance_id,
+                "start_s": round(u.stream_start_s, 3) if u else None,
+                "end_s": round(u.stream_end_s, 3) if u else None,
+                "speaker": r.speaker,
+                "transcript": r.transcript,
+                "confidence": round(u.confidence, 3) if u else None,
+                "response": r.text,
+                "mode": r.mode,
+                "latency_first_token_s": round(r.latency_first_token_s, 3),
+                "latency_last_token_s": round(r.latency_last_token_s, 3),
+            }))
+        else:
+            emit(f"{'':17} robot: {r.text}   (first token {r.latency_first_token_s:.2f} s, "
+                 f"last {r.latency_last_token_s:.2f} s after end of speech)")
+
+    try:
+        graph = EmbeddedGraph(args.config, overrides, on_utterance, on_response)
+    except (AudioError, FileNotFoundError, ValueError) as exc:
+        print(f"tinyalign run: {exc}", file=sys.stderr)
+        return 2
+    graph_ref.append(graph)
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        if args.input:
+            if not graph.wait_file_done(args.timeout):
+                print(f"tinyalign run: not done after {args.timeout:.0f} s", file=sys.stderr)
+                return 1
+        else:
+            stop.wait()
+    finally:
+        graph.shutdown()
+    return 0
+
+
+def _cmd_setup_models(args: argparse.Namespace) -> int:
+    from tinyalign_ros.core.llm import convert_gguf
+
+    print(convert_gguf())
+    return 0
+
+
+def _cmd_demo_audio(args: argparse.Namespace) -> int:
+    from tinyalign_ros.core.corpus import make_demo_wav
+
+    for seg in make_demo_wav(Path(args.out)):
+        print(json.dumps(seg))
+    return 0
+
+
+def _cmd_synth(argv: list[str]) -> int:
+    from tinyalign_ros.core.corpus import main
+
+    return int(main(argv) or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["synth"]:
+        return _cmd_synth(argv[1:])
+    parser = argparse.ArgumentParser(prog="tinyalign", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the node graph in one process")
+    run.add_argument("--input", help="WAV/FLAC file to play instead of the microphone")
+    run.add_argument("--device", help="microphone name fragment or index")
+    run.add_argument("--config", type=Path, help="parameter YAML (default: config/assistant.yaml)")
+    run.add_argument("--fast", action="store_true", help="play the file as fast as possible, not real time")
+    run.add_argument("--jsonl", action="store_true", help="one JSON object per answered utterance on stdout")
+    run.add_argument("--timeout", type=float, default=600.0, help="give up on a file after this many seconds")
+    run.set_defaults(func=_cmd_run)
+    sub.add_parser("setup-models", help="convert the packaged LLM for fast loading").set_defaults(
+        func=_cmd_setup_models)
+    demo = sub.add_parser("demo-audio", help="synthesize the demo speech file")
+    demo.add_argument("out")
+    demo.set_defaults(func=_cmd_demo_audio)
+    sub.add_parser("synth", help="synthesize a labelled speech corpus (see `tinyalign synth -h`)")
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

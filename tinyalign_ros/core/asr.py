@@ -1,0 +1,56 @@
+"""Transcription of one VAD segment with faster-whisper tiny.en (CTranslate2, int8).
+
+The segment is already cut by our VAD, so Whisper's own VAD and its conditioning on previous
+text are off: each utterance is transcribed alone, which keeps one bad segment from
+contaminating the next.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from faster_whisper import WhisperModel
+
+from .models import whisper_tiny_dir
+
+
+@dataclass(frozen=True)
+class Transcript:
+    text: str
+    confidence: float  # exp(mean token log-probability), 0..1
+
+
+class WhisperTranscriber:
+    def __init__(
+        self,
+        model_dir: str | Path | None = None,
+        compute_type: str = "int8",
+        threads: int = 2,
+        beam_size: int = 1,
+        language: str = "en",
+    ) -> None:
+        self.model = WhisperModel(
+            str(model_dir or whisper_tiny_dir()), device="cpu", compute_type=compute_type, cpu_threads=threads
+        )
+        self.beam_size = beam_size
+        self.language = language
+
+    def transcribe(self, samples: np.ndarray) -> Transcript:
+        segments, _ = self.model.transcribe(
+            samples,
+            language=self.language,
+            beam_size=self.beam_size,
+            vad_filter=False,
+            condition_on_previous_text=False,
+            without_timestamps=True,
+        )
+        segments = list(segments)
+        text = " ".join(s.text.strip() for s in segments).strip()
+        if not segments:
+            return Transcript("", 0.0)
+        # Weight each segment's mean log-prob by its token count.
+        n = sum(max(len(s.tokens), 1) for s in segments)
+        mean_logprob = sum(s.avg_logprob * max(len(s.tokens), 1) for s in segments) / n
+        return Transcript(text, float(math.exp(min(mean_logprob, 0.0))))

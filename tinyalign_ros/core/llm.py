@@ -1,0 +1,119 @@
+"""The frozen small LLM: SmolLM2-135M-Instruct through transformers, with token streaming.
+
+Cascade mode feeds it the transcript as a chat message; the aligned mode (Tiny-Align) will
+feed `inputs_embeds` instead. The model folder is a parameter so a robot with a bigger local
+model can swap it in.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer
+
+from .models import default_llm_dir, smollm2_gguf
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are the voice assistant of a small mobile robot. Answer the operator in one or two "
+    "short, friendly sentences that can be spoken aloud."
+)
+
+
+def convert_gguf(gguf: Path | None = None, out_dir: Path | None = None) -> Path:
+    """Dequantize the packaged GGUF once into an fp32 transformers folder.
+
+    Written to a temporary sibling folder and renamed, so an interrupted conversion never
+    leaves a half model that a node would later fail to load.
+    """
+    gguf = gguf or smollm2_gguf()
+    out_dir = out_dir or default_llm_dir()
+    if (out_dir / "config.json").is_file():
+        return out_dir
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    log.info("converting %s to fp32 in %s (once)", gguf.name, out_dir)
+    kwargs = {"gguf_file": gguf.name}
+    tok = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, torch_dtype=torch.float32, **kwargs)
+    model.hf_quantizer = None  # save_pretrained refuses GGUF-loaded models otherwise
+    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".", dir=out_dir.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+class ChatLLM:
+    """A frozen chat model that streams its answer text piece by piece."""
+
+    def __init__(
+        self,
+        model_dir: Path | None = None,
+        system_prompt: str = DEFAULT_SYSTEM_PROMPT,
+        max_new_tokens: int = 64,
+        threads: int = 0,
+    ) -> None:
+        model_dir = Path(model_dir) if model_dir else default_llm_dir()
+        if not (model_dir / "config.json").is_file():
+            if model_dir == default_llm_dir():
+                convert_gguf(out_dir=model_dir)
+            else:
+                raise FileNotFoundError(f"no transformers model in {model_dir}")
+        if threads > 0:
+            torch.set_num_threads(threads)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+        self.model.requires_grad_(False)
+        self.system_prompt = system_prompt
+        self.max_new_tokens = max_new_tokens
+
+    def prompt_ids(self, user_text: str) -> torch.Tensor:
+        # An explicit system message: SmolLM2's template inserts its own default one otherwise.
+        messages = [{"role": "system", "content": self.system_prompt}, {"role": "user", "content": user_text}]
+        return self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )["input_ids"]
+
+    def stream(self, user_text: str) -> Iterator[str]:
+        """Yield the answer as text pieces while greedy generation runs in a worker thread."""
+        ids = self.prompt_ids(user_text)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        errors: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                with torch.inference_mode():
+                    self.model.generate(
+                        input_ids=ids,
+                        attention_mask=torch.ones_like(ids),
+                        max_new_tokens=self.max_new_tokens,
+                        do_sample=False,
+                        streamer=streamer,
+                        pad_token_id=self.tokenizer.eos_token_id,
+                    )
+            except BaseException as exc:  # surfaced to the caller below, never lost in the thread
+                errors.append(exc)
+                streamer.end()
+
+        worker = threading.Thread(target=work, name="llm-generate", daemon=True)
+        worker.start()
+        for piece in streamer:
+            if piece:
+                yield piece
+        worker.join()
+        if errors:
+            raise errors[0]
+
+    def answer(self, user_text: str) -> str:
+        return "".join(self.stream(user_text)).strip()

@@ -1,0 +1,158 @@
+"""asr_node: /tinyalign/audio → VAD segments → /tinyalign/utterance (+ /tinyalign/transcript)."""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import rclpy
+from rclpy.node import Node
+from std_msgs.msg import String
+
+from tinyalign_ros.core.asr import WhisperTranscriber
+from tinyalign_ros.core.audio import SAMPLE_RATE, AudioError, normalize
+from tinyalign_ros.core.vad import Segment, StreamingSegmenter, VadConfig
+from tinyalign_ros.msg import AudioChunk, Utterance
+
+from .common import AUDIO_QOS, EVENT_QOS, Worker, to_time_msg
+
+
+@dataclass(frozen=True)
+class _Job:
+    segment: Segment
+    wall_offset: float  # wall time minus stream time, from the chunk that closed the segment
+
+
+class AsrNode(Node):
+    """Cuts the audio stream into utterances and transcribes each in a worker thread.
+
+    The audio callback only runs the VAD (a few ms per chunk), so audio is never dropped while
+    Whisper works; finished segments wait in a bounded queue (oldest dropped when full).
+    """
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__("asr_node", **kwargs)
+        p = self.declare_parameter
+        self.vad_config = VadConfig(
+            threshold=float(p("vad.threshold", 0.5).value),
+            min_silence_ms=int(p("vad.min_silence_ms", 500).value),
+            min_speech_ms=int(p("vad.min_speech_ms", 250).value),
+            speech_pad_ms=int(p("vad.speech_pad_ms", 200).value),
+            max_utterance_s=float(p("vad.max_utterance_s", 20.0).value),
+        )
+        self.speaker = p("speaker", "").value
+        max_pending = int(p("max_pending_utterances", 4).value)
+        self.segmenter = StreamingSegmenter(self.vad_config)
+        self.transcriber = WhisperTranscriber(
+            compute_type=p("whisper.compute_type", "int8").value,
+            threads=int(p("whisper.threads", 2).value),
+            beam_size=int(p("whisper.beam_size", 1).value),
+        )
+        self.utterance_pub = self.create_publisher(Utterance, "utterance", EVENT_QOS)
+        self.transcript_pub = self.create_publisher(String, "transcript", EVENT_QOS)
+        self.worker: Worker[_Job] = Worker("asr-transcribe", self._transcribe, max_pending,
+                                           self._on_drop, self._on_error)
+        self.create_subscription(AudioChunk, "audio", self._on_audio, AUDIO_QOS)
+        self._count = 0
+        self.published = 0
+        self._expected_offset: int | None = None
+        self._warned_rate: set[int] = set()
+        self.rejected_chunks = 0
+        self.stream_ended = threading.Event()
+        self.get_logger().info("ready")
+
+    # -- audio callback: cheap, never blocks on the model --------------------------------------
+    def _on_audio(self, msg: AudioChunk) -> None:
+        try:
+            audio = normalize(np.asarray(msg.samples, dtype=np.float32), msg.sample_rate)
+        except AudioError as exc:
+            self.rejected_chunks += 1
+            self.get_logger().warn(f"rejected audio chunk at offset {msg.offset}: {exc}", throttle_duration_sec=5.0)
+            if msg.end_of_stream:
+                self._close_stream(None)
+            return
+        if audio.resampled_from and audio.resampled_from not in self._warned_rate:
+            self._warned_rate.add(audio.resampled_from)
+            self.get_logger().warn(f"audio arrives at {audio.resampled_from} Hz; resampling to {SAMPLE_RATE} Hz")
+        if audio.clipped:
+            self.get_logger().warn(f"{audio.clipped} clipped samples in chunk at offset {msg.offset}",
+                                   throttle_duration_sec=5.0)
+        stream_s = msg.offset / msg.sample_rate if msg.sample_rate else 0.0
+        if self._expected_offset is not None and msg.offset != self._expected_offset:
+            self.get_logger().warn(f"audio stream gap: expected offset {self._expected_offset}, got {msg.offset}",
+                                   throttle_duration_sec=5.0)
+        self._expected_offset = msg.offset + len(msg.samples)
+        wall_offset = rclpy.time.Time.from_msg(msg.header.stamp).nanoseconds * 1e-9 - stream_s
+        try:
+            segments = self.segmenter.push(audio.samples, stream_s)
+        except ValueError as exc:
+            self.get_logger().error(f"VAD refused a chunk: {exc}")
+            segments = []
+        for segment in segments:
+            self.worker.put(_Job(segment, wall_offset))
+        if msg.end_of_stream:
+            self._close_stream(wall_offset)
+
+    def _close_stream(self, wall_offset: float | None) -> None:
+        if wall_offset is None:
+            wall_offset = self.get_clock().now().nanoseconds * 1e-9
+        for segment in self.segmenter.flush():
+            self.worker.put(_Job(segment, wall_offset))
+        self.segmenter.reset()
+        self._expected_offset = None
+        self.stream_ended.set()
+
+    # -- worker thread ------------------------------------------------------------------------
+    def _transcribe(self, job: _Job) -> None:
+        seg = job.segment
+        transcript = self.transcriber.transcribe(seg.samples)
+        self._count += 1
+        msg = Utterance()
+        msg.header.stamp = self.get_clock().now().to_msg()
+        msg.header.frame_id = "mic"
+        msg.id = f"{self.get_name()}-{self._count:06d}"
+        msg.speaker = self.speaker
+        msg.start = to_time_msg(job.wall_offset + seg.start_s)
+        msg.end = to_time_msg(job.wall_offset + seg.end_s)
+        msg.stream_start_s = seg.start_s
+        msg.stream_end_s = seg.end_s
+        msg.transcript = transcript.text
+        msg.confidence = transcript.confidence
+        msg.truncated = seg.truncated
+        msg.feature_layer = -1
+        self.utterance_pub.publish(msg)
+        self.published += 1
+        self.transcript_pub.publish(String(data=transcript.text))
+        self.get_logger().info(
+            f"[{seg.start_s:.2f}-{seg.end_s:.2f} s] '{transcript.text}' (confidence {transcript.confidence:.2f})"
+        )
+
+    def _on_drop(self, job: _Job) -> None:
+        self.get_logger().warn(f"transcription queue full: dropped the utterance at {job.segment.start_s:.2f} s")
+
+    def _on_error(self, job: _Job, exc: BaseException) -> None:
+        self.get_logger().error(f"transcription failed for the utterance at {job.segment.start_s:.2f} s: {exc!r}")
+
+    @property
+    def idle(self) -> bool:
+        return self.worker.idle
+
+    def destroy_node(self) -> None:
+        self.worker.stop()
+        super().destroy_node()
+
+
+def main(args: list[str] | None = None) -> None:
+    rclpy.init(args=args)
+    node = AsrNode()
+    try:
+        rclpy.spin(node)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        node.destroy_node()
+        rclpy.try_shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""What every tinyalign node shares: QoS profiles, time conversions, a bounded work queue."""
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+from builtin_interfaces.msg import Time
+from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+
+# Audio is reliable rather than sensor-data best-effort: one lost chunk is a hole in a word.
+# The depth bounds memory (100 chunks of 0.1 s = 10 s of audio buffered).
+AUDIO_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=100, reliability=ReliabilityPolicy.RELIABLE)
+# Utterances and responses are few and must not be lost.
+EVENT_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=50, reliability=ReliabilityPolicy.RELIABLE)
+# Late joiners (rviz, a restarted node) get the last value.
+LATCHED_QOS = QoSProfile(
+    history=HistoryPolicy.KEEP_LAST, depth=1, reliability=ReliabilityPolicy.RELIABLE,
+    durability=DurabilityPolicy.TRANSIENT_LOCAL,
+)
+
+
+def to_time_msg(seconds: float) -> Time:
+    sec = int(seconds // 1)
+    return Time(sec=sec, nanosec=int(round((seconds - sec) * 1e9)) % 1_000_000_000)
+
+
+def from_time_msg(t: Time) -> float:
+    return t.sec + t.nanosec * 1e-9
+
+
+T = TypeVar("T")
+
+
+class Worker(Generic[T]):
+    """One background thread draining a bounded queue, so slow model work never blocks a callback.
+
+    When the queue is full the *oldest* item is dropped (the freshest speech matters most to a
+    robot) and `on_drop` is told, so the node can warn and count it.
+    """
+
+    def __init__(self, name: str, handle: Callable[[T], None], maxsize: int,
+                 on_drop: Callable[[T], None], on_error: Callable[[T, BaseException], None]) -> None:
+        self._queue: queue.Queue[T] = queue.Queue(maxsize=max(1, maxsize))
+        self._handle, self._on_drop, self._on_error = handle, on_drop, on_error
+        self._lock = threading.Lock()
+        self._busy = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def put(self, item: T) -> None:
+        with self._lock:
+            while True:
+                try:
+                    self._queue.put_nowait(item)
+                    return
+                except queue.Full:
+                    try:
+                        self._on_drop(self._queue.get_nowait())
+                    except queue.Empty:
+                        pass
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued and nothing being processed."""
+        with self._lock:
+            return not self._busy and self._queue.empty()
+
+    @property
+    def depth(self) -> int:
+        return self._queue.qsize()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                item = self._queue.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            with self._lock:
+                self._busy = True
+            try:
+                self._handle(item)
+            except Exception as exc:  # a bad item must not kill the worker
+                self._on_error(item, exc)
+            finally:
+                with self._lock:
+                    self._busy = False
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5.0)

@@ -1,0 +1,135 @@
+"""The embedded node graph: every node in one process, on one MultiThreadedExecutor.
+
+`launch/assistant.launch.py` starts the same nodes as separate processes on a real ROS install;
+this module is the same graph for a venv with no launch system (DESIGN.md section 3), built
+from the same YAML. `NODES` is the single list both must agree on (tested).
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import rclpy
+from rclpy.context import Context
+from rclpy.executors import MultiThreadedExecutor
+from rclpy.node import Node
+from rclpy.parameter import Parameter
+
+from tinyalign_ros.msg import Response, Utterance
+
+from .common import EVENT_QOS
+
+NAMESPACE = "tinyalign"
+NODES = ("mic_node", "asr_node", "assistant_node")
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "config" / "assistant.yaml"
+
+
+def default_config() -> Path:
+    """The YAML next to the sources (checkout) or in the installed share folder."""
+    if DEFAULT_CONFIG.is_file():
+        return DEFAULT_CONFIG
+    from ament_index_python.packages import get_package_share_directory
+
+    return Path(get_package_share_directory("tinyalign_ros")) / "config" / "assistant.yaml"
+
+
+def _node_class(name: str) -> type[Node]:
+    # Imported on demand: each node module pulls in its models.
+    if name == "mic_node":
+        from .mic_node import MicNode
+        return MicNode
+    if name == "asr_node":
+        from .asr_node import AsrNode
+        return AsrNode
+    if name == "assistant_node":
+        from .assistant_node import AssistantNode
+        return AssistantNode
+    raise KeyError(f"unknown node '{name}'; known: {', '.join(NODES)}")
+
+
+class Listener(Node):
+    """Collects utterances and responses by utterance id, for the console and for tests."""
+
+    def __init__(self, context: Context, on_utterance: Callable[[Utterance], None] | None,
+                 on_response: Callable[[Response], None] | None) -> None:
+        super().__init__("run_listener", namespace=NAMESPACE, context=context)
+        self.utterances: dict[str, Utterance] = {}
+        self.responses: dict[str, Response] = {}
+        self._on_utterance, self._on_response = on_utterance, on_response
+        self.create_subscription(Utterance, "utterance", self._utterance, EVENT_QOS)
+        self.create_subscription(Response, "response", self._response, EVENT_QOS)
+
+    def _utterance(self, msg: Utterance) -> None:
+        self.utterances[msg.id] = msg
+        if self._on_utterance:
+            self._on_utterance(msg)
+
+    def _response(self, msg: Response) -> None:
+        self.responses[msg.utterance_id] = msg
+        if self._on_response:
+            self._on_response(msg)
+
+
+class EmbeddedGraph:
+    """Start the nodes of `NODES` with parameters from `config` plus per-node `overrides`."""
+
+    def __init__(self, config: Path | None = None, overrides: dict[str, dict[str, Any]] | None = None,
+                 on_utterance: Callable[[Utterance], None] | None = None,
+                 on_response: Callable[[Response], None] | None = None, threads: int = 4) -> None:
+        self.config = Path(config) if config else default_config()
+        if not self.config.is_file():
+            raise FileNotFoundError(f"parameter file not found: {self.config}")
+        self.context = Context()
+        rclpy.init(context=self.context, args=["--ros-args", "--params-file", str(self.config)])
+        self.executor = MultiThreadedExecutor(num_threads=threads, context=self.context)
+        self.nodes: dict[str, Node] = {}
+        overrides = overrides or {}
+        unknown = set(overrides) - set(NODES)
+        if unknown:
+            raise KeyError(f"overrides for unknown nodes: {sorted(unknown)}")
+        try:
+            self.listener = Listener(self.context, on_utterance, on_response)
+            self.executor.add_node(self.listener)
+            # Consumers first, so the file source finds its subscribers already there.
+            for name in reversed(NODES):
+                params = [Parameter(k, value=v) for k, v in overrides.get(name, {}).items()]
+                node = _node_class(name)(namespace=NAMESPACE, context=self.context, parameter_overrides=params)
+                self.nodes[name] = node
+                self.executor.add_node(node)
+        except BaseException:
+            self.shutdown()
+            raise
+        self._thread = threading.Thread(target=self.executor.spin, name="executor", daemon=True)
+        self._thread.start()
+
+    def file_done(self) -> bool:
+        """A file source has been played and every utterance in it has been answered."""
+        mic, asr, assistant = (self.nodes[n] for n in NODES)
+        return (
+            mic.finished.is_set() and asr.stream_ended.is_set() and asr.idle
+            and assistant.handled >= asr.published and assistant.idle
+            and len(self.listener.responses) >= assistant.answered
+        )
+
+    def wait_file_done(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.file_done():
+                return True
+            time.sleep(0.05)
+        return False
+
+    def shutdown(self) -> None:
+        self.executor.shutdown(timeout_sec=2.0)
+        for node in list(self.nodes.values()) + ([self.listener] if hasattr(self, "listener") else []):
+            node.destroy_node()
+        rclpy.try_shutdown(context=self.context)
+
+    def __enter__(self) -> "EmbeddedGraph":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
