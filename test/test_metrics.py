@@ -1,0 +1,34 @@
+"""WER normalization and benchmark records."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tinyalign_ros.core.metrics import normalize_text, wer, write_result
+
+
+def test_normalization_spells_numbers_and_drops_punctuation():
+    assert normalize_text("Move 2 meters, NOW!") == "move two meters now"
+    assert normalize_text("It's 25%.") == "its twenty five percent"
+    assert normalize_text("  ") == ""
+
+
+def test_wer_counts_real_errors_only():
+    assert wer(["move two meters"], ["Move 2 meters."]) == 0.0
+    assert wer(["turn left now"], ["turn right now"]) == pytest.approx(1 / 3)
+    assert wer(["a b", "c d"], ["a b", ""]) == pytest.approx(0.5)
+
+
+def test_wer_refuses_mismatched_or_empty_references():
+    with pytest.raises(ValueError):
+        wer(["a"], ["a", "b"])
+    with pytest.raises(ValueError):
+        wer([""], ["x"])
+
+
+def test_result_carries_provenance(tmp_path):
+    path = write_result(tmp_path, "encoder", {"exits": [{"layer": 1}]})
+    record = json.loads(path.read_text())
+    assert {"command", "git_commit", "machine", "date", "exits"} <= set(record)
+    assert record["machine"]["cpus"] >= 1

@@ -1,0 +1,90 @@
+"""Quality figures and benchmark records, the same way everywhere (DESIGN.md section 6).
+
+WER is computed with jiwer on normalized text: lower case, digits spelled out (num2words), no
+punctuation. Whisper writes "2 meters" where our references say "two meters"; without this the
+cascade would be charged for formatting, not for mishearing.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import jiwer
+from num2words import num2words
+
+_NUMBER = re.compile(r"\d+(?:\.\d+)?")
+_PUNCT = re.compile(r"[^\w\s']")
+
+
+def normalize_text(text: str) -> str:
+    text = text.lower().replace("%", " percent")
+    text = _NUMBER.sub(lambda m: " " + num2words(float(m.group()) if "." in m.group() else int(m.group())) + " ",
+                       text)
+    text = text.replace("-", " ")
+    text = _PUNCT.sub(" ", text).replace("'", "")
+    return " ".join(text.split())
+
+
+def wer(references: list[str], hypotheses: list[str]) -> float:
+    """Corpus WER over normalized text; an empty reference set is an error, not 0."""
+    if len(references) != len(hypotheses):
+        raise ValueError(f"{len(references)} references but {len(hypotheses)} hypotheses")
+    refs = [normalize_text(r) for r in references]
+    if not any(refs):
+        raise ValueError("no reference words")
+    hyps = [normalize_text(h) for h in hypotheses]
+    pairs = [(r, h) for r, h in zip(refs, hyps) if r]
+    return float(jiwer.wer([r for r, _ in pairs], [h for _, h in pairs]))
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = None
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            gpu = torch.cuda.get_device_name(0)
+        threads = torch.get_num_threads()
+    except ImportError:
+        threads = os.cpu_count()
+    return {"cpu": cpu, "threads": threads, "cpus": os.cpu_count(), "gpu": gpu, "python": platform.python_version()}
+
+
+def git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).resolve().parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def write_result(out_dir: Path, name: str, figures: dict[str, Any]) -> Path:
+    """`out_dir/name.json` with the provenance every result must carry, written atomically."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    record = {
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "git_commit": git_commit(),
+        "machine": machine_info(),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        **figures,
+    }
+    path = out_dir / f"{name}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
