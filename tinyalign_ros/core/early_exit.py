@@ -1,0 +1,228 @@
+"""Early exits for the Whisper encoder: CTC heads on chosen layers and the policy that picks one.
+
+Why characters, not the Whisper tokenizer: a head is LayerNorm + Linear(d_model, vocabulary).
+Over Whisper's 51,864 BPE tokens that Linear alone has 20M parameters per exit for tiny
+(more than half of the whole model), its 52k-way softmax dominates the head's cost, and our
+synthesized corpus of a few thousand sentences would never show most tokens to it. Over 29
+characters a head has ~12k parameters, costs nothing next to a transformer block, has no
+out-of-vocabulary words, and CTC has room for it: the encoder emits 50 frames per second while
+speech carries ~15 characters per second. Text is normalized to lower-case letters, space and
+apostrophe; the corpus generator spells out numbers.
+
+The policy has two modes, switchable at run time (a ROS parameter callback assigns its fields):
+- "confidence": go layer by layer and exit at the first head confident enough, else at the
+  deepest head: easy speech exits early, hard speech pays for depth;
+- "budget": exit at the deepest head at or below `max_layer`: a fixed compute cap for a busy CPU.
+Either way the blocks after the exit are never computed.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import string
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as save_safetensors
+from torch import nn
+
+from .encoder import WeightLoadError, WhisperEncoder
+
+BLANK = 0
+CHARACTERS: tuple[str, ...] = ("<blank>", " ", "'", *string.ascii_lowercase)
+HEADS_FORMAT = "tinyalign-exit-heads/1"
+
+
+class CharVocab:
+    """CTC vocabulary: index 0 is the blank, then one symbol per character."""
+
+    def __init__(self, symbols: Sequence[str] = CHARACTERS) -> None:
+        if not symbols or symbols[BLANK] != "<blank>" or len(set(symbols)) != len(symbols):
+            raise ValueError("a CTC vocabulary starts with '<blank>' and has no duplicate symbols")
+        self.symbols = tuple(symbols)
+        self._index = {s: i for i, s in enumerate(self.symbols) if i != BLANK}
+
+    def __len__(self) -> int:
+        return len(self.symbols)
+
+    def normalize(self, text: str) -> str:
+        """Lower-case, keep only known characters, collapse runs of spaces (the CTC targets)."""
+        kept = "".join(c for c in text.lower().replace("\u2019", "'") if c in self._index)
+        return " ".join(kept.split())
+
+    def encode(self, text: str) -> list[int]:
+        return [self._index[c] for c in self.normalize(text)]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return "".join(self.symbols[i] for i in ids if i != BLANK)
+
+
+class ExitHeads(nn.Module):
+    """One light CTC head (LayerNorm + Linear) per exit layer, on the raw block output.
+
+    The head has its own LayerNorm because intermediate Whisper layers are not normalized
+    (only the last one goes through the encoder's final LayerNorm).
+    """
+
+    def __init__(self, layers: Sequence[int], d_model: int, vocab: CharVocab | None = None) -> None:
+        super().__init__()
+        if not layers or sorted(set(layers)) != list(layers) or layers[0] < 1:
+            raise ValueError(f"exit layers must be increasing layer numbers >= 1, got {list(layers)}")
+        self.layers = tuple(layers)
+        self.d_model = d_model
+        self.vocab = vocab or CharVocab()
+        self.heads = nn.ModuleDict({
+            str(layer): nn.Sequential(nn.LayerNorm(d_model), nn.Linear(d_model, len(self.vocab)))
+            for layer in layers
+        })
+
+    def forward(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        """CTC logits (B, T', vocabulary) of the head on `layer`."""
+        return self.heads[str(layer)](hidden)
+
+
+def ctc_confidence(logits: torch.Tensor) -> float:
+    """1 - mean normalized entropy over the frames whose best symbol is not blank; 0..1.
+
+    Blank frames are left out because CTC spends most frames on a confident blank, which would
+    make any output look confident. No non-blank frame means nothing was recognized: 0, so the
+    confidence policy goes deeper rather than exiting with an empty transcript.
+    """
+    log_p = F.log_softmax(logits.float(), dim=-1)
+    speech = log_p.argmax(-1) != BLANK
+    if not speech.any():
+        return 0.0
+    entropy = -(log_p.exp() * log_p).sum(-1)[speech]
+    return float(1.0 - entropy.mean() / math.log(logits.shape[-1]))
+
+
+def greedy_ctc(logits: torch.Tensor, vocab: CharVocab) -> str:
+    """Best path of one utterance's logits (T', vocabulary): merge repeats, then drop blanks.
+
+    Spaces are tidied like the training targets (no leading, trailing or doubled ones).
+    """
+    best = logits.argmax(-1).tolist()
+    text = vocab.decode([s for i, s in enumerate(best) if i == 0 or s != best[i - 1]])
+    return " ".join(text.split())
+
+
+MODES = ("confidence", "budget")
+
+
+@dataclass
+class ExitPolicy:
+    """How deep to run the encoder; fields can be reassigned while the node runs (validated).
+
+    `threshold` applies in "confidence" mode, `max_layer` (None = no cap) in "budget" mode.
+    """
+
+    mode: str = "confidence"
+    threshold: float = 0.9
+    max_layer: int | None = None
+
+    def __setattr__(self, name: str, value) -> None:
+        if name == "mode" and value not in MODES:
+            raise ValueError(f"exit policy mode must be one of {MODES}, got {value!r}")
+        if name == "threshold" and not 0.0 <= value <= 1.0:
+            raise ValueError(f"confidence threshold must be in [0, 1], got {value}")
+        if name == "max_layer" and value is not None and value < 1:
+            raise ValueError(f"max_layer must be >= 1 or None, got {value}")
+        super().__setattr__(name, value)
+
+
+@dataclass(frozen=True)
+class ExitResult:
+    layer: int  # the encoder layer we exited at (1-based)
+    features: torch.Tensor  # encoder.ln_post of that layer, (1, T', d): what the projector gets
+    logits: torch.Tensor  # that exit head's CTC logits, (1, T', vocabulary)
+    confidence: float
+    text: str
+
+
+def encode_with_exit(
+    encoder: WhisperEncoder, heads: ExitHeads, policy: ExitPolicy, mel: torch.Tensor
+) -> ExitResult:
+    """Run `encoder` on one utterance's mel only as deep as `policy` says."""
+    if heads.d_model != encoder.d_model:
+        raise ValueError(f"exit heads are for d_model={heads.d_model}, the encoder has {encoder.d_model}")
+    if heads.layers[-1] > encoder.n_layers:
+        raise ValueError(f"exit head on layer {heads.layers[-1]}, the encoder has {encoder.n_layers} layers")
+    if mel.dim() == 3 and mel.shape[0] != 1:
+        raise ValueError("the exit decision is per utterance: pass one utterance, not a batch")
+    # read once: a parameter change made meanwhile applies from the next utterance
+    mode, threshold, max_layer = policy.mode, policy.threshold, policy.max_layer
+    if mode == "budget":
+        allowed = [layer for layer in heads.layers if max_layer is None or layer <= max_layer]
+        if not allowed:
+            raise ValueError(f"max_layer={max_layer} is below every exit head (layers {list(heads.layers)})")
+        candidates = allowed[-1:]
+    else:
+        candidates = list(heads.layers)
+    blocks = encoder.layers(mel)  # lazy: blocks past the exit are never computed
+    hidden, depth = next(blocks), 0
+    for layer in candidates:
+        while depth < layer:
+            hidden, depth = next(blocks), depth + 1
+        logits = heads(layer, hidden)
+        confidence = ctc_confidence(logits)
+        if confidence >= threshold:
+            break
+    text = greedy_ctc(logits[0], heads.vocab)
+    return ExitResult(layer, encoder.ln_post(hidden), logits, confidence, text)
+
+
+def save_heads(heads: ExitHeads, path: str | Path) -> None:
+    """Write the heads as safetensors, atomically: a crash mid-write never leaves a torn file."""
+    path = Path(path)
+    metadata = {
+        "format": HEADS_FORMAT,
+        "layers": json.dumps(list(heads.layers)),
+        "d_model": str(heads.d_model),
+        "vocab": json.dumps(list(heads.vocab.symbols)),
+    }
+    data = save_safetensors({k: v.contiguous() for k, v in heads.state_dict().items()}, metadata=metadata)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_heads(path: str | Path, device: str | torch.device = "cpu") -> ExitHeads:
+    """Heads saved by `save_heads`, or WeightLoadError saying what is wrong with the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightLoadError(f"exit heads not found: {path}")
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except SafetensorError as exc:
+        raise WeightLoadError(f"{path} is not a valid safetensors file: {exc}") from exc
+    if metadata.get("format") != HEADS_FORMAT:
+        raise WeightLoadError(
+            f"{path} is not an exit-heads file (format {metadata.get('format')!r}, expected {HEADS_FORMAT!r})"
+        )
+    try:
+        vocab = CharVocab(json.loads(metadata["vocab"]))
+        heads = ExitHeads(json.loads(metadata["layers"]), int(metadata["d_model"]), vocab)
+    except (KeyError, ValueError, TypeError) as exc:
+        raise WeightLoadError(f"{path} has unusable exit-heads metadata: {exc}") from exc
+    expected = heads.state_dict()
+    for name, param in expected.items():
+        if name not in tensors:
+            raise WeightLoadError(f"{path} lacks tensor {name}")
+        if tensors[name].shape != param.shape:
+            raise WeightLoadError(
+                f"{path}: tensor {name} has shape {list(tensors[name].shape)}, expected {list(param.shape)}"
+            )
+    if extra := sorted(set(tensors) - set(expected)):
+        raise WeightLoadError(f"{path} has unexpected tensors {extra}")
+    heads.load_state_dict(tensors)
+    return heads.to(device).eval()
