@@ -226,3 +226,34 @@ def load_heads(path: str | Path, device: str | torch.device = "cpu") -> ExitHead
         raise WeightLoadError(f"{path} has unexpected tensors {extra}")
     heads.load_state_dict(tensors)
     return heads.to(device).eval()
+
+
+@dataclass(frozen=True)
+class EncodedUtterance:
+    """What asr_node publishes from the encoder for one utterance."""
+
+    layer: int  # 1-based encoder layer the features come from
+    features: torch.Tensor  # (frames, d_model), final LayerNorm applied, speech frames only
+    exit: ExitResult | None  # None when no exit heads are loaded (full depth)
+
+
+def encode_utterance(
+    encoder: WhisperEncoder, heads: ExitHeads | None, policy: ExitPolicy, samples_16k, pad_to_30s: bool = False
+) -> EncodedUtterance:
+    """Log-mel → encoder (as deep as the policy says, or full depth without heads).
+
+    Padded input is trimmed back to the frames that hold the utterance (one per 20 ms), so a
+    message never carries 30 s of features for a 2 s command.
+    """
+    from .encoder import log_mel
+
+    mel = log_mel(samples_16k, pad_to_30s=pad_to_30s)
+    if mel.dim() == 2:
+        mel = mel.unsqueeze(0)
+    frames = max(1, math.ceil(len(samples_16k) / 320))
+    with torch.inference_mode():
+        if heads is None:
+            out = encoder(mel)
+            return EncodedUtterance(encoder.n_layers, out.output[0, :frames], None)
+        result = encode_with_exit(encoder, heads, policy, mel)
+    return EncodedUtterance(result.layer, result.features[0, :frames], result)

@@ -49,6 +49,19 @@ def smollm2_gguf() -> Path:
     return path
 
 
+def shipped_model(name: str) -> Path:
+    """A small model file we train and ship in models/ (checkout, or the installed share folder)."""
+    local = Path(__file__).resolve().parents[2] / "models" / name
+    if local.exists():
+        return local
+    try:
+        from ament_index_python.packages import PackageNotFoundError, get_package_share_directory
+
+        return Path(get_package_share_directory("tinyalign_ros")) / "models" / name
+    except (ImportError, PackageNotFoundError, ValueError, OSError):  # OSError: no ROS environment
+        return local
+
+
 def default_llm_dir() -> Path:
     """Where `tinyalign setup-models` puts the fp32 conversion of SmolLM2."""
     return data_home() / "models" / SMOLLM2_DIRNAME

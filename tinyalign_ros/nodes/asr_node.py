@@ -6,11 +6,15 @@ from dataclasses import dataclass
 
 import numpy as np
 import rclpy
+from rcl_interfaces.msg import SetParametersResult
 from rclpy.node import Node
 from std_msgs.msg import String
 
 from tinyalign_ros.core.asr import WhisperTranscriber
 from tinyalign_ros.core.audio import SAMPLE_RATE, AudioError, normalize
+from tinyalign_ros.core.early_exit import ExitHeads, ExitPolicy, encode_utterance, load_heads
+from tinyalign_ros.core.encoder import load_whisper_encoder
+from tinyalign_ros.core.models import shipped_model
 from tinyalign_ros.core.vad import Segment, StreamingSegmenter, VadConfig
 from tinyalign_ros.msg import AudioChunk, Utterance
 
@@ -23,11 +27,18 @@ class _Job:
     wall_offset: float  # wall time minus stream time, from the chunk that closed the segment
 
 
+TRANSCRIBERS = ("whisper", "exit_head")
+EXIT_HEADS_FILE = "exit_heads.safetensors"
+
+
 class AsrNode(Node):
-    """Cuts the audio stream into utterances and transcribes each in a worker thread.
+    """Cuts the audio stream into utterances, encodes and transcribes each in a worker thread.
 
     The audio callback only runs the VAD (a few ms per chunk), so audio is never dropped while
-    Whisper works; finished segments wait in a bounded queue (oldest dropped when full).
+    the models work; finished segments wait in a bounded queue (oldest dropped when full).
+    Each utterance goes through our PyTorch Whisper encoder with early exits (its features, of
+    the layer it exited at, go to the aligned assistant and the personalizer); the transcript
+    comes from faster-whisper (`transcriber: whisper`) or from the exit head (`exit_head`).
     """
 
     def __init__(self, **kwargs) -> None:
@@ -48,6 +59,18 @@ class AsrNode(Node):
             threads=int(p("whisper.threads", 2).value),
             beam_size=int(p("whisper.beam_size", 1).value),
         )
+        self.transcriber_name = p("transcriber", "whisper").value
+        self.pad_to_30s = bool(p("encoder.pad_to_30s", False).value)
+        self.encoder = load_whisper_encoder() if p("encoder.enabled", True).value else None
+        self.policy = ExitPolicy()
+        self._apply_exit_params(p("exit.mode", "confidence").value, float(p("exit.threshold", 0.9).value),
+                                int(p("exit.max_layer", 0).value))
+        self.heads = self._load_heads(p("exit.heads_file", "").value)
+        if self.transcriber_name not in TRANSCRIBERS:
+            raise ValueError(f"transcriber must be one of {TRANSCRIBERS}, got '{self.transcriber_name}'")
+        if self.transcriber_name == "exit_head" and self.heads is None:
+            raise ValueError("transcriber 'exit_head' needs exit heads (exit.heads_file)")
+        self.add_on_set_parameters_callback(self._on_set_parameters)
         self.utterance_pub = self.create_publisher(Utterance, "utterance", EVENT_QOS)
         self.transcript_pub = self.create_publisher(String, "transcript", EVENT_QOS)
         self.worker: Worker[_Job] = Worker("asr-transcribe", self._transcribe, max_pending,
@@ -61,25 +84,52 @@ class AsrNode(Node):
         self.stream_ended = threading.Event()
         self.get_logger().info("ready")
 
+    # -- parameters ---------------------------------------------------------------------------
+    def _load_heads(self, path: str) -> ExitHeads | None:
+        if self.encoder is None:
+            return None
+        file = shipped_model(EXIT_HEADS_FILE) if not path else path
+        if not path and not file.is_file():
+            self.get_logger().warning(f"no trained exit heads ({file}): the encoder always runs to full depth")
+            return None
+        return load_heads(file)  # a named but corrupt or missing file is an error, not a silent fallback
+
+    def _apply_exit_params(self, mode: str, threshold: float, max_layer: int) -> None:
+        """Validate all three first (ExitPolicy checks on assignment), then switch atomically."""
+        ExitPolicy(mode=mode, threshold=threshold, max_layer=max_layer or None)
+        self.policy.mode, self.policy.threshold, self.policy.max_layer = mode, threshold, max_layer or None
+
+    def _on_set_parameters(self, params) -> SetParametersResult:
+        new = {p.name: p.value for p in params}
+        try:
+            self._apply_exit_params(new.get("exit.mode", self.policy.mode),
+                                    float(new.get("exit.threshold", self.policy.threshold)),
+                                    int(new.get("exit.max_layer", self.policy.max_layer or 0)))
+        except (TypeError, ValueError) as exc:
+            return SetParametersResult(successful=False, reason=str(exc))
+        if "exit.mode" in new or "exit.max_layer" in new or "exit.threshold" in new:
+            self.get_logger().info(f"exit policy now {self.policy}")
+        return SetParametersResult(successful=True)
+
     # -- audio callback: cheap, never blocks on the model --------------------------------------
     def _on_audio(self, msg: AudioChunk) -> None:
         try:
             audio = normalize(np.asarray(msg.samples, dtype=np.float32), msg.sample_rate)
         except AudioError as exc:
             self.rejected_chunks += 1
-            self.get_logger().warn(f"rejected audio chunk at offset {msg.offset}: {exc}", throttle_duration_sec=5.0)
+            self.get_logger().warning(f"rejected audio chunk at offset {msg.offset}: {exc}", throttle_duration_sec=5.0)
             if msg.end_of_stream:
                 self._close_stream(None)
             return
         if audio.resampled_from and audio.resampled_from not in self._warned_rate:
             self._warned_rate.add(audio.resampled_from)
-            self.get_logger().warn(f"audio arrives at {audio.resampled_from} Hz; resampling to {SAMPLE_RATE} Hz")
+            self.get_logger().warning(f"audio arrives at {audio.resampled_from} Hz; resampling to {SAMPLE_RATE} Hz")
         if audio.clipped:
-            self.get_logger().warn(f"{audio.clipped} clipped samples in chunk at offset {msg.offset}",
+            self.get_logger().warning(f"{audio.clipped} clipped samples in chunk at offset {msg.offset}",
                                    throttle_duration_sec=5.0)
         stream_s = msg.offset / msg.sample_rate if msg.sample_rate else 0.0
         if self._expected_offset is not None and msg.offset != self._expected_offset:
-            self.get_logger().warn(f"audio stream gap: expected offset {self._expected_offset}, got {msg.offset}",
+            self.get_logger().warning(f"audio stream gap: expected offset {self._expected_offset}, got {msg.offset}",
                                    throttle_duration_sec=5.0)
         self._expected_offset = msg.offset + len(msg.samples)
         wall_offset = rclpy.time.Time.from_msg(msg.header.stamp).nanoseconds * 1e-9 - stream_s
@@ -105,7 +155,14 @@ class AsrNode(Node):
     # -- worker thread ------------------------------------------------------------------------
     def _transcribe(self, job: _Job) -> None:
         seg = job.segment
-        transcript = self.transcriber.transcribe(seg.samples)
+        encoded = None
+        if self.encoder is not None:
+            encoded = encode_utterance(self.encoder, self.heads, self.policy, seg.samples, self.pad_to_30s)
+        if self.transcriber_name == "exit_head" and encoded is not None and encoded.exit is not None:
+            text, confidence = encoded.exit.text, encoded.exit.confidence
+        else:
+            transcript = self.transcriber.transcribe(seg.samples)
+            text, confidence = transcript.text, transcript.confidence
         self._count += 1
         msg = Utterance()
         msg.header.stamp = self.get_clock().now().to_msg()
@@ -116,19 +173,23 @@ class AsrNode(Node):
         msg.end = to_time_msg(job.wall_offset + seg.end_s)
         msg.stream_start_s = seg.start_s
         msg.stream_end_s = seg.end_s
-        msg.transcript = transcript.text
-        msg.confidence = transcript.confidence
+        msg.transcript = text
+        msg.confidence = confidence
         msg.truncated = seg.truncated
         msg.feature_layer = -1
+        if encoded is not None:
+            features = encoded.features.float().contiguous().numpy()
+            msg.features = features.reshape(-1)
+            msg.feature_frames, msg.feature_dim = features.shape
+            msg.feature_layer = encoded.layer
         self.utterance_pub.publish(msg)
         self.published += 1
-        self.transcript_pub.publish(String(data=transcript.text))
-        self.get_logger().info(
-            f"[{seg.start_s:.2f}-{seg.end_s:.2f} s] '{transcript.text}' (confidence {transcript.confidence:.2f})"
-        )
+        self.transcript_pub.publish(String(data=text))
+        self.get_logger().info(f"[{seg.start_s:.2f}-{seg.end_s:.2f} s] '{text}' (confidence {confidence:.2f}, "
+                               f"encoder layer {msg.feature_layer})")
 
     def _on_drop(self, job: _Job) -> None:
-        self.get_logger().warn(f"transcription queue full: dropped the utterance at {job.segment.start_s:.2f} s")
+        self.get_logger().warning(f"transcription queue full: dropped the utterance at {job.segment.start_s:.2f} s")
 
     def _on_error(self, job: _Job, exc: BaseException) -> None:
         self.get_logger().error(f"transcription failed for the utterance at {job.segment.start_s:.2f} s: {exc!r}")
@@ -138,7 +199,8 @@ class AsrNode(Node):
         return self.worker.idle
 
     def destroy_node(self) -> None:
-        self.worker.stop()
+        if hasattr(self, "worker"):  # absent when the constructor failed
+            self.worker.stop()
         super().destroy_node()
 
 

@@ -86,7 +86,7 @@ class AssistantNode(Node):
 
     def _on_drop(self, utt: Utterance) -> None:
         self.handled += 1
-        self.get_logger().warn(f"LLM busy: dropped utterance {utt.id} '{utt.transcript}'")
+        self.get_logger().warning(f"LLM busy: dropped utterance {utt.id} '{utt.transcript}'")
 
     def _on_error(self, utt: Utterance, exc: BaseException) -> None:
         self.handled += 1
@@ -97,7 +97,8 @@ class AssistantNode(Node):
         return self.worker.idle
 
     def destroy_node(self) -> None:
-        self.worker.stop()
+        if hasattr(self, "worker"):  # absent when the constructor failed
+            self.worker.stop()
         super().destroy_node()
 
 

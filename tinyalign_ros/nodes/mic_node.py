@@ -110,11 +110,11 @@ class MicNode(Node):
         def on_audio(indata: np.ndarray, frames: int, t, status) -> None:
             nonlocal buffered
             if status:
-                self.get_logger().warn(f"audio input: {status}")
+                self.get_logger().warning(f"audio input: {status}")
             try:
                 pending.append(normalize(indata.copy(), rate).samples)
             except AudioError as exc:
-                self.get_logger().warn(f"dropped a capture block: {exc}")
+                self.get_logger().warning(f"dropped a capture block: {exc}")
                 return
             buffered += pending[-1].size
             while buffered >= self.chunk_size:
