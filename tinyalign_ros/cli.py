@@ -4,10 +4,13 @@
     tinyalign setup-models                            convert the packaged LLM once (~15 s)
     tinyalign synth --out DIR                         synthesize a labelled speech corpus
     tinyalign demo-audio OUT.wav                      synthesize the demo speech file
+    tinyalign train NAME [...]                        train a model we ship (tinyalign_ros/train/NAME.py)
+    tinyalign bench NAME --out DIR [...]              a benchmark (tinyalign_ros/bench/NAME.py)
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import signal
@@ -102,10 +105,29 @@ def _cmd_synth(argv: list[str]) -> int:
     return int(main(argv) or 0)
 
 
+def _subcommand_modules(group: str) -> list[str]:
+    import pkgutil
+
+    package = importlib.import_module(f"tinyalign_ros.{group}")
+    return sorted(m.name for m in pkgutil.iter_modules(package.__path__) if not m.name.startswith("_"))
+
+
+def _cmd_group(group: str, argv: list[str]) -> int:
+    """`tinyalign train|bench NAME ...` runs tinyalign_ros/<group>/<NAME>.py's main(argv)."""
+    names = _subcommand_modules(group)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in names:
+        print(f"usage: tinyalign {group} {{{','.join(names)}}} [options]", file=sys.stderr)
+        return 0 if argv[:1] in (["-h"], ["--help"]) else 2
+    module = importlib.import_module(f"tinyalign_ros.{group}.{argv[0]}")
+    return int(module.main(argv[1:]) or 0)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["synth"]:
         return _cmd_synth(argv[1:])
+    if argv[:1] in (["train"], ["bench"]):
+        return _cmd_group(argv[0], argv[1:])
     parser = argparse.ArgumentParser(prog="tinyalign", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -123,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("out")
     demo.set_defaults(func=_cmd_demo_audio)
     sub.add_parser("synth", help="synthesize a labelled speech corpus (see `tinyalign synth -h`)")
+    sub.add_parser("train", help="train a model we ship (see `tinyalign train -h`)")
+    sub.add_parser("bench", help="run a benchmark, writing DIR/NAME.json and DIR/NAME.png")
     args = parser.parse_args(argv)
     return args.func(args)
 
