@@ -40,6 +40,8 @@ class MicNode(Node):
 
     def __init__(self, **kwargs) -> None:
         super().__init__("mic_node", **kwargs)
+        self._thread: threading.Thread | None = None  # set first: destroy_node runs even if __init__ fails
+        self._stream = None
         self.input_file = self.declare_parameter("input_file", "").value
         self.device = self.declare_parameter("device", "").value
         self.chunk_size = int(self.declare_parameter("chunk_size", 1600).value)
@@ -65,7 +67,6 @@ class MicNode(Node):
             self._thread = threading.Thread(target=self._play_file, name="mic-file", daemon=True)
         else:
             self._stream = self._open_device()
-            self._thread = None
         if self._thread:
             self._thread.start()
 
@@ -133,7 +134,7 @@ class MicNode(Node):
         self._stop.set()
         if self._thread:
             self._thread.join(timeout=2.0)
-        elif getattr(self, "_stream", None) is not None:
+        elif self._stream is not None:
             self._stream.close()
         super().destroy_node()
 
