@@ -16,14 +16,18 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer
+from transformers.utils import logging as hf_logging
 
 from .models import default_llm_dir, smollm2_gguf
 
 log = logging.getLogger(__name__)
 
+# Naming what the robot can do keeps the 135M model from refusing ordinary commands
+# (compared by hand on the demo sentences against a generic "voice assistant" prompt).
 DEFAULT_SYSTEM_PROMPT = (
-    "You are the voice assistant of a small mobile robot. Answer the operator in one or two "
-    "short, friendly sentences that can be spoken aloud."
+    "You are Tiny, a helpful home robot. You can drive around the house, fetch small objects, and switch "
+    "lights on and off. When the operator asks you to do something, say briefly that you will do it. "
+    "Answer questions in one short sentence."
 )
 
 
@@ -41,7 +45,7 @@ def convert_gguf(gguf: Path | None = None, out_dir: Path | None = None) -> Path:
     log.info("converting %s to fp32 in %s (once)", gguf.name, out_dir)
     kwargs = {"gguf_file": gguf.name}
     tok = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, torch_dtype=torch.float32, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
     model.hf_quantizer = None  # save_pretrained refuses GGUF-loaded models otherwise
     tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".", dir=out_dir.parent))
     try:
@@ -72,8 +76,9 @@ class ChatLLM:
                 raise FileNotFoundError(f"no transformers model in {model_dir}")
         if threads > 0:
             torch.set_num_threads(threads)
+        hf_logging.disable_progress_bar()  # a node logs through its logger, not tqdm bars on stderr
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         self.model.requires_grad_(False)
         self.system_prompt = system_prompt
         self.max_new_tokens = max_new_tokens
