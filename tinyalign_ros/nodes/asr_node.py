@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +20,7 @@ from tinyalign_ros.core.vad import Segment, StreamingSegmenter, VadConfig
 from tinyalign_ros.msg import AudioChunk, Utterance
 
 from .common import AUDIO_QOS, EVENT_QOS, Worker, to_time_msg
+from .diagnostics import OK, WARN, RateMeter, Status, Updater
 
 
 @dataclass(frozen=True)
@@ -81,7 +83,12 @@ class AsrNode(Node):
         self._expected_offset: int | None = None
         self._warned_rate: set[int] = set()
         self.rejected_chunks = 0
+        self.dropped_utterances = 0
         self.stream_ended = threading.Event()
+        self.chunk_rate = RateMeter()
+        self.last_rtf = 0.0
+        self.last_layer = -1
+        Updater(self).add("speech recognition", self._diagnose)
         self.get_logger().info("ready")
 
     # -- parameters ---------------------------------------------------------------------------
@@ -113,6 +120,7 @@ class AsrNode(Node):
 
     # -- audio callback: cheap, never blocks on the model --------------------------------------
     def _on_audio(self, msg: AudioChunk) -> None:
+        self.chunk_rate.tick()
         try:
             audio = normalize(np.asarray(msg.samples, dtype=np.float32), msg.sample_rate)
         except AudioError as exc:
@@ -155,6 +163,7 @@ class AsrNode(Node):
     # -- worker thread ------------------------------------------------------------------------
     def _transcribe(self, job: _Job) -> None:
         seg = job.segment
+        started = time.monotonic()
         encoded = None
         if self.encoder is not None:
             encoded = encode_utterance(self.encoder, self.heads, self.policy, seg.samples, self.pad_to_30s)
@@ -184,11 +193,32 @@ class AsrNode(Node):
             msg.feature_layer = encoded.layer
         self.utterance_pub.publish(msg)
         self.published += 1
+        self.last_rtf = (time.monotonic() - started) / max(seg.samples.size / SAMPLE_RATE, 1e-3)
+        self.last_layer = msg.feature_layer
         self.transcript_pub.publish(String(data=text))
         self.get_logger().info(f"[{seg.start_s:.2f}-{seg.end_s:.2f} s] '{text}' (confidence {confidence:.2f}, "
                                f"encoder layer {msg.feature_layer})")
 
+    def _diagnose(self, status: Status) -> None:
+        status.add("audio_chunks_per_s", self.chunk_rate.rate())
+        status.add("rejected_chunks", self.rejected_chunks)
+        status.add("queue_depth", self.worker.depth)
+        status.add("utterances", self.published)
+        status.add("dropped_utterances", self.dropped_utterances)
+        status.add("in_speech", self.segmenter.in_speech)
+        status.add("last_rtf", self.last_rtf)
+        status.add("exit_layer", self.last_layer)
+        status.add("exit_policy", f"{self.policy.mode} threshold={self.policy.threshold} max_layer={self.policy.max_layer}")
+        status.add("transcriber", self.transcriber_name)
+        if self.dropped_utterances:
+            status.summary(WARN, f"{self.dropped_utterances} utterances dropped (transcription too slow)")
+        elif self.rejected_chunks:
+            status.summary(WARN, f"{self.rejected_chunks} bad audio chunks rejected")
+        else:
+            status.summary(OK, "listening")
+
     def _on_drop(self, job: _Job) -> None:
+        self.dropped_utterances += 1
         self.get_logger().warning(f"transcription queue full: dropped the utterance at {job.segment.start_s:.2f} s")
 
     def _on_error(self, job: _Job, exc: BaseException) -> None:

@@ -12,6 +12,7 @@ from tinyalign_ros.core.audio import SAMPLE_RATE, AudioError, chunks, load_audio
 from tinyalign_ros.msg import AudioChunk
 
 from .common import AUDIO_QOS, to_time_msg
+from .diagnostics import OK, WARN, RateMeter, Status, Updater
 
 
 def find_input_device(device: str) -> int:
@@ -53,6 +54,9 @@ class MicNode(Node):
             raise ValueError(f"chunk_size must be positive, got {self.chunk_size}")
         self.pub = self.create_publisher(AudioChunk, "audio", AUDIO_QOS)
         self.offset = 0
+        self.chunk_rate = RateMeter()
+        self.overflows = 0
+        Updater(self).add("audio source", self._diagnose)
         self.finished = threading.Event()
         self._stop = threading.Event()
         if self.input_file:
@@ -80,6 +84,22 @@ class MicNode(Node):
         msg.samples = samples.astype(np.float32, copy=False)
         self.offset += samples.size
         self.pub.publish(msg)
+        self.chunk_rate.tick()
+
+    def _diagnose(self, status: Status) -> None:
+        status.add("source", self.input_file or f"device '{self.device or 'default'}'")
+        status.add("chunks_per_s", self.chunk_rate.rate())
+        status.add("seconds_published", self.offset / SAMPLE_RATE)
+        status.add("input_overflows", self.overflows)
+        status.add("subscribers", self.pub.get_subscription_count())
+        if self.finished.is_set():
+            status.summary(OK, "end of file")
+        elif self.overflows:
+            status.summary(WARN, f"{self.overflows} input overflows")
+        elif self.chunk_rate.rate() == 0 and self.pub.get_subscription_count():
+            status.summary(WARN, "no audio published in the last 5 s")
+        else:
+            status.summary(OK, "streaming")
 
     def _play_file(self) -> None:
         # Wait for a listener so the start of the file is not published into the void.
@@ -111,7 +131,8 @@ class MicNode(Node):
         def on_audio(indata: np.ndarray, frames: int, t, status) -> None:
             nonlocal buffered
             if status:
-                self.get_logger().warning(f"audio input: {status}")
+                self.overflows += int(bool(status.input_overflow))
+                self.get_logger().warning(f"audio input: {status}", throttle_duration_sec=5.0)
             try:
                 pending.append(normalize(indata.copy(), rate).samples)
             except AudioError as exc:
