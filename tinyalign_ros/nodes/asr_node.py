@@ -82,6 +82,7 @@ class AsrNode(Node):
         self.published = 0
         self._expected_offset: int | None = None
         self._warned_rate: set[int] = set()
+        self.chunks_received = 0
         self.rejected_chunks = 0
         self.dropped_utterances = 0
         self.stream_ended = threading.Event()
@@ -121,6 +122,7 @@ class AsrNode(Node):
     # -- audio callback: cheap, never blocks on the model --------------------------------------
     def _on_audio(self, msg: AudioChunk) -> None:
         self.chunk_rate.tick()
+        self.chunks_received += 1
         try:
             audio = normalize(np.asarray(msg.samples, dtype=np.float32), msg.sample_rate)
         except AudioError as exc:
@@ -201,6 +203,7 @@ class AsrNode(Node):
 
     def _diagnose(self, status: Status) -> None:
         status.add("audio_chunks_per_s", self.chunk_rate.rate())
+        status.add("chunks_received", self.chunks_received)
         status.add("rejected_chunks", self.rejected_chunks)
         status.add("queue_depth", self.worker.depth)
         status.add("utterances", self.published)
