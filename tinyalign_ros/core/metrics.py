@@ -73,11 +73,17 @@ def git_commit() -> str | None:
         return None
 
 
+def _program() -> str:
+    # `python -m tinyalign_ros.cli` and the `tinyalign` script are the same command
+    name = Path(sys.argv[0]).name
+    return "tinyalign" if name in ("cli.py", "tinyalign") else name
+
+
 def write_result(out_dir: Path, name: str, figures: dict[str, Any]) -> Path:
     """`out_dir/name.json` with the provenance every result must carry, written atomically."""
     out_dir.mkdir(parents=True, exist_ok=True)
     record = {
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "command": " ".join([_program(), *sys.argv[1:]]),
         "git_commit": git_commit(),
         "machine": machine_info(),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

@@ -50,6 +50,7 @@ class MicNode(Node):
         self.max_file_s = float(self.declare_parameter("max_file_s", 3600.0).value)
         self.lead_silence_s = float(self.declare_parameter("lead_silence_s", 0.0).value)
         self.tail_silence_s = float(self.declare_parameter("tail_silence_s", 1.0).value)
+        self.loop = bool(self.declare_parameter("loop", False).value)
         if self.chunk_size <= 0:
             raise ValueError(f"chunk_size must be positive, got {self.chunk_size}")
         self.pub = self.create_publisher(AudioChunk, "audio", AUDIO_QOS)
@@ -106,15 +107,19 @@ class MicNode(Node):
         while self.pub.get_subscription_count() == 0 and not self._stop.wait(0.05):
             pass
         period = self.chunk_size / SAMPLE_RATE / self.playback_rate if self.playback_rate > 0 else 0.0
-        t0 = time.monotonic()
-        for i, chunk in enumerate(self._chunks):
-            if self._stop.is_set():
-                return
-            if period:
-                delay = t0 + i * period - time.monotonic()
-                if delay > 0 and self._stop.wait(delay):
+        t0, n = time.monotonic(), 0
+        while True:
+            for i, chunk in enumerate(self._chunks):
+                if self._stop.is_set():
                     return
-            self.publish_chunk(chunk, end_of_stream=i == len(self._chunks) - 1)
+                if period:
+                    delay = t0 + n * period - time.monotonic()
+                    if delay > 0 and self._stop.wait(delay):
+                        return
+                self.publish_chunk(chunk, end_of_stream=not self.loop and i == len(self._chunks) - 1)
+                n += 1
+            if not self.loop:
+                break
         self.get_logger().info("end of file")
         self.finished.set()
 

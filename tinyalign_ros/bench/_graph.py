@@ -1,0 +1,81 @@
+"""Shared by the graph-level benchmarks: run the embedded graph on a looping file, measure."""
+from __future__ import annotations
+
+import os
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+
+def rss_mb() -> float:
+    """Current resident memory of this process (the whole embedded graph)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def p50_p95(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"p50": None, "p95": None}
+    return {"p50": round(float(np.percentile(values, 50)), 3), "p95": round(float(np.percentile(values, 95)), 3)}
+
+
+def demo_input(path: str | None, work_dir: Path) -> tuple[Path, list[dict]]:
+    """The given file, or the README demo file synthesized into work_dir."""
+    if path:
+        return Path(path), []
+    from tinyalign_ros.core.corpus import make_demo_wav
+
+    work_dir.mkdir(parents=True, exist_ok=True)
+    out = work_dir / "demo.wav"
+    return out, make_demo_wav(out)
+
+
+@dataclass
+class GraphRun:
+    """Responses (with arrival time) and memory samples of one looping real-time run."""
+
+    started: float = field(default_factory=time.monotonic)
+    responses: list[tuple[float, object]] = field(default_factory=list)
+    rss: list[tuple[float, float]] = field(default_factory=list)
+    dropped: int = 0
+
+
+def run_graph(input_file: Path, stop_after_s: float | None = None, stop_after_responses: int | None = None,
+              sample_every_s: float = 5.0, log=print) -> GraphRun:
+    """Play `input_file` in a loop at real time through the whole graph until a stop condition."""
+    os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+    from tinyalign_ros.nodes.graph import EmbeddedGraph
+
+    run = GraphRun()
+
+    def on_response(r) -> None:
+        run.responses.append((time.monotonic() - run.started, r))
+        log(f"{time.monotonic() - run.started:7.1f} s  first token {r.latency_first_token_s:.2f} s  "
+            f"rss {rss_mb():.0f} MB  '{r.transcript}' -> '{r.text[:60]}'")
+
+    overrides = {"mic_node": {"input_file": str(input_file), "loop": True, "playback_rate": 1.0}}
+    with EmbeddedGraph(overrides=overrides, on_response=on_response) as graph:
+        run.started = time.monotonic()
+        next_sample = 0.0
+        while True:
+            elapsed = time.monotonic() - run.started
+            if elapsed >= next_sample:
+                run.rss.append((round(elapsed, 1), round(rss_mb(), 1)))
+                next_sample += sample_every_s
+            if stop_after_s is not None and elapsed >= stop_after_s:
+                break
+            if stop_after_responses is not None and len(run.responses) >= stop_after_responses:
+                break
+            time.sleep(0.1)
+        asr, assistant = graph.nodes["asr_node"], graph.nodes["assistant_node"]
+        run.dropped = asr.dropped_utterances + (assistant.handled - assistant.answered)
+    return run
