@@ -4,11 +4,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import soxr
+from visualization_msgs.msg import Marker
 
 from conftest import wait_for
 from tinyalign_ros.msg import AudioChunk, Utterance
 from tinyalign_ros.nodes.asr_node import AsrNode
-from tinyalign_ros.nodes.common import AUDIO_QOS, EVENT_QOS
+from tinyalign_ros.nodes.common import AUDIO_QOS, EVENT_QOS, LATCHED_QOS
 
 
 @pytest.fixture
@@ -50,6 +51,11 @@ def test_bad_chunks_are_rejected_and_speech_still_transcribed(asr, speech_16k):
     assert 0.0 < u.confidence <= 1.0
     assert u.stream_start_s < u.stream_end_s
     assert u.id.startswith("asr_node-")
+    markers: list[Marker] = []
+    # latched: a late rviz still gets the last transcript
+    node.create_subscription(Marker, "transcript_marker", markers.append, LATCHED_QOS)
+    wait_for(lambda: markers, what="the latched transcript marker")
+    assert markers[-1].type == Marker.TEXT_VIEW_FACING and "left" in markers[-1].text.lower()
 
 
 def test_other_sample_rates_are_resampled(asr, speech_16k):

@@ -10,6 +10,7 @@ import rclpy
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.node import Node
 from std_msgs.msg import String
+from visualization_msgs.msg import Marker
 
 from tinyalign_ros.core.asr import WhisperTranscriber
 from tinyalign_ros.core.audio import SAMPLE_RATE, AudioError, normalize
@@ -19,7 +20,7 @@ from tinyalign_ros.core.models import shipped_model
 from tinyalign_ros.core.vad import Segment, StreamingSegmenter, VadConfig
 from tinyalign_ros.msg import AudioChunk, Utterance
 
-from .common import AUDIO_QOS, EVENT_QOS, Worker, to_time_msg
+from .common import AUDIO_QOS, EVENT_QOS, LATCHED_QOS, Worker, text_marker, to_time_msg
 from .diagnostics import OK, WARN, RateMeter, Status, Updater
 
 
@@ -75,6 +76,8 @@ class AsrNode(Node):
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self.utterance_pub = self.create_publisher(Utterance, "utterance", EVENT_QOS)
         self.transcript_pub = self.create_publisher(String, "transcript", EVENT_QOS)
+        self.marker_frame = p("marker_frame", "base_link").value
+        self.marker_pub = self.create_publisher(Marker, "transcript_marker", LATCHED_QOS)
         self.worker: Worker[_Job] = Worker("asr-transcribe", self._transcribe, max_pending,
                                            self._on_drop, self._on_error)
         self.create_subscription(AudioChunk, "audio", self._on_audio, AUDIO_QOS)
@@ -198,6 +201,7 @@ class AsrNode(Node):
         self.last_rtf = (time.monotonic() - started) / max(seg.samples.size / SAMPLE_RATE, 1e-3)
         self.last_layer = msg.feature_layer
         self.transcript_pub.publish(String(data=text))
+        self.marker_pub.publish(text_marker(f"heard: {text}", msg.header.stamp, self.marker_frame, "transcript", 1.2))
         self.get_logger().info(f"[{seg.start_s:.2f}-{seg.end_s:.2f} s] '{text}' (confidence {confidence:.2f}, "
                                f"encoder layer {msg.feature_layer})")
 

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Generic, TypeVar
 
 from builtin_interfaces.msg import Time
+from visualization_msgs.msg import Marker
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 
 # Audio is reliable rather than sensor-data best-effort: one lost chunk is a hole in a word.
@@ -91,3 +92,14 @@ class Worker(Generic[T]):
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5.0)
+
+
+def text_marker(text: str, stamp, frame_id: str, ns: str, z: float) -> Marker:
+    """A rviz TEXT_VIEW_FACING marker floating above the robot's `frame_id` (rviz's Marker display)."""
+    m = Marker(ns=ns, id=0, type=Marker.TEXT_VIEW_FACING, action=Marker.ADD, text=text[:200])
+    m.header.stamp, m.header.frame_id = stamp, frame_id
+    m.pose.position.z = z
+    m.pose.orientation.w = 1.0
+    m.scale.z = 0.15  # text height in metres
+    m.color.r = m.color.g = m.color.b = m.color.a = 1.0
+    return m
