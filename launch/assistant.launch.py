@@ -29,4 +29,6 @@ def generate_launch_description() -> LaunchDescription:
              parameters=[params_file], output="screen"),
         Node(package="tinyalign_ros", executable="assistant_node", name="assistant_node", namespace="tinyalign",
              parameters=[params_file], output="screen"),
+        Node(package="tinyalign_ros", executable="tts_node", name="tts_node", namespace="tinyalign",
+             parameters=[params_file], output="screen"),
     ])

@@ -1,6 +1,6 @@
 """The `tinyalign` command: run the embedded graph, prepare models, synthesize speech.
 
-    tinyalign run [--input FILE] [--fast] [--jsonl]   the whole node graph in one process
+    tinyalign run [--input FILE] [--fast] [--jsonl] [--speak] [--speak-to WAV]   the node graph in one process
     tinyalign setup-models                            convert the packaged LLM once (~15 s)
     tinyalign synth --out DIR                         synthesize a labelled speech corpus
     tinyalign demo-audio OUT.wav                      synthesize the demo speech file
@@ -25,9 +25,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from tinyalign_ros.nodes.common import from_time_msg
     from tinyalign_ros.nodes.graph import EmbeddedGraph
 
-    overrides: dict[str, dict] = {"mic_node": {}}
+    overrides: dict[str, dict] = {"mic_node": {}, "asr_node": {}, "tts_node": {"play": args.speak}}
+    if args.speak_to:
+        overrides["tts_node"]["speak_to_file"] = str(Path(args.speak_to).resolve())
     if args.input:
         overrides["mic_node"]["input_file"] = str(Path(args.input).resolve())
+        overrides["asr_node"]["echo_gate"] = False  # a file holds no echo of the robot's voice
         if args.fast:
             overrides["mic_node"]["playback_rate"] = 0.0
     elif args.device:
@@ -137,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--config", type=Path, help="parameter YAML (default: config/assistant.yaml)")
     run.add_argument("--fast", action="store_true", help="play the file as fast as possible, not real time")
     run.add_argument("--jsonl", action="store_true", help="one JSON object per answered utterance on stdout")
+    run.add_argument("--speak", action="store_true", help="play the answers through the sound card")
+    run.add_argument("--speak-to", metavar="FILE", help="also write the spoken answers to this WAV file")
     run.add_argument("--timeout", type=float, default=600.0, help="give up on a file after this many seconds")
     run.set_defaults(func=_cmd_run)
     sub.add_parser("setup-models", help="convert the packaged LLM for fast loading").set_defaults(

@@ -9,7 +9,7 @@ import numpy as np
 import rclpy
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.node import Node
-from std_msgs.msg import String
+from std_msgs.msg import Bool, String
 from visualization_msgs.msg import Marker
 
 from tinyalign_ros.core.asr import WhisperTranscriber
@@ -55,6 +55,8 @@ class AsrNode(Node):
             max_utterance_s=float(p("vad.max_utterance_s", 20.0).value),
         )
         self.speaker = p("speaker", "").value
+        self.echo_gate = bool(p("echo_gate", True).value)
+        self.echo_tail_s = float(p("echo_tail_s", 0.2).value)
         max_pending = int(p("max_pending_utterances", 4).value)
         self.segmenter = StreamingSegmenter(self.vad_config)
         self.transcriber = WhisperTranscriber(
@@ -81,6 +83,10 @@ class AsrNode(Node):
         self.worker: Worker[_Job] = Worker("asr-transcribe", self._transcribe, max_pending,
                                            self._on_drop, self._on_error)
         self.create_subscription(AudioChunk, "audio", self._on_audio, AUDIO_QOS)
+        self.create_subscription(Bool, "speaking", self._on_speaking, LATCHED_QOS)
+        self.robot_speaking = False
+        self._gate_until = 0.0  # wall time until which audio is still the robot's own echo
+        self.gated_chunks = 0
         self._count = 0
         self.published = 0
         self._expected_offset: int | None = None
@@ -123,9 +129,33 @@ class AsrNode(Node):
         return SetParametersResult(successful=True)
 
     # -- audio callback: cheap, never blocks on the model --------------------------------------
+    def _on_speaking(self, msg: Bool) -> None:
+        """Self-echo gate: while the robot speaks, the microphone hears the robot, not the operator.
+
+        Callbacks of one node are serialized (default callback group), so no lock is needed with
+        _on_audio. Speech that started just before the robot did is discarded with the gate.
+        """
+        if msg.data and not self.robot_speaking and self.echo_gate:
+            self.segmenter.reset()
+        elif not msg.data and self.robot_speaking:
+            self._gate_until = self.get_clock().now().nanoseconds * 1e-9 + self.echo_tail_s
+        self.robot_speaking = msg.data
+
+    def _gated(self, msg: AudioChunk) -> bool:
+        if not self.echo_gate:
+            return False
+        stamp = rclpy.time.Time.from_msg(msg.header.stamp).nanoseconds * 1e-9
+        return self.robot_speaking or stamp < self._gate_until
+
     def _on_audio(self, msg: AudioChunk) -> None:
         self.chunk_rate.tick()
         self.chunks_received += 1
+        if self._gated(msg):
+            self.gated_chunks += 1
+            self._expected_offset = msg.offset + len(msg.samples)
+            if msg.end_of_stream:
+                self._close_stream(None)
+            return
         try:
             audio = normalize(np.asarray(msg.samples, dtype=np.float32), msg.sample_rate)
         except AudioError as exc:
@@ -209,6 +239,8 @@ class AsrNode(Node):
         status.add("audio_chunks_per_s", self.chunk_rate.rate())
         status.add("chunks_received", self.chunks_received)
         status.add("rejected_chunks", self.rejected_chunks)
+        status.add("robot_speaking", self.robot_speaking)
+        status.add("echo_gated_chunks", self.gated_chunks)
         status.add("queue_depth", self.worker.depth)
         status.add("utterances", self.published)
         status.add("dropped_utterances", self.dropped_utterances)

@@ -23,7 +23,7 @@ from tinyalign_ros.msg import Response, Utterance
 from .common import EVENT_QOS
 
 NAMESPACE = "tinyalign"
-NODES = ("mic_node", "asr_node", "assistant_node")
+NODES = ("mic_node", "asr_node", "assistant_node", "tts_node")
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "config" / "assistant.yaml"
 
 
@@ -47,6 +47,9 @@ def _node_class(name: str) -> type[Node]:
     if name == "assistant_node":
         from .assistant_node import AssistantNode
         return AssistantNode
+    if name == "tts_node":
+        from .tts_node import TtsNode
+        return TtsNode
     raise KeyError(f"unknown node '{name}'; known: {', '.join(NODES)}")
 
 
@@ -106,12 +109,12 @@ class EmbeddedGraph:
         self._thread.start()
 
     def file_done(self) -> bool:
-        """A file source has been played and every utterance in it has been answered."""
-        mic, asr, assistant = (self.nodes[n] for n in NODES)
+        """A file source has been played and every utterance in it has been answered (and spoken)."""
+        mic, asr, assistant, tts = (self.nodes[n] for n in NODES)
         return (
             mic.finished.is_set() and asr.stream_ended.is_set() and asr.idle
             and assistant.handled >= asr.published and assistant.idle
-            and len(self.listener.responses) >= assistant.answered
+            and len(self.listener.responses) >= assistant.answered and tts.idle
         )
 
     def wait_file_done(self, timeout: float) -> bool:

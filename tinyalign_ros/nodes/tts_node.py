@@ -1,0 +1,551 @@
+"""tts_node: /tinyalign/response_tokens (or /tinyalign/response) → speech, /tinyalign/speaking.
+
+Outputs, any combination: a sounddevice output (`play`, `device`), `speech_audio` (AudioChunk,
+published in `chunk_s` blocks as they are played), a WAV file (`speak_to_file`).
+"""
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import rclpy
+import soundfile as sf
+import soxr
+from rclpy.node import Node
+from std_msgs.msg import Bool, Empty
+
+from tinyalign_ros.core.audio import AudioError
+from tinyalign_ros.core.corpus import SynthesisError
+from tinyalign_ros.core.tts import ENGINES, SentenceBuffer, Synthesizer
+from tinyalign_ros.msg import AudioChunk, Response, ResponseToken
+
+from .common import AUDIO_QOS, EVENT_QOS, LATCHED_QOS, Worker, from_time_msg
+from .diagnostics import ERROR, OK, WARN, Status, Updater
+
+
+def find_output_device(device: str) -> int | None:
+    """A sounddevice output index from a name fragment or an index ("" = the system default,
+    None); the error lists what exists."""
+    import sounddevice as sd  # lazily: a publish-only robot needs no PortAudio
+
+    devices = [(i, d) for i, d in enumerate(sd.query_devices()) if d["max_output_channels"] > 0]
+    listing = "; ".join(f"{i}: {d['name']}" for i, d in devices) or "none"
+    if not device.strip():
+        if devices:
+            return None
+    elif device.strip().lstrip("-").isdigit():
+        index = int(device)
+        if any(i == index for i, _ in devices):
+            return index
+    else:
+        matches = [i for i, d in devices if device.lower() in d["name"].lower()]
+        if matches:
+            return matches[0]
+    raise AudioError(f"no output audio device '{device}'; available output devices: {listing}")
+
+
+@dataclass
+class _Sentence:
+    generation: int
+    utterance_id: str
+    text: str
+
+
+@dataclass
+class _Audio:
+    generation: int
+    utterance_id: str
+    text: str
+    samples: np.ndarray  # at the node's output rate
+
+
+@dataclass
+class _Timing:
+    """Per answer, in node-clock seconds: what the latency figures are computed from."""
+    first_token: float | None = None     # header stamp of the first ResponseToken
+    end_of_speech: float | None = None   # from the Response: stamp - latency_last_token_s
+    first_audio: float | None = None     # when its first sample went to the device / topic
+    reported: set[str] = field(default_factory=set)
+
+
+class TtsNode(Node):
+    """Speaks the assistant's answers sentence by sentence and says when the robot is speaking.
+
+    Two worker threads form a pipeline: one synthesizes sentences as the token stream completes
+    them, the other plays them (while the next is synthesized), so speech starts after the first
+    sentence, not the last token. Without a sound device (or with `play: false`) the audio is
+    still paced at real time (`realtime`), so `speaking` and `speech_audio` tell the truth about
+    when a robot's own audio stack would be sounding it.
+
+    `speaking` (latched Bool) is True from the first sample of a sentence until `tail_s` after
+    the last sample of the queue (room echo), False otherwise. A barge-in (`barge_in` topic, when
+    the `barge_in` parameter is true) stops playback within one `chunk_s` block, drops every
+    queued sentence and the rest of the interrupted answers' tokens, and sets `speaking` False at
+    once, without the tail: the operator is talking and the microphone must hear them.
+
+    `speak_to_file`: one WAV for the node's lifetime (truncated at start); every sentence is
+    appended as it finishes playing, exactly as spoken (cut short by a barge-in too), and the
+    file is a valid WAV after each append.
+
+    Latency: `first_token_to_audio_s` (this node's share: the answer's first token → its first
+    audio sample) and `end_of_speech_to_audio_s` (the operator's end of speech, known from the
+    Response's `latency_last_token_s`, → the first audio sample), both logged per answer and in
+    /diagnostics.
+    """
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__("tts_node", **kwargs)
+        self._stream = None  # set first: destroy_node runs even if __init__ fails
+        self._file = None
+        p = self.declare_parameter
+        engine = p("engine", "piper").value
+        if engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got '{engine}'")
+        self.stream_tokens = bool(p("stream_tokens", True).value)
+        self.play = bool(p("play", True).value)
+        self.device = str(p("device", "").value)
+        self.publish_audio = bool(p("publish_audio", True).value)
+        self.output_rate = int(p("sample_rate", 0).value)
+        self.chunk_s = float(p("chunk_s", 0.05).value)
+        self.tail_s = float(p("tail_s", 0.3).value)
+        self.barge_in_enabled = bool(p("barge_in", True).value)
+        self.speak_to_file = str(p("speak_to_file", "").value)
+        self.realtime = bool(p("realtime", True).value)
+        self.max_queued = int(p("max_queued_sentences", 32).value)
+        self.max_sentence_chars = int(p("max_sentence_chars", 200).value)
+        if not 0.005 <= self.chunk_s <= 1.0:
+            raise ValueError(f"chunk_s must be in [0.005, 1], got {self.chunk_s}")
+        if self.tail_s < 0:
+            raise ValueError(f"tail_s must be >= 0, got {self.tail_s}")
+        self.synth = Synthesizer(engine, voice=p("voice", "").value, espeak_voice=p("espeak_voice", "en-us").value,
+                                 rate=float(p("rate", 1.0).value), volume=float(p("volume", 1.0).value),
+                                 logger=self.get_logger())
+        self.output_rate = self.output_rate or self.synth.sample_rate
+        started = time.monotonic()
+        self.synth.synthesize("Ready.")  # the first onnxruntime call is slow: pay it now, not in an answer
+        self.get_logger().info(f"voice: {self.synth.description} at {self.synth.sample_rate} Hz "
+                               f"(warm-up {time.monotonic() - started:.2f} s)")
+
+        self._lock = threading.RLock()
+        self._generation = 0
+        self._speaking = False
+        self._playing = False
+        self._last_sample_end = 0.0       # monotonic time the last played sample leaves the speaker
+        self._buffers: dict[str, SentenceBuffer] = {}
+        self._next_index: dict[str, int] = {}
+        self._cancelled: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._seen_tokens: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._spoken_whole: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._timing: collections.OrderedDict[str, _Timing] = collections.OrderedDict()
+        self._current_answers: set[str] = set()  # answers with sentences queued for or in playback
+        self._stopping = threading.Event()
+        self.offset = 0
+        self.sentences_spoken = 0
+        self.sentences_interrupted = 0
+        self.barge_ins = 0
+        self.dropped_sentences = 0
+        self.synthesis_errors = 0
+        self.last_synthesis_s = 0.0
+        self.last_synthesis_rtf = 0.0
+        self.last_first_token_to_audio_s = float("nan")
+        self.last_end_of_speech_to_audio_s = float("nan")
+        self.audio_seconds = 0.0
+
+        self.device_error = ""
+        self.device_name = ""
+        self.device_latency_s = 0.0
+        if self.play:
+            self._open_device()
+        if self.speak_to_file:
+            self._open_file()
+
+        self.speaking_pub = self.create_publisher(Bool, "speaking", LATCHED_QOS)
+        self.speaking_pub.publish(Bool(data=False))
+        self.audio_pub = self.create_publisher(AudioChunk, "speech_audio", AUDIO_QOS) if self.publish_audio else None
+        self.player: Worker[_Audio] = Worker("tts-play", self._play, 4 * self.max_queued,
+                                             self._on_drop, self._on_error)
+        self.synth_worker: Worker[_Sentence] = Worker("tts-synth", self._synthesize, self.max_queued,
+                                                      self._on_drop, self._on_error)
+        if self.stream_tokens:
+            self.create_subscription(ResponseToken, "response_tokens", self._on_token, EVENT_QOS)
+        # Subscribed in both modes: in token mode it brings the end of speech (latency) and speaks
+        # answers whose tokens never came (an assistant that does not stream).
+        self.create_subscription(Response, "response", self._on_response, EVENT_QOS)
+        self.create_subscription(Empty, "barge_in", self._on_barge_in, EVENT_QOS)
+        self.create_timer(0.05, self._update_speaking)  # tail resolution
+        Updater(self).add("speech output", self._diagnose)
+        outputs = [o for o, on in (("device", self._stream is not None), ("speech_audio", self.publish_audio),
+                                   (f"file {self.speak_to_file}", bool(self._file))) if on]
+        self.get_logger().info(f"ready: {'token stream' if self.stream_tokens else 'whole responses'} → "
+                               f"{', '.join(outputs) or 'nothing (no output enabled)'}")
+
+    # -- outputs ---------------------------------------------------------------------------------
+    def _open_device(self) -> None:
+        """Open the sound card; on failure say why (and what exists) and carry on without it."""
+        try:
+            import sounddevice as sd
+
+            index = find_output_device(self.device)
+            info = sd.query_devices(index, "output")
+            stream = sd.OutputStream(device=index, channels=1, samplerate=int(info["default_samplerate"]),
+                                     dtype="float32")
+            stream.start()
+        except Exception as exc:  # no PortAudio, no device, device busy, unsupported format, ...
+            self.device_error = f"{exc}".strip() or repr(exc)
+            self.get_logger().error(f"cannot play on audio device '{self.device or 'default'}': {self.device_error}; "
+                                    f"{self._without_device()}")
+            return
+        self._stream = stream
+        self.device_name = info["name"]
+        self.device_latency_s = float(stream.latency)
+        self.get_logger().info(f"playing on {self.device_name} at {int(stream.samplerate)} Hz")
+
+    def _close_device(self, reason: str) -> None:
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            self.device_error = reason
+            self.get_logger().error(f"audio device '{self.device_name}' failed: {reason}; {self._without_device()}")
+            try:
+                stream.abort()
+                stream.close()
+            except Exception:
+                pass
+
+    def _without_device(self) -> str:
+        others = [o for o, on in (("the speech_audio topic", self.publish_audio),
+                                  (f"file {self.speak_to_file}", bool(self.speak_to_file))) if on]
+        return (f"speaking continues without it, to {' and '.join(others)}" if others
+                else "nothing will be heard (publish_audio is false and speak_to_file is empty)")
+
+    def _open_file(self) -> None:
+        path = Path(self.speak_to_file).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sf.SoundFile(str(path), "w", samplerate=self.output_rate, channels=1, format="WAV", subtype="PCM_16").close()
+        self._file = path
+        self.get_logger().info(f"writing spoken answers to {path}")
+
+    def _append_to_file(self, samples: np.ndarray) -> None:
+        if self._file is None or samples.size == 0:
+            return
+        try:
+            with sf.SoundFile(str(self._file), "r+") as f:  # closing rewrites the header: valid after each append
+                f.seek(0, sf.SEEK_END)
+                f.write(samples)
+        except Exception as exc:
+            self.get_logger().error(f"cannot append to {self._file}: {exc!r}", throttle_duration_sec=10.0)
+
+    # -- input callbacks -------------------------------------------------------------------------
+    def _on_token(self, msg: ResponseToken) -> None:
+        uid = msg.utterance_id
+        with self._lock:
+            if uid in self._cancelled or uid in self._spoken_whole:
+                return
+            _remember(self._seen_tokens, uid)
+            timing = self._timing_of(uid)
+            if timing.first_token is None:
+                timing.first_token = from_time_msg(msg.header.stamp)
+            expected = self._next_index.get(uid, 0)
+            if msg.index != expected:
+                self.get_logger().warning(f"{uid}: token {msg.index} arrived, expected {expected} (lost tokens?)")
+            self._next_index[uid] = msg.index + 1
+            if uid not in self._buffers and len(self._buffers) >= 16:  # answers whose final token never came
+                stale = next(iter(self._buffers))
+                self.get_logger().warning(f"{stale}: no final token; dropping its unspoken text")
+                del self._buffers[stale]
+                self._next_index.pop(stale, None)
+            buffer = self._buffers.setdefault(uid, SentenceBuffer(self.max_sentence_chars))
+            sentences = buffer.push(msg.text)
+            if msg.final:
+                sentences += buffer.flush()
+                del self._buffers[uid]
+                self._next_index.pop(uid, None)
+            generation = self._generation
+        for text in sentences:
+            self.synth_worker.put(_Sentence(generation, uid, text))
+
+    def _on_response(self, msg: Response) -> None:
+        uid = msg.utterance_id
+        stamp = from_time_msg(msg.header.stamp)
+        with self._lock:
+            timing = self._timing_of(uid)
+            timing.end_of_speech = stamp - float(msg.latency_last_token_s)
+            if timing.first_token is None:
+                timing.first_token = stamp - float(msg.latency_last_token_s - msg.latency_first_token_s)
+            speak = uid not in self._cancelled and (not self.stream_tokens or uid not in self._seen_tokens)
+            if speak and self.stream_tokens:
+                # its tokens may still be queued behind this callback: they must not speak it twice
+                _remember(self._spoken_whole, uid)
+                self.get_logger().info(f"{uid}: no token stream seen; speaking the whole response")
+            generation = self._generation
+        self._report_latency(uid)
+        if speak:
+            buffer = SentenceBuffer(self.max_sentence_chars)
+            for text in buffer.push(msg.text) + buffer.flush():
+                self.synth_worker.put(_Sentence(generation, uid, text))
+
+    def _on_barge_in(self, _msg: Empty) -> None:
+        if not self.barge_in_enabled:
+            self.get_logger().info("barge-in ignored (parameter barge_in is false)", throttle_duration_sec=10.0)
+            return
+        with self._lock:
+            busy = self._playing or not self.synth_worker.idle or not self.player.idle or bool(self._buffers)
+            self._generation += 1
+            for uid in list(self._buffers) + list(self._current_answers):
+                _remember(self._cancelled, uid)
+            self._buffers.clear()
+            self._next_index.clear()
+            self._current_answers.clear()
+            was_speaking = self._speaking
+            self._set_speaking(False)
+        if busy or was_speaking:
+            self.barge_ins += 1
+            self.get_logger().info("barge-in: speech stopped, queued sentences dropped")
+
+    # -- worker threads --------------------------------------------------------------------------
+    def _synthesize(self, item: _Sentence) -> None:
+        if item.generation != self._generation:
+            return
+        started = time.monotonic()
+        try:
+            samples, rate = self.synth.synthesize(item.text)
+        except (SynthesisError, OSError) as exc:
+            self.synthesis_errors += 1
+            self.get_logger().error(f"{item.utterance_id}: cannot synthesize {item.text[:60]!r}: {exc}")
+            return
+        elapsed = time.monotonic() - started
+        if samples.size == 0:
+            return
+        self.last_synthesis_s = elapsed
+        self.last_synthesis_rtf = elapsed / (samples.size / rate)
+        self.get_logger().debug(f"{item.utterance_id}: synthesized {samples.size / rate:.2f} s in {elapsed:.2f} s")
+        if rate != self.output_rate:
+            samples = soxr.resample(samples, rate, self.output_rate).astype(np.float32, copy=False)
+        # back-pressure: wait while the player has enough queued (never drop a sentence mid-answer)
+        while (self.player.depth >= self.max_queued and item.generation == self._generation
+               and not self._stopping.wait(0.02)):
+            pass
+        with self._lock:
+            if item.generation != self._generation:
+                return
+            self._current_answers.add(item.utterance_id)
+        self.player.put(_Audio(item.generation, item.utterance_id, item.text, samples))
+
+    def _play(self, item: _Audio) -> None:
+        with self._lock:
+            if item.generation != self._generation:
+                return
+            self._playing = True
+            self._set_speaking(True)
+        block = max(1, int(round(self.chunk_s * self.output_rate)))
+        played = 0
+        device_audio, ratio = self._device_audio(item.samples)
+        t0 = time.monotonic()
+        try:
+            for start in range(0, item.samples.size, block):
+                if item.generation != self._generation or self._stopping.is_set():
+                    self._flush_device()
+                    break
+                samples = item.samples[start:start + block]
+                if start == 0:
+                    self._first_audio(item.utterance_id)
+                self._publish_chunk(samples)
+                if self._stream is not None:
+                    self._write_device(device_audio[round(start * ratio):round((start + samples.size) * ratio)])
+                if self._stream is None and self.realtime:  # pace at real time (also after a device failure)
+                    end = t0 + (start + samples.size) / self.output_rate
+                    while (item.generation == self._generation and not self._stopping.is_set()
+                           and (delay := end - time.monotonic()) > 0):
+                        time.sleep(min(delay, 0.01))
+                played = start + samples.size
+        finally:
+            with self._lock:
+                self._playing = False
+                self._last_sample_end = time.monotonic() + (self.device_latency_s if self._stream else 0.0)
+                if item.generation != self._generation:
+                    self.sentences_interrupted += 1
+                else:
+                    self.sentences_spoken += 1
+            self.audio_seconds += played / self.output_rate
+            self._append_to_file(item.samples[:played])
+
+    def _device_audio(self, samples: np.ndarray) -> tuple[np.ndarray, float]:
+        """The sentence at the sound card's rate (resampled whole: per-block resampling clicks)."""
+        stream = self._stream
+        if stream is None or int(stream.samplerate) == self.output_rate:
+            return samples, 1.0
+        ratio = int(stream.samplerate) / self.output_rate
+        return soxr.resample(samples, self.output_rate, int(stream.samplerate)).astype(np.float32, copy=False), ratio
+
+    def _write_device(self, samples: np.ndarray) -> None:
+        try:
+            self._stream.write(samples.reshape(-1, 1))
+        except Exception as exc:
+            self._close_device(f"{exc}".strip() or repr(exc))
+
+    def _flush_device(self) -> None:
+        """Barge-in: drop what the sound card still has buffered, at once."""
+        stream = self._stream
+        if stream is None:
+            return
+        try:
+            stream.abort()
+            stream.start()
+        except Exception as exc:
+            self._close_device(f"{exc}".strip() or repr(exc))
+
+    def _publish_chunk(self, samples: np.ndarray) -> None:
+        if self.audio_pub is None:
+            return
+        msg = AudioChunk()
+        msg.header.stamp = self.get_clock().now().to_msg()
+        msg.header.frame_id = "speaker"
+        msg.sample_rate = self.output_rate
+        msg.offset = self.offset
+        msg.end_of_stream = False
+        msg.samples = samples
+        self.offset += samples.size
+        self.audio_pub.publish(msg)
+
+    # -- speaking state --------------------------------------------------------------------------
+    def _set_speaking(self, speaking: bool) -> None:
+        with self._lock:
+            if speaking != self._speaking:
+                self._speaking = speaking
+                self.speaking_pub.publish(Bool(data=speaking))
+
+    def _update_speaking(self) -> None:
+        with self._lock:
+            if (self._speaking and not self._playing and self.player.idle
+                    and time.monotonic() >= self._last_sample_end + self.tail_s):
+                self._set_speaking(False)
+                if self.synth_worker.idle and not self._buffers:
+                    self._current_answers.clear()
+
+    @property
+    def speaking(self) -> bool:
+        return self._speaking
+
+    @property
+    def idle(self) -> bool:
+        """Nothing to synthesize, nothing to play, not speaking (tail included)."""
+        return self.synth_worker.idle and self.player.idle and not self._speaking
+
+    # -- latency ---------------------------------------------------------------------------------
+    def _timing_of(self, uid: str) -> _Timing:
+        if uid not in self._timing:
+            self._timing[uid] = _Timing()
+            while len(self._timing) > 64:
+                self._timing.popitem(last=False)
+        return self._timing[uid]
+
+    def _first_audio(self, uid: str) -> None:
+        with self._lock:
+            timing = self._timing_of(uid)
+            if timing.first_audio is not None:
+                return
+            timing.first_audio = self.get_clock().now().nanoseconds * 1e-9
+        self._report_latency(uid)
+
+    def _report_latency(self, uid: str) -> None:
+        """Log each figure once per answer, as soon as both of its ends are known."""
+        with self._lock:
+            t = self._timing.get(uid)
+            if t is None or t.first_audio is None:
+                return
+            lines = []
+            if t.first_token is not None and "token" not in t.reported:
+                t.reported.add("token")
+                self.last_first_token_to_audio_s = t.first_audio - t.first_token
+                lines.append(f"first_token_to_audio_s={self.last_first_token_to_audio_s:.3f}")
+            if t.end_of_speech is not None and "eos" not in t.reported:
+                t.reported.add("eos")
+                self.last_end_of_speech_to_audio_s = t.first_audio - t.end_of_speech
+                lines.append(f"end_of_speech_to_audio_s={self.last_end_of_speech_to_audio_s:.3f}")
+        if lines:
+            self.get_logger().info(f"{uid}: first audio sample: {' '.join(lines)}")
+
+    # -- diagnostics -----------------------------------------------------------------------------
+    def _diagnose(self, status: Status) -> None:
+        status.add("engine", self.synth.description)
+        status.add("fallback_reason", self.synth.fallback_reason)
+        status.add("device", self.device_name or ("off" if not self.play else f"unavailable: {self.device_error}"))
+        status.add("publish_audio", self.publish_audio)
+        status.add("speak_to_file", self.speak_to_file)
+        status.add("speaking", self._speaking)
+        status.add("queued_sentences", self.synth_worker.depth + self.player.depth)
+        status.add("sentences_spoken", self.sentences_spoken)
+        status.add("sentences_interrupted", self.sentences_interrupted)
+        status.add("audio_seconds", self.audio_seconds)
+        status.add("barge_ins", self.barge_ins)
+        status.add("dropped_sentences", self.dropped_sentences)
+        status.add("synthesis_errors", self.synthesis_errors)
+        status.add("last_synthesis_s", self.last_synthesis_s)
+        status.add("last_synthesis_rtf", self.last_synthesis_rtf)
+        status.add("first_token_to_audio_s", self.last_first_token_to_audio_s)
+        status.add("end_of_speech_to_audio_s", self.last_end_of_speech_to_audio_s)
+        has_output = self._stream is not None or self.publish_audio or self._file is not None
+        if not has_output:
+            status.summary(ERROR, f"no audio output: device unavailable ({self.device_error})" if self.play
+                           else "no audio output enabled")
+        elif self.play and self._stream is None:
+            status.summary(WARN, f"audio device unavailable ({self.device_error}); publishing only")
+        elif self.synth.fallback_reason:
+            status.summary(WARN, f"piper unavailable, speaking with espeak-ng: {self.synth.fallback_reason}")
+        elif self.synthesis_errors or self.dropped_sentences:
+            status.summary(WARN, f"{self.synthesis_errors} synthesis errors, {self.dropped_sentences} sentences dropped")
+        else:
+            status.summary(OK, "speaking" if self._speaking else "quiet")
+
+    def _on_drop(self, item) -> None:
+        self.dropped_sentences += 1
+        self.get_logger().warning(f"{item.utterance_id}: speech queue full, dropped {item.text[:60]!r}")
+
+    def _on_error(self, item, exc: BaseException) -> None:
+        self.get_logger().error(f"{item.utterance_id}: speaking {item.text[:60]!r} failed: {exc!r}")
+
+    def destroy_node(self) -> None:
+        self._stopping.set()
+        for name in ("synth_worker", "player"):
+            if hasattr(self, name):  # absent when the constructor failed
+                getattr(self, name).stop()
+        if self._stream is not None:
+            try:
+                self._stream.abort()
+                self._stream.close()
+            except Exception:
+                pass
+            self._stream = None
+        super().destroy_node()
+
+
+def _remember(ordered: collections.OrderedDict, key: str, limit: int = 256) -> None:
+    """A bounded insertion-ordered set (utterance ids), oldest forgotten first."""
+    ordered[key] = None
+    ordered.move_to_end(key)
+    while len(ordered) > limit:
+        ordered.popitem(last=False)
+
+
+def main(args: list[str] | None = None) -> None:
+    rclpy.init(args=args)
+    node = None
+    try:
+        node = TtsNode()
+        rclpy.spin(node)
+    except (SynthesisError, ValueError) as exc:
+        rclpy.logging.get_logger("tts_node").fatal(str(exc))
+        raise SystemExit(1) from exc
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if node is not None:
+            node.destroy_node()
+        rclpy.try_shutdown()
+
+
+if __name__ == "__main__":
+    main()
