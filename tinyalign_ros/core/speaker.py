@@ -1,0 +1,300 @@
+"""Who is speaking: a speaker embedding from the Whisper encoder we already run, and enrollment.
+
+Embedding: the hidden states of one early encoder layer (layer 1 of tiny.en, before the final
+LayerNorm) are pooled over the utterance's frames (mean; the std is computed too and can be
+used), z-scored per dimension against a fixed *background* (mean and std of the pooled statistics
+of many utterances by many speakers) and L2-normalized. Identification is cosine similarity to
+each enrolled speaker's centroid (the normalized average of its N enrollment embeddings) with a
+threshold: below it the speaker is unknown and the assistant uses the base projector.
+
+Why this and nothing bigger (`tinyalign bench speaker` measures the choices, see
+bench/results/speaker.json): no extra network and no extra weights, because the encoder runs
+anyway for ASR and an early layer is both among the best for identity (the top layers are tuned
+to *what* is said) and nearly free: every early exit is at or beyond it. Without the background,
+every utterance shares one large component (positions, the encoder's biases, a few
+high-variance dimensions), so all cosines are ~0.99 and the threshold would have to sit at
+0.994 with genuine and unknown speakers 0.005 apart; after z-scoring the same ranking spreads
+over 0..1 and the threshold (0.68) has room. Accuracy itself is the same either way (measured). A fixed random projection would only preserve cosines
+approximately (Johnson-Lindenstrauss), so it can only add noise. An LDA/PLDA would have to be
+trained on many speakers and would learn our synthesizers rather than people; cohort score
+normalization (T-norm) and removing the positional embeddings before pooling were tried and
+did not help consistently.
+
+Known limit: pooled ASR features still carry *what* was said, so scores vary by sentence, and
+voices made by one synthesizer with different pitch or rate are near-twins. The benchmark reports
+closed-set accuracy and the unknown-speaker false-accept rate; a wrong accept only means another
+person's adapter is used (the personalizer's validation gate keeps adapters from being harmful).
+
+The background is made once per registry from synthesized speech (`SpeakerEmbedder.background`)
+and stored with it; embeddings, background and centroids live in safetensors files written
+atomically.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as save_safetensors
+
+from .adapters import InvalidSpeakerId, atomic_write_bytes, validate_speaker_id
+from .encoder import WhisperEncoder, log_mel
+
+log = logging.getLogger(__name__)
+
+REGISTRY_FORMAT = "tinyalign-speakers/2"
+POOLINGS = ("mean", "mean+std")
+# Measured with `tinyalign bench speaker` (bench/results/speaker.json; 23 synthesized voices,
+# 3 enrollment + 10 test utterances each): layers 1 and 2 of tiny.en identify best (closed-set
+# 83-85% and 80-84% over the pooling/normalization variants; stem 56-67%, layer 4 34-56%); they
+# tie within noise (230 test utterances), and layer 1 is cheaper: every early exit is at or
+# beyond it. The variants are within noise of each other; mean pooling is the smaller
+# embedding. The threshold is the equal-error point on calibration utterances (0.677).
+DEFAULT_LAYER = 1
+DEFAULT_POOLING = "mean"
+DEFAULT_THRESHOLD = 0.68
+BACKGROUND_SENTENCES = (
+    "Please bring me a glass of water from the kitchen.",
+    "What is the weather going to be like tomorrow morning?",
+)
+
+
+class SpeakerRegistryError(ValueError):
+    """The speaker registry cannot be used: corrupt file, wrong layer, pooling or dimension."""
+
+
+def pool(hidden: torch.Tensor) -> torch.Tensor:
+    """Mean and standard deviation over time of (T, d) or (1, T, d) hidden states: (2d,) float32.
+
+    Both are always computed (cheap); `embed` decides which half the embedding uses.
+    """
+    if hidden.dim() == 3:
+        if hidden.shape[0] != 1:
+            raise ValueError(f"pool takes one utterance, got a batch of {hidden.shape[0]}")
+        hidden = hidden[0]
+    if hidden.dim() != 2 or hidden.shape[0] == 0:
+        raise ValueError(f"expected hidden states (T, d) with T >= 1, got {tuple(hidden.shape)}")
+    hidden = hidden.float()
+    return torch.cat([hidden.mean(dim=0), hidden.std(dim=0, unbiased=False)])
+
+
+@dataclass(frozen=True)
+class Background:
+    """Per-dimension mean and std of pooled statistics over many utterances of many speakers."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    @classmethod
+    def from_stats(cls, stats: Sequence[torch.Tensor]) -> "Background":
+        if len(stats) < 2:
+            raise ValueError("a background needs the statistics of at least 2 utterances")
+        x = torch.stack([s.float().flatten() for s in stats])
+        return cls(x.mean(0), x.std(0))
+
+
+def embed(stats: torch.Tensor, background: Background | None = None, pooling: str = DEFAULT_POOLING) -> torch.Tensor:
+    """Pooled statistics (..., 2d) -> unit-length embedding.
+
+    With a background: z-scored per dimension (so a few high-variance dimensions, which Whisper
+    has, do not dominate the cosine, and the component all utterances share is removed).
+    """
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    x = stats.float()
+    if background is not None:
+        x = (x - background.mean) / (background.std + 1e-3)
+    if pooling == "mean":
+        x = x[..., : x.shape[-1] // 2]
+    return F.normalize(x, dim=-1)
+
+
+class SpeakerEmbedder:
+    """Pooled statistics of 16 kHz audio, or of hidden states the ASR path has already computed."""
+
+    def __init__(self, encoder: WhisperEncoder, layer: int = DEFAULT_LAYER) -> None:
+        if not 0 <= layer <= encoder.n_layers:
+            raise ValueError(f"speaker layer must be in 0..{encoder.n_layers}, got {layer}")
+        self.encoder, self.layer = encoder, layer
+
+    def stats(self, samples_16k: np.ndarray) -> torch.Tensor:
+        """Pooled statistics of one utterance; runs the encoder only up to `layer` (unpadded mel)."""
+        samples = np.asarray(samples_16k, dtype=np.float32)
+        mel = log_mel(samples, pad_to_30s=False)
+        frames = max(1, math.ceil(samples.size / 320))  # one encoder frame per 20 ms of speech
+        with torch.inference_mode():
+            for i, hidden in enumerate(self.encoder.layers(mel)):
+                if i == self.layer:
+                    return pool(hidden[0, :frames])
+        raise AssertionError("unreachable: layer checked in __init__")
+
+    def stats_from_hidden_states(self, hidden_states: Sequence[torch.Tensor], frames: int | None = None) -> torch.Tensor:
+        """Pooled statistics from an EncoderOutput's hidden_states (index 0 = stem, k = block k)."""
+        if len(hidden_states) <= self.layer:
+            raise ValueError(f"the encoder stopped at layer {len(hidden_states) - 1}, "
+                             f"the speaker embedding needs layer {self.layer}")
+        hidden = hidden_states[self.layer]
+        hidden = hidden[0] if hidden.dim() == 3 else hidden
+        return pool(hidden[:frames] if frames else hidden)
+
+    def background(self, voices: Sequence | None = None,
+                   sentences: Sequence[str] = BACKGROUND_SENTENCES) -> Background:
+        """A background from synthesized speech (corpus voices; default_voices(seed=1) when None).
+
+        Done once when a registry is created (about a second per clip on a small CPU); the
+        voices are synthetic, but the background only has to say which dimensions vary between
+        utterances, not who the operators are.
+        """
+        from .corpus import default_voices, synthesize
+
+        voices = default_voices(seed=1) if voices is None else voices
+        return Background.from_stats([self.stats(synthesize(t, v)) for v in voices for t in sentences])
+
+
+@dataclass(frozen=True)
+class Identification:
+    speaker: str | None  # None: nobody enrolled is close enough (use the base projector)
+    score: float  # cosine similarity to the closest enrolled speaker (-1 when none is enrolled)
+    closest: str | None  # the closest enrolled speaker, even when refused
+
+
+class SpeakerRegistry:
+    """Enrolled speakers, one safetensors file each (`<speaker>.safetensors`), written atomically.
+
+    A speaker file holds the centroid (the normalized mean of the enrollment embeddings) and the
+    enrollment count; `_registry.safetensors` holds the background and the layer and pooling all
+    centroids were computed with (a leading underscore is never a valid speaker id). Opening a
+    registry with another layer or pooling is refused rather than comparing unlike embeddings.
+    """
+
+    HEADER = "_registry.safetensors"
+
+    def __init__(self, root: str | Path, *, layer: int = DEFAULT_LAYER, pooling: str = DEFAULT_POOLING,
+                 threshold: float = DEFAULT_THRESHOLD, background: Background | None = None) -> None:
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        self.root = Path(root)
+        self.layer, self.pooling, self.threshold = int(layer), pooling, float(threshold)
+        self._centroids: dict[str, torch.Tensor] = {}
+        header = self.root / self.HEADER
+        if header.is_file():
+            tensors, meta = self._read(header)
+            if (int(meta.get("layer", -1)), meta.get("pooling")) != (self.layer, self.pooling):
+                raise SpeakerRegistryError(
+                    f"{self.root} was made with layer {meta.get('layer')} / {meta.get('pooling')} pooling, "
+                    f"not layer {self.layer} / {self.pooling}: use those settings or a new folder")
+            if "mean" not in tensors or "std" not in tensors:
+                raise SpeakerRegistryError(f"{header} lacks the background")
+            stored = Background(tensors["mean"], tensors["std"])
+            if background is not None and not torch.equal(stored.mean, background.mean.float()):
+                raise SpeakerRegistryError(f"{self.root} already has a different background")
+            self.background = stored
+        else:
+            if background is None:
+                raise SpeakerRegistryError(
+                    f"{self.root} is a new speaker registry and needs a background "
+                    "(SpeakerEmbedder.background(), or open_registry() which makes one)")
+            self.background = background
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._write(header, {"mean": background.mean, "std": background.std})
+        for path in sorted(self.root.glob("*.safetensors")):
+            if path.name == self.HEADER:
+                continue
+            speaker = path.name[: -len(".safetensors")]
+            try:
+                validate_speaker_id(speaker)
+            except InvalidSpeakerId:
+                log.warning("ignoring %s: not a speaker file (invalid speaker id)", path)
+                continue
+            self._centroids[speaker] = self._read(path)[0]["embedding"]
+
+    # ---------------------------------------------------------------- files
+
+    def _path(self, speaker: str) -> Path:
+        return self.root / f"{validate_speaker_id(speaker)}.safetensors"
+
+    def _read(self, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        try:
+            with safe_open(path, framework="pt") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k).float() for k in f.keys()}
+        except (SafetensorError, OSError) as exc:
+            raise SpeakerRegistryError(f"{path} is not a valid speaker-registry file: {exc}") from exc
+        if meta.get("format") != REGISTRY_FORMAT:
+            raise SpeakerRegistryError(f"{path}: format {meta.get('format')!r}, expected {REGISTRY_FORMAT!r}")
+        if path.name != self.HEADER and "embedding" not in tensors:
+            raise SpeakerRegistryError(f"{path} has no embedding")
+        return tensors, meta
+
+    def _write(self, path: Path, tensors: dict[str, torch.Tensor], **meta: object) -> None:
+        metadata = {"format": REGISTRY_FORMAT, "layer": str(self.layer), "pooling": self.pooling,
+                    "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                    **{k: json.dumps(v) for k, v in meta.items()}}
+        data = save_safetensors({k: v.float().contiguous() for k, v in tensors.items()}, metadata=metadata)
+        atomic_write_bytes(path, data)
+
+    # ---------------------------------------------------------------- use
+
+    def embed(self, stats: torch.Tensor) -> torch.Tensor:
+        """Pooled statistics -> the normalized embedding this registry compares."""
+        return embed(stats.flatten(), self.background, self.pooling)
+
+    def enroll(self, speaker: str, stats: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Enroll (or re-enroll) `speaker` from the pooled statistics of N utterances."""
+        path = self._path(speaker)
+        if not stats:
+            raise ValueError(f"enrolling {speaker!r} needs at least one utterance")
+        centroid = F.normalize(torch.stack([self.embed(s) for s in stats]).mean(0), dim=-1)
+        if self._centroids and centroid.numel() != next(iter(self._centroids.values())).numel():
+            raise SpeakerRegistryError(f"embedding of {centroid.numel()} dimensions does not match the registry's")
+        self._write(path, {"embedding": centroid}, count=len(stats))
+        self._centroids[speaker] = centroid
+        return centroid
+
+    def remove(self, speaker: str) -> bool:
+        path = self._path(speaker)
+        self._centroids.pop(speaker, None)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return False
+        return True
+
+    def speakers(self) -> list[str]:
+        return sorted(self._centroids)
+
+    def scores(self, stats: torch.Tensor) -> dict[str, float]:
+        """Cosine similarity of one utterance to every enrolled speaker."""
+        if not self._centroids:
+            return {}
+        names = sorted(self._centroids)
+        matrix = torch.stack([self._centroids[n] for n in names])
+        e = self.embed(stats)
+        if e.numel() != matrix.shape[1]:
+            raise SpeakerRegistryError(f"embedding has {e.numel()} dimensions, the registry {matrix.shape[1]}")
+        return dict(zip(names, (matrix @ e).tolist()))
+
+    def identify(self, stats: torch.Tensor) -> Identification:
+        """The enrolled speaker closest to the utterance, if at least `threshold` similar."""
+        scores = self.scores(stats)
+        if not scores:
+            return Identification(None, -1.0, None)
+        closest = max(scores, key=scores.__getitem__)
+        score = scores[closest]
+        return Identification(closest if score >= self.threshold else None, score, closest)
+
+
+def open_registry(root: str | Path, embedder: SpeakerEmbedder, threshold: float = DEFAULT_THRESHOLD,
+                  pooling: str = DEFAULT_POOLING) -> SpeakerRegistry:
+    """The registry in `root`, creating it (with the default synthesized background) if new."""
+    root = Path(root)
+    background = None if (root / SpeakerRegistry.HEADER).is_file() else embedder.background()
+    return SpeakerRegistry(root, layer=embedder.layer, pooling=pooling, threshold=threshold, background=background)
