@@ -36,3 +36,60 @@ def test_cascade_answers_with_streamed_tokens_and_latency(ros):
     assert [t.index for t in streamed] == list(range(len(streamed)))
     assert "".join(t.text for t in streamed).strip() == r1.text
     assert node.handled == 2
+
+
+def _features_utterance(uid: str, frames: int, dim: int, layer: int, end: float) -> Utterance:
+    import numpy as np
+
+    feats = np.random.default_rng(0).standard_normal((frames, dim)).astype(np.float32)
+    return Utterance(id=uid, transcript="turn on the light", confidence=0.9, end=to_time_msg(end),
+                     features=feats.reshape(-1), feature_frames=frames, feature_dim=dim, feature_layer=layer)
+
+
+def test_aligned_mode_answers_from_features_and_refuses_mismatched_ones(ros, tmp_path):
+    import torch
+
+    from tinyalign_ros.core.projector import build_projector, save_projector
+
+    torch.manual_seed(0)  # an untrained projector: the text is meaningless, the plumbing is what is tested
+    path = save_projector(build_projector("mlp", in_dim=384, out_dim=576, hidden=64, encoder_layer=4),
+                          tmp_path / "p.safetensors")
+    node = ros.add(AssistantNode(namespace="tinyalign", context=ros.context, parameter_overrides=[
+        Parameter("mode", value="aligned"), Parameter("projector.file", value=str(path)),
+        Parameter("aligned.task", value="repeat"), Parameter("llm.max_new_tokens", value=6)]))
+    assert node.aligned.model is node.llm.model  # one copy of the LLM for both modes
+    probe = ros.node("probe")
+    responses: list[Response] = []
+    tokens: list[ResponseToken] = []
+    probe.create_subscription(Response, "response", responses.append, EVENT_QOS)
+    probe.create_subscription(ResponseToken, "response_tokens", tokens.append, EVENT_QOS)
+    pub = probe.create_publisher(Utterance, "utterance", EVENT_QOS)
+    wait_for(lambda: pub.get_subscription_count() > 0 and node.token_pub.get_subscription_count() > 0,
+             what="discovery")
+    end = time.time()
+    pub.publish(_features_utterance("good", 60, 384, 4, end))
+    pub.publish(_features_utterance("wrong-dim", 60, 512, 4, end))
+    pub.publish(_features_utterance("wrong-layer", 60, 384, 2, end))
+    pub.publish(Utterance(id="no-features", transcript="hello", feature_layer=-1, end=to_time_msg(end)))
+    wait_for(lambda: len(responses) == 4, timeout=60, what="four responses")
+    by_id = {r.utterance_id: r for r in responses}
+    good = by_id["good"]
+    assert good.mode == "aligned" and good.text and good.transcript == good.text  # repeat task
+    assert 0 < good.latency_first_token_s <= good.latency_last_token_s < 60
+    assert [by_id[k].text for k in ("wrong-dim", "wrong-layer", "no-features")] == ["", "", ""]
+    wait_for(lambda: sum(t.final for t in tokens) == 4, what="final token messages")
+    streamed = [t for t in tokens if t.utterance_id == "good" and not t.final]
+    assert "".join(t.text for t in streamed).strip() == good.text
+    assert node.handled == 4
+
+
+def test_aligned_mode_with_a_corrupt_projector_fails_clearly(ros, tmp_path):
+    import pytest
+
+    from tinyalign_ros.core.projector import ProjectorLoadError
+
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00" * 64)
+    with pytest.raises(ProjectorLoadError, match="not a valid safetensors"):
+        AssistantNode(namespace="tinyalign", context=ros.context, parameter_overrides=[
+            Parameter("mode", value="aligned"), Parameter("projector.file", value=str(bad))])

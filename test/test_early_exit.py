@@ -199,6 +199,48 @@ def test_save_load_round_trip(tmp_path):
             torch.testing.assert_close(loaded(layer, hidden), heads(layer, hidden))
 
 
+def test_conv_heads_round_trip_and_count_their_cost(tmp_path):
+    torch.manual_seed(4)
+    heads = ExitHeads((2, 4), 16, hidden=8, kernel=3)
+    save_heads(heads, tmp_path / "conv.safetensors")
+    loaded = load_heads(tmp_path / "conv.safetensors")
+    assert (loaded.hidden, loaded.kernel) == (8, 3)
+    hidden = torch.randn(1, 7, 16)
+    with torch.inference_mode():
+        out = loaded(4, hidden)
+        assert out.shape == (1, 7, len(VOCAB))  # same frames in as out: the conv pads
+        torch.testing.assert_close(out, heads(4, hidden))
+    assert heads.macs_per_frame() == 16 * 8 * 3 + 8 * len(VOCAB)
+    assert ExitHeads((1,), 16).macs_per_frame() == 16 * len(VOCAB)
+
+
+def test_conv_head_mixes_neighbouring_frames_only():
+    torch.manual_seed(5)
+    heads = ExitHeads((1,), 16, hidden=8, kernel=3).eval()
+    hidden = torch.randn(1, 9, 16)
+    changed = hidden.clone()
+    changed[0, 4] = torch.randn(16)
+    with torch.inference_mode():
+        moved = (heads(1, changed) - heads(1, hidden)).abs().sum(-1)[0] > 1e-6
+    assert moved.tolist() == [False, False, False, True, True, True, False, False, False]
+
+
+@pytest.mark.parametrize(("hidden", "kernel"), [(0, 3), (8, 2), (-1, 1)])
+def test_heads_reject_bad_conv_shapes(hidden, kernel):
+    with pytest.raises(ValueError, match="kernel"):
+        ExitHeads((1,), 16, hidden=hidden, kernel=kernel)
+
+
+def test_load_heads_without_head_metadata_is_linear(tmp_path):
+    """Files written before conv heads existed have no "head" metadata: they are linear heads."""
+    path = tmp_path / "old.safetensors"
+    save_heads(ExitHeads((1,), 16), path)
+    with safe_open(str(path), framework="pt") as f:
+        metadata = {k: v for k, v in f.metadata().items() if k != "head"}
+    save_file(load_file(str(path)), str(path), metadata=metadata)
+    assert load_heads(path).hidden == 0
+
+
 def test_load_missing_file(tmp_path):
     with pytest.raises(WeightLoadError, match="not found"):
         load_heads(tmp_path / "nope.safetensors")

@@ -1,6 +1,7 @@
 """Early exits for the Whisper encoder: CTC heads on chosen layers and the policy that picks one.
 
-Why characters, not the Whisper tokenizer: a head is LayerNorm + Linear(d_model, vocabulary).
+Why characters, not the Whisper tokenizer: a head is LayerNorm + Linear(d_model, vocabulary)
+(or a small conv head, see ExitHeads).
 Over Whisper's 51,864 BPE tokens that Linear alone has 20M parameters per exit for tiny
 (more than half of the whole model), its 52k-way softmax dominates the head's cost, and our
 synthesized corpus of a few thousand sentences would never show most tokens to it. Over 29
@@ -62,28 +63,64 @@ class CharVocab:
         return "".join(self.symbols[i] for i in ids if i != BLANK)
 
 
-class ExitHeads(nn.Module):
-    """One light CTC head (LayerNorm + Linear) per exit layer, on the raw block output.
+class ConvHead(nn.Module):
+    """LayerNorm -> Conv1d over time (kernel frames) -> GELU -> Linear: a little context per frame.
 
+    A block's single frame at the early layers does not yet say which character it holds; a few
+    neighbouring frames (20 ms each) and one non-linearity do, for a fraction of a block's cost.
+    """
+
+    def __init__(self, d_model: int, hidden: int, kernel: int, n_symbols: int) -> None:
+        super().__init__()
+        if hidden < 1 or kernel < 1 or kernel % 2 == 0:
+            raise ValueError(f"a conv head needs hidden >= 1 and an odd kernel, got {hidden}, {kernel}")
+        self.norm = nn.LayerNorm(d_model)
+        self.conv = nn.Conv1d(d_model, hidden, kernel, padding=kernel // 2)
+        self.out = nn.Linear(hidden, n_symbols)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        x = self.conv(self.norm(hidden).transpose(1, 2)).transpose(1, 2)
+        return self.out(F.gelu(x))
+
+
+class ExitHeads(nn.Module):
+    """One light CTC head per exit layer, on the raw block output.
+
+    `hidden=0` (the default): LayerNorm + Linear. `hidden>0`: a `ConvHead` (LayerNorm, Conv1d of
+    `kernel` frames to `hidden` channels, GELU, Linear), which the trained heads use because a
+    linear read-out of the early layers is too weak (see models/exit_heads.md for the numbers).
     The head has its own LayerNorm because intermediate Whisper layers are not normalized
     (only the last one goes through the encoder's final LayerNorm).
     """
 
-    def __init__(self, layers: Sequence[int], d_model: int, vocab: CharVocab | None = None) -> None:
+    def __init__(self, layers: Sequence[int], d_model: int, vocab: CharVocab | None = None,
+                 hidden: int = 0, kernel: int = 1) -> None:
         super().__init__()
         if not layers or sorted(set(layers)) != list(layers) or layers[0] < 1:
             raise ValueError(f"exit layers must be increasing layer numbers >= 1, got {list(layers)}")
+        if hidden == 0 and kernel != 1:
+            raise ValueError("a linear head (hidden=0) has kernel 1")
         self.layers = tuple(layers)
         self.d_model = d_model
+        self.hidden, self.kernel = int(hidden), int(kernel)
         self.vocab = vocab or CharVocab()
+        n = len(self.vocab)
         self.heads = nn.ModuleDict({
-            str(layer): nn.Sequential(nn.LayerNorm(d_model), nn.Linear(d_model, len(self.vocab)))
+            str(layer): (nn.Sequential(nn.LayerNorm(d_model), nn.Linear(d_model, n)) if not hidden
+                         else ConvHead(d_model, hidden, kernel, n))
             for layer in layers
         })
 
     def forward(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         """CTC logits (B, T', vocabulary) of the head on `layer`."""
         return self.heads[str(layer)](hidden)
+
+    def macs_per_frame(self) -> int:
+        """Multiply-accumulates one head spends per encoder frame (for compute accounting)."""
+        n = len(self.vocab)
+        if not self.hidden:
+            return self.d_model * n
+        return self.d_model * self.hidden * self.kernel + self.hidden * n
 
 
 def ctc_confidence(logits: torch.Tensor) -> float:
@@ -184,6 +221,7 @@ def save_heads(heads: ExitHeads, path: str | Path) -> None:
         "layers": json.dumps(list(heads.layers)),
         "d_model": str(heads.d_model),
         "vocab": json.dumps(list(heads.vocab.symbols)),
+        "head": json.dumps({"hidden": heads.hidden, "kernel": heads.kernel}),
     }
     data = save_safetensors({k: v.contiguous() for k, v in heads.state_dict().items()}, metadata=metadata)
     tmp = path.with_name(path.name + ".tmp")
@@ -211,7 +249,9 @@ def load_heads(path: str | Path, device: str | torch.device = "cpu") -> ExitHead
         )
     try:
         vocab = CharVocab(json.loads(metadata["vocab"]))
-        heads = ExitHeads(json.loads(metadata["layers"]), int(metadata["d_model"]), vocab)
+        head = json.loads(metadata.get("head", '{"hidden": 0, "kernel": 1}'))  # older files: linear
+        heads = ExitHeads(json.loads(metadata["layers"]), int(metadata["d_model"]), vocab,
+                          int(head["hidden"]), int(head["kernel"]))
     except (KeyError, ValueError, TypeError) as exc:
         raise WeightLoadError(f"{path} has unusable exit-heads metadata: {exc}") from exc
     expected = heads.state_dict()

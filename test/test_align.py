@@ -1,0 +1,159 @@
+"""Aligned LLM: embeds layout, label masking, padding, generation; a tiny random LLM for the
+logic, the real SmolLM2 + Whisper encoder for "a few steps lower the loss"."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from conftest import espeak
+from tinyalign_ros.core.align import (
+    IGNORE, AlignedLLM, AlignPrompt, FeatureSet, TrainConfig, build_embeds, encode_file, prompt_segments,
+    train_projector)
+from tinyalign_ros.core.models import default_llm_dir
+from tinyalign_ros.core.projector import build_projector, load_projector
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(default_llm_dir())
+
+
+@pytest.fixture(scope="module")
+def tiny_llm(tokenizer):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
+    return LlamaForCausalLM(cfg).eval().requires_grad_(False)
+
+
+@pytest.fixture
+def aligned(tiny_llm, tokenizer):
+    torch.manual_seed(1)
+    proj = build_projector("mlp", in_dim=16, out_dim=64, stack=4, hidden=32)
+    return AlignedLLM(tiny_llm, tokenizer, proj, max_new_tokens=6)
+
+
+def test_prompt_segments_follow_the_chat_template(tokenizer):
+    pre, suf = prompt_segments(tokenizer, AlignPrompt(system="SYS", instruction="Listen:", prompt="Repeat it."))
+    pre_t, suf_t = tokenizer.decode(pre), tokenizer.decode(suf)
+    assert pre_t.startswith("<|im_start|>system\nSYS<|im_end|>") and pre_t.endswith("user\nListen:\n")
+    assert suf_t == "\nRepeat it.<|im_end|>\n<|im_start|>assistant\n"
+    pre2, _ = prompt_segments(tokenizer, AlignPrompt(system="SYS", instruction="Listen:", inject=False))
+    assert "Listen:" not in tokenizer.decode(pre2) and tokenizer.decode(pre2).endswith("user\n")
+
+
+def test_embeds_layout_equals_the_token_sequence_and_labels_cover_only_the_target(tiny_llm):
+    """Audio 'embeddings' that are token embeddings must give exactly the logits of those tokens."""
+    embed = tiny_llm.get_input_embeddings()
+    prefix, suffix = [1, 10, 11], [12, 13]
+    audio_ids = torch.tensor([[20, 21, 22, 23], [30, 31, 0, 0]])
+    targets = [[40, 41, 2], [50, 2]]
+    b = build_embeds(embed, prefix, suffix, embed(audio_ids), torch.tensor([4, 2]), targets, "right", pad_id=2)
+    rows = [prefix + [20, 21, 22, 23] + suffix + targets[0], prefix + [30, 31] + suffix + targets[1]]
+    assert b.attention_mask.sum(1).tolist() == [len(r) for r in rows]
+    assert b.audio_spans == [(3, 7), (3, 5)]
+    for i, row in enumerate(rows):
+        n = len(row)
+        assert torch.equal(b.inputs_embeds[i, :n], embed(torch.tensor(row)))
+        labels = b.labels[i].tolist()
+        start = n - len(targets[i])
+        assert labels[:start] == [IGNORE] * start and labels[start:n] == targets[i]  # eos (=pad) is kept
+        assert labels[n:] == [IGNORE] * (b.labels.shape[1] - n)
+        ref = tiny_llm(input_ids=torch.tensor([row])).logits[0]
+        got = tiny_llm(inputs_embeds=b.inputs_embeds[i:i + 1], attention_mask=b.attention_mask[i:i + 1],
+                       position_ids=b.position_ids[i:i + 1]).logits[0, :n]
+        assert torch.allclose(ref, got, atol=1e-4)
+
+
+def test_left_padding_keeps_positions_of_real_tokens(tiny_llm):
+    embed = tiny_llm.get_input_embeddings()
+    audio = torch.randn(2, 3, 64)
+    b = build_embeds(embed, [1, 2], [3], audio, torch.tensor([3, 1]), None, "left", pad_id=2)
+    assert b.labels is None
+    assert b.attention_mask.tolist() == [[1] * 6, [0, 0, 1, 1, 1, 1]]
+    assert b.position_ids[1, 2:].tolist() == [0, 1, 2, 3]
+    assert b.audio_spans == [(2, 5), (4, 5)]
+    assert torch.equal(b.inputs_embeds[1, 4], audio[1, 0])
+
+
+def test_loss_is_finite_and_reaches_only_the_projector(aligned):
+    feats = torch.randn(2, 24, 16)
+    targets = [aligned.target_ids("hello there"), aligned.target_ids("hi")]
+    loss = aligned.loss(feats, torch.tensor([24, 13]), targets)
+    loss.backward()
+    with torch.no_grad():  # the LM head on target positions only = the usual shifted CE over all logits
+        b = aligned.batch(feats, torch.tensor([24, 13]), targets)
+        logits = aligned.model(inputs_embeds=b.inputs_embeds, attention_mask=b.attention_mask,
+                               position_ids=b.position_ids).logits
+        full = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), b.labels[:, 1:].flatten(),
+                                                 ignore_index=IGNORE)
+    assert torch.allclose(loss, full, atol=1e-5)
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None for p in aligned.projector.parameters())
+    assert all(p.grad is None for p in aligned.model.parameters())
+
+
+def test_batched_generation_equals_one_by_one_and_stream_matches(aligned):
+    feats = [torch.randn(30, 16), torch.randn(9, 16), torch.randn(17, 16)]
+    batched = aligned.transcribe(feats)
+    assert batched == [aligned.transcribe([f])[0] for f in feats]
+    assert "".join(aligned.stream(feats[1])).strip() == batched[1]
+
+
+def test_projector_for_another_llm_is_refused(tiny_llm, tokenizer):
+    with pytest.raises(Exception, match="hidden size is 64"):
+        AlignedLLM(tiny_llm, tokenizer, build_projector("linear", in_dim=16, out_dim=576))
+
+
+# --------------------------------------------------------------------------- real models
+
+
+@pytest.fixture(scope="module")
+def real_features(tmp_path_factory):
+    from tinyalign_ros.core.encoder import load_whisper_encoder
+
+    d = tmp_path_factory.mktemp("speech")
+    encoder = load_whisper_encoder()
+    texts = ["Turn on the kitchen light.", "Bring me a cup of tea."]
+    feats = [encode_file(encoder, espeak(t, d / f"{i}.wav")) for i, t in enumerate(texts)]
+    offsets = torch.tensor([0, feats[0].shape[0], feats[0].shape[0] + feats[1].shape[0]])
+    return FeatureSet(torch.cat(feats).half(), offsets, texts, [{} for _ in texts], encoder.n_layers)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from tinyalign_ros.core.llm import ChatLLM
+
+    return ChatLLM(threads=2)
+
+
+def test_a_few_real_training_steps_lower_the_loss(smollm2, real_features, tmp_path):
+    torch.manual_seed(0)
+    proj = build_projector("mlp", in_dim=384, out_dim=576, stack=4, hidden=256)
+    aligned = AlignedLLM.from_chat(smollm2, proj, max_new_tokens=8)
+    feats, lengths = real_features.collate([0, 1])
+    targets = [aligned.target_ids(t) for t in real_features.texts]
+    with torch.no_grad():
+        before = aligned.loss(feats, lengths, targets).item()
+    cfg = TrainConfig(hidden=256, batch=2, lr=2e-3, warmup=1, max_steps=6, minutes=5, val_every_s=1e9,
+                      ckpt_every_s=1e9, val_n=2)
+    out = tmp_path / "p.safetensors"
+    state = train_projector(aligned, {"train": real_features, "val": real_features}, cfg, out, progress=False)
+    with torch.no_grad():
+        after = aligned.loss(feats, lengths, targets).item()
+    assert state["step"] == 6 and after < before - 0.5, (before, after)
+    assert out.is_file() and load_projector(out, in_dim=384, out_dim=576, encoder_layer=4)
+    assert (tmp_path / "p.ckpt.json").is_file() and state["val"]  # checkpoint and a validation WER
+    # resuming continues from the checkpoint instead of starting over
+    cfg2 = TrainConfig(**{**cfg.__dict__, "max_steps": 7})
+    assert train_projector(aligned, {"train": real_features}, cfg2, out, progress=False)["step"] == 7
+
+
+def test_generation_from_embeds_streams_text_with_the_real_llm(smollm2, real_features):
+    torch.manual_seed(0)
+    aligned = AlignedLLM.from_chat(smollm2, build_projector("mlp", in_dim=384, out_dim=576, hidden=64),
+                                   max_new_tokens=6)
+    pieces = list(aligned.stream(real_features.get(0)))
+    assert pieces and "".join(pieces).strip()

@@ -1,0 +1,512 @@
+"""Tiny-Align: a trainable projector between the frozen Whisper encoder and the frozen LLM.
+
+Input layout (one chat turn, SmolLM2's template around it):
+
+    <|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n{instruction}\\n
+    [projected audio tokens]
+    \\n{prompt}<|im_end|>\\n<|im_start|>assistant\\n  {target}<|im_end|>
+
+`instruction` is Tiny-Align's *instruction injection* (a task instruction placed before the
+audio tokens); `inject=False` drops it, leaving only the prompt after the audio. Labels are
+-100 everywhere except the target tokens and the closing <|im_end|>, masked **by position**
+(SmolLM2's pad token equals its eos token, so a pad-id mask would hide the eos it must learn).
+Training batches are right-padded; generation batches are left-padded with explicit position ids.
+
+`AlignedLLM` shares the frozen model of a `ChatLLM` (the LLM is loaded once per process) and
+streams its answer like `ChatLLM.stream`, with the KV cache of `generate`.
+
+Training (`train_projector`): encoder features are computed once and cached on disk per split;
+only the projector trains (AdamW, warmup + cosine over the step or time budget, seeded),
+checkpoints (safetensors + JSON state) let a killed run resume, and validation WER is measured
+by greedy generation every `val_every_s`.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import math
+import random
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as save_safetensors
+from transformers import TextIteratorStreamer
+
+from .projector import Projector, ProjectorLoadError, _atomic_write, save_projector
+
+log = logging.getLogger(__name__)
+
+AUDIO_MARK = "<<AUDIO>>"
+# Short on purpose: every prompt token is paid for in each training step's forward and backward.
+REPEAT_SYSTEM = "You transcribe speech."
+REPEAT_INSTRUCTION = "Speech:"
+REPEAT_PROMPT = "Repeat exactly what was said."
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class AlignPrompt:
+    system: str = REPEAT_SYSTEM
+    instruction: str = REPEAT_INSTRUCTION  # instruction injection: placed before the audio tokens
+    prompt: str = REPEAT_PROMPT  # after the audio tokens
+    inject: bool = True
+
+    def user_text(self) -> str:
+        before = f"{self.instruction}\n" if self.inject and self.instruction else ""
+        after = f"\n{self.prompt}" if self.prompt else ""
+        return f"{before}{AUDIO_MARK}{after}"
+
+
+def prompt_segments(tokenizer, prompt: AlignPrompt) -> tuple[list[int], list[int]]:
+    """Token ids before and after the audio tokens, from the model's own chat template."""
+    messages = [{"role": "system", "content": prompt.system}, {"role": "user", "content": prompt.user_text()}]
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    before, sep, after = text.partition(AUDIO_MARK)
+    if not sep:
+        raise ValueError("the chat template dropped the audio placeholder")
+    enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    return enc(before), enc(after)
+
+
+@dataclass
+class EmbedsBatch:
+    inputs_embeds: torch.Tensor  # (B, L, H)
+    attention_mask: torch.Tensor  # (B, L)
+    position_ids: torch.Tensor  # (B, L)
+    labels: torch.Tensor | None  # (B, L), IGNORE outside the targets
+    audio_spans: list[tuple[int, int]] = field(default_factory=list)  # [start, end) of the audio per row
+
+
+def build_embeds(embed: torch.nn.Module, prefix: Sequence[int], suffix: Sequence[int], audio: torch.Tensor,
+                 n_audio: torch.Tensor, targets: Sequence[Sequence[int]] | None = None,
+                 padding: str = "right", pad_id: int = 0) -> EmbedsBatch:
+    """[prefix ; audio[i, :n_audio[i]] ; suffix ; targets[i]] per row, padded to one length.
+
+    `embed` is the LLM's input-embedding module; `audio` (B, T', H) the projected audio. Padding
+    positions get the pad token's embedding, attention 0, label IGNORE; position ids count only
+    real tokens (so left padding does not shift positions).
+    """
+    if padding not in ("right", "left"):
+        raise ValueError("padding is 'right' (training) or 'left' (generation)")
+    b = audio.shape[0]
+    dev = audio.device
+    pre = embed(torch.tensor(list(prefix), dtype=torch.long, device=dev))
+    suf = embed(torch.tensor(list(suffix), dtype=torch.long, device=dev))
+    pad_vec = embed(torch.tensor([pad_id], device=dev))[0]
+    rows, label_rows, spans = [], [], []
+    for i in range(b):
+        n = int(n_audio[i])
+        tgt = list(targets[i]) if targets is not None else []
+        parts = [pre, audio[i, :n].to(pre.dtype), suf]
+        if tgt:
+            parts.append(embed(torch.tensor(tgt, dtype=torch.long, device=dev)))
+        rows.append(torch.cat(parts, 0))
+        label_rows.append([IGNORE] * (len(prefix) + n + len(suffix)) + tgt)
+        spans.append((len(prefix), len(prefix) + n))
+    length = max(r.shape[0] for r in rows)
+    h = pre.shape[-1]
+    embeds = pad_vec.expand(b, length, h).clone()
+    mask = torch.zeros(b, length, dtype=torch.long, device=dev)
+    labels = torch.full((b, length), IGNORE, dtype=torch.long, device=dev)
+    for i, row in enumerate(rows):
+        n = row.shape[0]
+        sl = slice(0, n) if padding == "right" else slice(length - n, length)
+        embeds[i, sl] = row
+        mask[i, sl] = 1
+        labels[i, sl] = torch.tensor(label_rows[i], dtype=torch.long, device=dev)
+        if padding == "left":
+            spans[i] = (spans[i][0] + length - n, spans[i][1] + length - n)
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    return EmbedsBatch(embeds, mask, position_ids, labels if targets is not None else None, spans)
+
+
+class AlignedLLM:
+    """The frozen LLM reading projected audio: loss for training, streamed/batched generation.
+
+    `model`/`tokenizer` are the ones of a ChatLLM (`AlignedLLM.from_chat(chat, projector)`), so
+    cascade and aligned modes share one copy of the weights.
+    """
+
+    def __init__(self, model, tokenizer, projector: Projector, prompt: AlignPrompt | None = None,
+                 max_new_tokens: int = 48) -> None:
+        hidden = model.get_input_embeddings().embedding_dim
+        if projector.cfg.out_dim != hidden:
+            raise ProjectorLoadError(f"projector outputs {projector.cfg.out_dim}-dim embeddings, "
+                                     f"the LLM's hidden size is {hidden}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.projector = projector
+        self.max_new_tokens = max_new_tokens
+        self.eos_id = tokenizer.eos_token_id
+        self.set_prompt(prompt or AlignPrompt())
+
+    @classmethod
+    def from_chat(cls, chat, projector: Projector, prompt: AlignPrompt | None = None, **kwargs) -> "AlignedLLM":
+        return cls(chat.model, chat.tokenizer, projector, prompt, **kwargs)
+
+    def set_prompt(self, prompt: AlignPrompt) -> None:
+        self.prompt = prompt
+        self.prefix, self.suffix = prompt_segments(self.tokenizer, prompt)
+
+    def target_ids(self, text: str) -> list[int]:
+        """Target tokens of a transcript, closed by <|im_end|> (the model's eos)."""
+        return self.tokenizer(" ".join(text.split()), add_special_tokens=False)["input_ids"] + [self.eos_id]
+
+    def batch(self, features: torch.Tensor, lengths: torch.Tensor, targets=None, padding: str = "right",
+              prompt_segments_: tuple[list[int], list[int]] | None = None) -> EmbedsBatch:
+        audio, n_audio = self.projector(features, lengths)
+        prefix, suffix = prompt_segments_ or (self.prefix, self.suffix)
+        return build_embeds(self.model.get_input_embeddings(), prefix, suffix, audio, n_audio, targets,
+                            padding, self.eos_id)
+
+    def loss(self, features: torch.Tensor, lengths: torch.Tensor, targets: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Mean cross-entropy over the target tokens (right-padded batch)."""
+        b = self.batch(features, lengths, targets, "right")
+        # The LM head (576 x 49k) runs only where a target token is predicted: most positions
+        # are prompt, audio or padding, and their logits would be computed only to be ignored.
+        hidden = self.model.base_model(inputs_embeds=b.inputs_embeds, attention_mask=b.attention_mask,
+                                       position_ids=b.position_ids, use_cache=False).last_hidden_state
+        labels = b.labels[:, 1:]
+        keep = labels != IGNORE
+        logits = self.model.get_output_embeddings()(hidden[:, :-1][keep])
+        return F.cross_entropy(logits.float(), labels[keep])
+
+    def _generate(self, b: EmbedsBatch, max_new_tokens: int, streamer=None) -> torch.Tensor:
+        return self.model.generate(
+            inputs_embeds=b.inputs_embeds, attention_mask=b.attention_mask, max_new_tokens=max_new_tokens,
+            do_sample=False, streamer=streamer, pad_token_id=self.eos_id, eos_token_id=self.eos_id,
+        )
+
+    @torch.inference_mode()
+    def transcribe(self, features: Sequence[torch.Tensor], max_new_tokens: int | None = None) -> list[str]:
+        """Greedy answers for several utterances' features (each (frames, dim)), one left-padded batch."""
+        if not features:
+            return []
+        lengths = torch.tensor([f.shape[0] for f in features])
+        padded = torch.nn.utils.rnn.pad_sequence([f.float() for f in features], batch_first=True)
+        b = self.batch(padded, lengths, None, "left")
+        out = self._generate(b, max_new_tokens or self.max_new_tokens)
+        return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in out]
+
+    def stream(self, features: torch.Tensor, prompt: AlignPrompt | None = None) -> Iterator[str]:
+        """Yield the answer to one utterance's features (frames, dim) piece by piece."""
+        segments = prompt_segments(self.tokenizer, prompt) if prompt is not None else None
+        with torch.inference_mode():
+            b = self.batch(features.float().unsqueeze(0), torch.tensor([features.shape[0]]), None, "left", segments)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=False, skip_special_tokens=True)
+        errors: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                with torch.inference_mode():
+                    self._generate(b, self.max_new_tokens, streamer)
+            except BaseException as exc:  # re-raised in the caller's thread below
+                errors.append(exc)
+                streamer.end()
+
+        worker = threading.Thread(target=work, name="aligned-generate", daemon=True)
+        worker.start()
+        for piece in streamer:
+            if piece:
+                yield piece
+        worker.join()
+        if errors:
+            raise errors[0]
+
+
+# --------------------------------------------------------------------------- feature cache
+
+CACHE_FORMAT = "tinyalign-feature-cache/1"
+
+
+@dataclass
+class FeatureSet:
+    """Cached encoder features of one split: frames of all clips concatenated (fp16)."""
+
+    frames: torch.Tensor  # (total_frames, dim)
+    offsets: torch.Tensor  # (n + 1,)
+    texts: list[str]
+    rows: list[dict]
+    layer: int
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def get(self, i: int) -> torch.Tensor:
+        return self.frames[int(self.offsets[i]):int(self.offsets[i + 1])].float()
+
+    def collate(self, idx: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        feats = [self.get(i) for i in idx]
+        return (torch.nn.utils.rnn.pad_sequence(feats, batch_first=True),
+                torch.tensor([f.shape[0] for f in feats]))
+
+
+def read_manifest(corpus: Path) -> list[dict]:
+    with (corpus / "manifest.csv").open(newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def encode_file(encoder, path: Path, layer: int | None = None) -> torch.Tensor:
+    """Features of one audio file as asr_node computes them (unpadded, ln_post, speech frames)."""
+    from .audio import load_audio
+
+    return encode_samples(encoder, load_audio(path), layer)
+
+
+def encode_samples(encoder, samples: np.ndarray, layer: int | None = None) -> torch.Tensor:
+    from .encoder import log_mel
+
+    layer = layer or encoder.n_layers
+    mel = log_mel(samples, pad_to_30s=False).unsqueeze(0)
+    frames = max(1, math.ceil(len(samples) / 320))
+    with torch.inference_mode():
+        out = encoder(mel, max_layer=layer)
+    return out.output[0, :frames]
+
+
+def cache_split(corpus: Path, rows: list[dict], cache_file: Path, encoder, layer: int, desc: str = "") -> FeatureSet:
+    """Encode `rows` once into `cache_file` (reused when the same rows/layer were cached before)."""
+    key = hashlib.sha256(json.dumps([[r["path"], r["text"]] for r in rows] + [layer]).encode()).hexdigest()
+    if cache_file.is_file():
+        try:
+            with safe_open(cache_file, framework="pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("format") == CACHE_FORMAT and meta.get("key") == key:
+                    return FeatureSet(f.get_tensor("frames"), f.get_tensor("offsets"), [r["text"] for r in rows],
+                                      rows, layer)
+        except SafetensorError:
+            pass
+        log.info("feature cache %s is stale or unreadable: re-encoding", cache_file)
+    from tqdm import tqdm
+
+    chunks, offsets = [], [0]
+    for r in tqdm(rows, desc=f"encoding {desc}", unit="clip", mininterval=5):
+        feats = encode_file(encoder, corpus / r["path"], layer).to(torch.float16)
+        chunks.append(feats)
+        offsets.append(offsets[-1] + feats.shape[0])
+    frames = torch.cat(chunks, 0) if chunks else torch.zeros(0, encoder.d_model, dtype=torch.float16)
+    offs = torch.tensor(offsets, dtype=torch.long)
+    _atomic_write(cache_file, save_safetensors({"frames": frames.contiguous(), "offsets": offs},
+                                               metadata={"format": CACHE_FORMAT, "key": key, "layer": str(layer)}))
+    return FeatureSet(frames, offs, [r["text"] for r in rows], rows, layer)
+
+
+def load_corpus_features(corpus: Path, cache_dir: Path, encoder, layer: int,
+                         splits: Sequence[str] = ("train", "val", "test")) -> dict[str, FeatureSet]:
+    rows = read_manifest(corpus)
+    out = {}
+    for split in splits:
+        sel = [r for r in rows if r["split"] == split]
+        out[split] = cache_split(corpus, sel, cache_dir / f"{split}-L{layer}.safetensors", encoder, layer, split)
+    return out
+
+
+REAL_SPEECH_DIRS = (Path("/usr/share/pocketsphinx/test/data/librivox"), Path("/usr/share/pocketsphinx/test/data/cards"))
+
+
+def real_speech_clips() -> list[tuple[Path, str]]:
+    """Real human recordings with transcripts shipped by Debian's pocketsphinx-testdata."""
+    import re
+
+    clips = []
+    for d in REAL_SPEECH_DIRS:
+        for tf in sorted(d.glob("*transcription")):
+            for line in tf.read_text(encoding="utf-8").splitlines():
+                m = re.match(r"\s*(?:<s>)?(.*?)(?:</s>)?\s*\(([^)]+)\)\s*$", line)
+                if m and (d / f"{m.group(2)}.wav").is_file():
+                    clips.append((d / f"{m.group(2)}.wav", " ".join(m.group(1).split())))
+    return clips
+
+
+# --------------------------------------------------------------------------- training
+
+
+@dataclass
+class TrainConfig:
+    kind: str = "mlp"
+    stack: int = 4
+    pooling: str = "stack"
+    hidden: int = 1024
+    layers: int = 2
+    heads: int = 4
+    batch: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup: int = 30
+    max_steps: int = 100000
+    minutes: float = 20.0
+    seed: int = 0
+    val_every_s: float = 300.0
+    val_n: int = 48
+    ckpt_every_s: float = 120.0
+    inject: bool = True
+    grad_clip: float = 1.0
+    save_dtype: str = "float16"
+
+
+def _lr_factor(cfg: TrainConfig, step: int, elapsed: float) -> float:
+    if step < cfg.warmup:
+        return (step + 1) / cfg.warmup
+    progress = max(step / max(cfg.max_steps, 1), elapsed / max(cfg.minutes * 60, 1e-9))
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def evaluate(aligned: AlignedLLM, fs: FeatureSet, idx: Sequence[int] | None = None, batch: int = 8,
+             max_new_tokens: int = 40) -> tuple[float, list[tuple[str, str]]]:
+    from .metrics import wer
+
+    idx = list(range(len(fs))) if idx is None else list(idx)
+    refs, hyps = [], []
+    was_training = aligned.projector.training
+    aligned.projector.eval()
+    for s in range(0, len(idx), batch):
+        chunk = idx[s:s + batch]
+        hyps += aligned.transcribe([fs.get(i) for i in chunk], max_new_tokens)
+        refs += [fs.texts[i] for i in chunk]
+    aligned.projector.train(was_training)
+    return wer(refs, hyps), list(zip(refs, hyps))
+
+
+def _save_checkpoint(ckpt: Path, projector: Projector, opt: torch.optim.Optimizer, state: dict) -> None:
+    tensors = {f"projector.{k}": v.contiguous() for k, v in projector.state_dict().items()}
+    names = dict(projector.named_parameters())
+    index = {id(p): n for n, p in names.items()}
+    for group in opt.param_groups:
+        for p in group["params"]:
+            st = opt.state.get(p, {})
+            for k in ("exp_avg", "exp_avg_sq"):
+                if k in st:
+                    tensors[f"opt.{index[id(p)]}.{k}"] = st[k].contiguous()
+            if "step" in st:
+                state.setdefault("opt_steps", {})[index[id(p)]] = float(st["step"])
+    _atomic_write(ckpt.with_name(ckpt.name + ".safetensors"), save_safetensors(tensors))
+    _atomic_write(ckpt.with_name(ckpt.name + ".json"), json.dumps(state, indent=1).encode())
+
+
+def _load_checkpoint(ckpt: Path, projector: Projector, opt: torch.optim.Optimizer) -> dict:
+    state = json.loads(ckpt.with_name(ckpt.name + ".json").read_text())
+    with safe_open(ckpt.with_name(ckpt.name + ".safetensors"), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    projector.load_state_dict({k[len("projector."):]: v for k, v in tensors.items() if k.startswith("projector.")})
+    for name, p in projector.named_parameters():
+        if f"opt.{name}.exp_avg" in tensors:
+            opt.state[p] = {"step": torch.tensor(state["opt_steps"][name]),
+                            "exp_avg": tensors[f"opt.{name}.exp_avg"],
+                            "exp_avg_sq": tensors[f"opt.{name}.exp_avg_sq"]}
+    return state
+
+
+def train_projector(aligned: AlignedLLM, data: dict[str, FeatureSet], cfg: TrainConfig, out: Path,
+                    resume: bool = True, progress: bool = True, extra_meta: dict | None = None) -> dict:
+    """Train `aligned.projector` on data["train"]; returns a summary (curve, WERs, times).
+
+    Writes `out` (the projector with the best validation WER so far), `out.ckpt.{safetensors,json}`
+    (resumable state) and `out.log.jsonl` (one line per logged step / validation).
+    """
+    from tqdm import tqdm
+
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    projector = aligned.projector.train()
+    train = data["train"]
+    val = data.get("val")
+    targets = [aligned.target_ids(t) for t in train.texts]
+    opt = torch.optim.AdamW(projector.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ckpt = out.with_name(out.name.replace(".safetensors", "") + ".ckpt")
+    log_file = out.with_name(out.name.replace(".safetensors", "") + ".log.jsonl")
+    state = {"step": 0, "elapsed_s": 0.0, "epoch": 0, "pos": 0, "best_val_wer": None, "curve": [], "val": [],
+             "config": asdict(cfg)}
+    if resume and ckpt.with_name(ckpt.name + ".json").is_file():
+        state = _load_checkpoint(ckpt, projector, opt)
+        log.info("resumed from %s at step %d (%.0f s trained)", ckpt, state["step"], state["elapsed_s"])
+    val_idx = list(range(len(val))) if val is not None else []
+    random.Random(cfg.seed + 1).shuffle(val_idx)
+    val_idx = sorted(val_idx[:cfg.val_n])
+
+    def order(epoch: int) -> list[int]:
+        perm = list(range(len(train)))
+        random.Random(cfg.seed * 1000003 + epoch).shuffle(perm)
+        return perm
+
+    perm = order(state["epoch"])
+    budget = cfg.minutes * 60
+    t_last = time.perf_counter()
+    last_ckpt = last_val = state["elapsed_s"]
+    bar = tqdm(total=int(budget), initial=int(state["elapsed_s"]), unit="s", disable=not progress,
+               desc="training projector", mininterval=5)
+    ema = None
+
+    def validate() -> None:
+        nonlocal last_val
+        if val is None:
+            return
+        t0 = time.perf_counter()
+        v_wer, pairs = evaluate(aligned, val, val_idx)
+        state["val"].append({"step": state["step"], "elapsed_s": round(state["elapsed_s"], 1),
+                             "val_wer": v_wer, "eval_s": round(time.perf_counter() - t0, 1),
+                             "examples": pairs[:3]})
+        with log_file.open("a") as f:
+            f.write(json.dumps({"val": state["val"][-1]}) + "\n")
+        log.info("step %d: val WER %.3f", state["step"], v_wer)
+        if state["best_val_wer"] is None or v_wer <= state["best_val_wer"]:
+            state["best_val_wer"] = v_wer
+            state["best_step"] = state["step"]
+            save_projector(projector, out, {"step": state["step"], "train_s": round(state["elapsed_s"]),
+                                            "val_wer": f"{v_wer:.4f}", **(extra_meta or {})},
+                           dtype=getattr(torch, cfg.save_dtype))
+        last_val = state["elapsed_s"]
+
+    while state["step"] < cfg.max_steps and state["elapsed_s"] < budget:
+        if state["pos"] + cfg.batch > len(perm):
+            state["epoch"] += 1
+            state["pos"] = 0
+            perm = order(state["epoch"])
+        idx = perm[state["pos"]:state["pos"] + cfg.batch]
+        state["pos"] += cfg.batch
+        feats, lengths = train.collate(idx)
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * _lr_factor(cfg, state["step"], state["elapsed_s"])
+        t0 = time.perf_counter()
+        loss = aligned.loss(feats, lengths, [targets[i] for i in idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(projector.parameters(), cfg.grad_clip)
+        opt.step()
+        now = time.perf_counter()
+        step_s = now - t0
+        state["elapsed_s"] += now - t_last
+        t_last = now
+        state["step"] += 1
+        ema = loss.item() if ema is None else 0.9 * ema + 0.1 * loss.item()
+        bar.update(int(state["elapsed_s"]) - bar.n)
+        bar.set_postfix(loss=f"{ema:.3f}", step=state["step"], step_s=f"{step_s:.2f}")
+        if state["step"] % 10 == 0 or state["step"] == 1:
+            point = {"step": state["step"], "elapsed_s": round(state["elapsed_s"], 1), "loss": round(loss.item(), 4),
+                     "loss_ema": round(ema, 4), "step_s": round(step_s, 3)}
+            state["curve"].append(point)
+            with log_file.open("a") as f:
+                f.write(json.dumps(point) + "\n")
+        if state["elapsed_s"] - last_val >= cfg.val_every_s:
+            validate()
+            t_last = time.perf_counter()  # validation time is not training time
+        if state["elapsed_s"] - last_ckpt >= cfg.ckpt_every_s:
+            _save_checkpoint(ckpt, projector, opt, state)
+            last_ckpt = state["elapsed_s"]
+            t_last = time.perf_counter()
+    bar.close()
+    if not state["val"] or state["val"][-1]["step"] != state["step"]:
+        validate()
+    _save_checkpoint(ckpt, projector, opt, state)
+    if val is None:
+        save_projector(projector, out, {"step": state["step"], "train_s": round(state["elapsed_s"]),
+                                        **(extra_meta or {})}, dtype=getattr(torch, cfg.save_dtype))
+    return state
