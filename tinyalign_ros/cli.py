@@ -22,7 +22,6 @@ from pathlib import Path
 def _cmd_run(args: argparse.Namespace) -> int:
     os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
     from tinyalign_ros.core.audio import AudioError
-    from tinyalign_ros.nodes.common import from_time_msg
     from tinyalign_ros.nodes.graph import EmbeddedGraph
 
     overrides: dict[str, dict] = {"mic_node": {}, "asr_node": {}, "tts_node": {"play": args.speak}}

@@ -20,7 +20,7 @@ from tinyalign_ros.core.models import shipped_model
 from tinyalign_ros.core.vad import Segment, StreamingSegmenter, VadConfig
 from tinyalign_ros.msg import AudioChunk, Utterance
 
-from .common import AUDIO_QOS, EVENT_QOS, LATCHED_QOS, Worker, text_marker, to_time_msg
+from .common import AUDIO_QOS, EVENT_QOS, LATCHED_QOS, Worker, run_node, text_marker, to_time_msg
 from .diagnostics import OK, WARN, RateMeter, Status, Updater
 
 
@@ -274,15 +274,7 @@ class AsrNode(Node):
 
 
 def main(args: list[str] | None = None) -> None:
-    rclpy.init(args=args)
-    node = AsrNode()
-    try:
-        rclpy.spin(node)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        node.destroy_node()
-        rclpy.try_shutdown()
+    run_node(AsrNode, args)
 
 
 if __name__ == "__main__":

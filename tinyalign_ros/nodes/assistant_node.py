@@ -13,9 +13,7 @@ error (the utterance gets an empty response), never a crash.
 """
 from __future__ import annotations
 
-import time
 
-import rclpy
 import torch
 from rclpy.node import Node
 
@@ -23,7 +21,7 @@ from tinyalign_ros.core.llm import DEFAULT_SYSTEM_PROMPT, ChatLLM
 from tinyalign_ros.core.models import resolve_llm, shipped_model
 from tinyalign_ros.msg import Response, ResponseToken, Utterance
 
-from .common import EVENT_QOS, Worker, from_time_msg
+from .common import EVENT_QOS, Worker, from_time_msg, run_node
 
 MODES = ("cascade", "aligned")
 ALIGNED_TASKS = ("answer", "repeat", "direct")
@@ -174,15 +172,7 @@ class AssistantNode(Node):
 
 
 def main(args: list[str] | None = None) -> None:
-    rclpy.init(args=args)
-    node = AssistantNode()
-    try:
-        rclpy.spin(node)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        node.destroy_node()
-        rclpy.try_shutdown()
+    run_node(AssistantNode, args)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-import rclpy
 from rclpy.node import Node
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 
@@ -27,7 +26,7 @@ from tinyalign_ros.core.encoder import load_whisper_encoder
 from tinyalign_ros.core.models import shipped_model
 from tinyalign_ros.msg import AudioChunk
 
-from .common import AUDIO_QOS, Worker, from_time_msg
+from .common import AUDIO_QOS, Worker, from_time_msg, run_node
 from .diagnostics import ERROR, OK, WARN, RateMeter, Status, Updater
 
 FUSION_FILE = "boost_fusion.safetensors"
@@ -227,17 +226,7 @@ class BoosterNode(Node):
 
 
 def main(args: list[str] | None = None) -> None:
-    rclpy.init(args=args)
-    node = None
-    try:
-        node = BoosterNode()
-        rclpy.spin(node)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        if node is not None:
-            node.destroy_node()
-        rclpy.try_shutdown()
+    run_node(BoosterNode, args)
 
 
 if __name__ == "__main__":

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
 
+import rclpy
 from builtin_interfaces.msg import Time
+from rclpy.node import Node
 from visualization_msgs.msg import Marker
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 
@@ -103,3 +105,27 @@ def text_marker(text: str, stamp, frame_id: str, ns: str, z: float) -> Marker:
     m.scale.z = 0.15  # text height in metres
     m.color.r = m.color.g = m.color.b = m.color.a = 1.0
     return m
+
+
+def run_node(node_class: type[Node], args: list[str] | None = None,
+             startup_errors: Sequence[type[BaseException]] = (ValueError, OSError)) -> None:
+    """Entry point of every node executable: spin until Ctrl-C.
+
+    A startup error that is the user's to fix (bad parameter, missing or corrupt file, missing
+    device: ValueError/OSError and their subclasses) is one fatal log line and exit code 1,
+    not a traceback.
+    """
+    rclpy.init(args=args)
+    node = None
+    try:
+        node = node_class()
+        rclpy.spin(node)
+    except tuple(startup_errors) as exc:
+        rclpy.logging.get_logger(node.get_name() if node else node_class.__name__).fatal(str(exc))
+        raise SystemExit(1) from exc
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if node is not None:
+            node.destroy_node()
+        rclpy.try_shutdown()

@@ -5,13 +5,12 @@ import threading
 import time
 
 import numpy as np
-import rclpy
 from rclpy.node import Node
 
 from tinyalign_ros.core.audio import SAMPLE_RATE, AudioError, chunks, load_audio, normalize
 from tinyalign_ros.msg import AudioChunk
 
-from .common import AUDIO_QOS, to_time_msg
+from .common import AUDIO_QOS, run_node
 from .diagnostics import OK, WARN, RateMeter, Status, Updater
 
 
@@ -166,20 +165,7 @@ class MicNode(Node):
 
 
 def main(args: list[str] | None = None) -> None:
-    rclpy.init(args=args)
-    node = None
-    try:
-        node = MicNode()
-        rclpy.spin(node)
-    except AudioError as exc:
-        rclpy.logging.get_logger("mic_node").fatal(str(exc))
-        raise SystemExit(1) from exc
-    except KeyboardInterrupt:
-        pass
-    finally:
-        if node is not None:
-            node.destroy_node()
-        rclpy.try_shutdown()
+    run_node(MicNode, args)
 
 
 if __name__ == "__main__":

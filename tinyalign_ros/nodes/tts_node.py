@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import rclpy
 import soundfile as sf
 import soxr
 from rclpy.node import Node
@@ -23,7 +22,7 @@ from tinyalign_ros.core.corpus import SynthesisError
 from tinyalign_ros.core.tts import ENGINES, SentenceBuffer, Synthesizer
 from tinyalign_ros.msg import AudioChunk, Response, ResponseToken
 
-from .common import AUDIO_QOS, EVENT_QOS, LATCHED_QOS, Worker, from_time_msg
+from .common import AUDIO_QOS, EVENT_QOS, LATCHED_QOS, Worker, from_time_msg, run_node
 from .diagnostics import ERROR, OK, WARN, Status, Updater
 
 
@@ -531,20 +530,7 @@ def _remember(ordered: collections.OrderedDict, key: str, limit: int = 256) -> N
 
 
 def main(args: list[str] | None = None) -> None:
-    rclpy.init(args=args)
-    node = None
-    try:
-        node = TtsNode()
-        rclpy.spin(node)
-    except (SynthesisError, ValueError) as exc:
-        rclpy.logging.get_logger("tts_node").fatal(str(exc))
-        raise SystemExit(1) from exc
-    except KeyboardInterrupt:
-        pass
-    finally:
-        if node is not None:
-            node.destroy_node()
-        rclpy.try_shutdown()
+    run_node(TtsNode, args, startup_errors=(SynthesisError, ValueError, OSError))
 
 
 if __name__ == "__main__":
