@@ -91,7 +91,8 @@ def test_streams_tokens_to_speech_from_the_first_sentence(ros):
     first_token = driver.now()
     driver.say("u1", "Hello there. The kitchen")  # one complete sentence, the next still streaming
     wait_for(lambda: driver.is_speaking, timeout=10, what="speaking True after the first sentence")
-    assert driver.chunks, "audio is published while speaking"
+    # speaking goes True just before the first chunk is published: wait for it, don't race it
+    wait_for(lambda: driver.chunks, timeout=10, what="audio published while speaking")
     driver.say("u1", "is on your left.", final=True)
     driver.respond("u1", "Hello there. The kitchen is on your left.", end_of_speech, first_token)
     wait_for(lambda: not driver.is_speaking, timeout=15, what="speaking False after the answer")
