@@ -262,6 +262,8 @@ class SampleStore:
         if not 0.0 <= held_out_fraction < 1.0:
             raise ValueError(f"held_out_fraction must be in [0, 1), got {held_out_fraction}")
         infos = self.list(speaker)
+        if len(infos) < 2:  # nothing to validate against: a lone sample trains
+            return infos, []
 
         def u(info: SampleInfo) -> float:
             digest = hashlib.sha256(f"{speaker}/{info.id}".encode()).digest()
