@@ -275,4 +275,8 @@ class SampleStore:
             if len(held) >= want:
                 break
             held.add(info.id)
+        for info in sorted(infos, key=u, reverse=True):  # always keep something to train on
+            if len(held) < len(infos):
+                break
+            held.discard(info.id)
         return [i for i in infos if i.id not in held], [i for i in infos if i.id in held]
