@@ -102,6 +102,43 @@ def test_batched_generation_equals_one_by_one_and_stream_matches(aligned):
     assert "".join(aligned.stream(feats[1])).strip() == batched[1]
 
 
+def test_hybrid_prompt_puts_each_rows_transcript_after_its_audio(tokenizer, tiny_llm):
+    prompt = AlignPrompt(system="SYS", instruction="Speech:", prompt="Repeat it.", transcript=True)
+    pre, suf = prompt_segments(tokenizer, prompt, "  turn   left ")
+    assert tokenizer.decode(suf) == "\nTranscript: turn left\nRepeat it.<|im_end|>\n<|im_start|>assistant\n"
+    assert pre == prompt_segments(tokenizer, prompt, "something else")[0]  # the prefix never depends on it
+    torch.manual_seed(1)
+    aligned = AlignedLLM(tiny_llm, tokenizer, build_projector("mlp", in_dim=16, out_dim=64, stack=4, hidden=32),
+                         prompt, max_new_tokens=6)
+    feats, lengths = torch.randn(2, 8, 16), torch.tensor([8, 4])
+    heard = ["turn left", "bring me a cup of tea please"]
+    b = aligned.batch(feats, lengths, None, "left", transcripts=heard)
+    embed = tiny_llm.get_input_embeddings()
+    for i, text in enumerate(heard):  # the tokens after the audio are this row's transcript
+        _, suffix = prompt_segments(tokenizer, prompt, text)
+        assert torch.equal(b.inputs_embeds[i, b.audio_spans[i][1]:], embed(torch.tensor(suffix)))
+    targets = [aligned.target_ids("turn left"), aligned.target_ids("bring me tea")]
+    assert torch.isfinite(aligned.loss(feats, lengths, targets, heard))
+    batched = aligned.transcribe([feats[0], feats[1, :4]], transcripts=heard)
+    assert batched[1] == aligned.transcribe([feats[1, :4]], transcripts=heard[1:])[0]
+    assert "".join(aligned.stream(feats[1, :4], transcript=heard[1])).strip() == batched[1]
+
+
+def test_build_embeds_refuses_a_suffix_count_that_is_not_the_batch(tiny_llm):
+    with pytest.raises(ValueError, match="3 suffixes for 2 rows"):
+        build_embeds(tiny_llm.get_input_embeddings(), [1], [[2], [3], [4]], torch.randn(2, 3, 64),
+                     torch.tensor([3, 3]))
+
+
+def test_feature_set_keeps_only_clips_with_a_transcript():
+    frames = torch.arange(10, dtype=torch.float16).unsqueeze(1)
+    fs = FeatureSet(frames, torch.tensor([0, 3, 7, 10]), ["a", "b", "c"],
+                    [{"path": "x"}, {"path": "y"}, {"path": "z"}], 4)
+    sub = fs.with_transcripts({"z": ("see", 0.9), "x": ("ay", 0.5)})
+    assert sub.texts == ["a", "c"] and sub.transcripts == ["ay", "see"]
+    assert sub.get(1).squeeze(1).tolist() == [7.0, 8.0, 9.0]
+
+
 def test_projector_for_another_llm_is_refused(tiny_llm, tokenizer):
     with pytest.raises(Exception, match="hidden size is 64"):
         AlignedLLM(tiny_llm, tokenizer, build_projector("linear", in_dim=16, out_dim=576))

@@ -7,7 +7,13 @@ Input layout (one chat turn, SmolLM2's template around it):
     \\n{prompt}<|im_end|>\\n<|im_start|>assistant\\n  {target}<|im_end|>
 
 `instruction` is Tiny-Align's *instruction injection* (a task instruction placed before the
-audio tokens); `inject=False` drops it, leaving only the prompt after the audio. Labels are
+audio tokens); `inject=False` drops it, leaving only the prompt after the audio.
+
+The **hybrid** prompt (`AlignPrompt(transcript=True)`) also puts the cascade ASR's transcript of
+the same utterance after the audio tokens (`Transcript: ...`). Why: a projector trained on
+synthesized voices alone does not transfer to real speech (DESIGN §5), while Whisper's text
+does; anchored on the transcript, the audio tokens only have to carry what text loses (ASR
+errors on an unusual voice, which per-operator personalization then learns). Labels are
 -100 everywhere except the target tokens and the closing <|im_end|>, masked **by position**
 (SmolLM2's pad token equals its eos token, so a pad-id mask would hide the eos it must learn).
 Training batches are right-padded; generation batches are left-padded with explicit position ids.
@@ -50,6 +56,7 @@ AUDIO_MARK = "<<AUDIO>>"
 REPEAT_SYSTEM = "You transcribe speech."
 REPEAT_INSTRUCTION = "Speech:"
 REPEAT_PROMPT = "Repeat exactly what was said."
+TRANSCRIPT_LABEL = "Transcript:"
 IGNORE = -100
 
 
@@ -59,16 +66,19 @@ class AlignPrompt:
     instruction: str = REPEAT_INSTRUCTION  # instruction injection: placed before the audio tokens
     prompt: str = REPEAT_PROMPT  # after the audio tokens
     inject: bool = True
+    transcript: bool = False  # hybrid: the ASR transcript follows the audio tokens
 
-    def user_text(self) -> str:
+    def user_text(self, transcript: str = "") -> str:
         before = f"{self.instruction}\n" if self.inject and self.instruction else ""
+        heard = f"\n{TRANSCRIPT_LABEL} {' '.join(transcript.split())}" if self.transcript else ""
         after = f"\n{self.prompt}" if self.prompt else ""
-        return f"{before}{AUDIO_MARK}{after}"
+        return f"{before}{AUDIO_MARK}{heard}{after}"
 
 
-def prompt_segments(tokenizer, prompt: AlignPrompt) -> tuple[list[int], list[int]]:
+def prompt_segments(tokenizer, prompt: AlignPrompt, transcript: str = "") -> tuple[list[int], list[int]]:
     """Token ids before and after the audio tokens, from the model's own chat template."""
-    messages = [{"role": "system", "content": prompt.system}, {"role": "user", "content": prompt.user_text()}]
+    messages = [{"role": "system", "content": prompt.system},
+                {"role": "user", "content": prompt.user_text(transcript)}]
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     before, sep, after = text.partition(AUDIO_MARK)
     if not sep:
@@ -86,12 +96,13 @@ class EmbedsBatch:
     audio_spans: list[tuple[int, int]] = field(default_factory=list)  # [start, end) of the audio per row
 
 
-def build_embeds(embed: torch.nn.Module, prefix: Sequence[int], suffix: Sequence[int], audio: torch.Tensor,
-                 n_audio: torch.Tensor, targets: Sequence[Sequence[int]] | None = None,
+def build_embeds(embed: torch.nn.Module, prefix: Sequence[int], suffix: Sequence[int] | Sequence[Sequence[int]],
+                 audio: torch.Tensor, n_audio: torch.Tensor, targets: Sequence[Sequence[int]] | None = None,
                  padding: str = "right", pad_id: int = 0) -> EmbedsBatch:
-    """[prefix ; audio[i, :n_audio[i]] ; suffix ; targets[i]] per row, padded to one length.
+    """[prefix ; audio[i, :n_audio[i]] ; suffix[i] ; targets[i]] per row, padded to one length.
 
-    `embed` is the LLM's input-embedding module; `audio` (B, T', H) the projected audio. Padding
+    `embed` is the LLM's input-embedding module; `audio` (B, T', H) the projected audio;
+    `suffix` one token list for all rows, or one per row (the hybrid prompt's transcripts). Padding
     positions get the pad token's embedding, attention 0, label IGNORE; position ids count only
     real tokens (so left padding does not shift positions).
     """
@@ -99,18 +110,18 @@ def build_embeds(embed: torch.nn.Module, prefix: Sequence[int], suffix: Sequence
         raise ValueError("padding is 'right' (training) or 'left' (generation)")
     b = audio.shape[0]
     dev = audio.device
+    suffixes = [list(s) for s in suffix] if suffix and not isinstance(suffix[0], int) else [list(suffix)] * b
+    if len(suffixes) != b:
+        raise ValueError(f"{len(suffixes)} suffixes for {b} rows")
     pre = embed(torch.tensor(list(prefix), dtype=torch.long, device=dev))
-    suf = embed(torch.tensor(list(suffix), dtype=torch.long, device=dev))
     pad_vec = embed(torch.tensor([pad_id], device=dev))[0]
     rows, label_rows, spans = [], [], []
     for i in range(b):
         n = int(n_audio[i])
         tgt = list(targets[i]) if targets is not None else []
-        parts = [pre, audio[i, :n].to(pre.dtype), suf]
-        if tgt:
-            parts.append(embed(torch.tensor(tgt, dtype=torch.long, device=dev)))
+        parts = [pre, audio[i, :n].to(pre.dtype), embed(torch.tensor(suffixes[i] + tgt, dtype=torch.long, device=dev))]
         rows.append(torch.cat(parts, 0))
-        label_rows.append([IGNORE] * (len(prefix) + n + len(suffix)) + tgt)
+        label_rows.append([IGNORE] * (len(prefix) + n + len(suffixes[i])) + tgt)
         spans.append((len(prefix), len(prefix) + n))
     length = max(r.shape[0] for r in rows)
     h = pre.shape[-1]
@@ -162,15 +173,28 @@ class AlignedLLM:
         return self.tokenizer(" ".join(text.split()), add_special_tokens=False)["input_ids"] + [self.eos_id]
 
     def batch(self, features: torch.Tensor, lengths: torch.Tensor, targets=None, padding: str = "right",
-              prompt_segments_: tuple[list[int], list[int]] | None = None) -> EmbedsBatch:
+              prompt: AlignPrompt | None = None, transcripts: Sequence[str] | None = None) -> EmbedsBatch:
+        """Embeddings of [prompt ; projected audio ; prompt (+ transcript) ; targets] per row.
+
+        With a hybrid prompt, `transcripts` (one per row) are the ASR's text; None reads as empty.
+        """
         audio, n_audio = self.projector(features, lengths)
-        prefix, suffix = prompt_segments_ or (self.prefix, self.suffix)
+        prompt = prompt or self.prompt
+        if prompt.transcript:
+            heard = list(transcripts) if transcripts is not None else [""] * audio.shape[0]
+            segments = [prompt_segments(self.tokenizer, prompt, t) for t in heard]
+            prefix, suffix = segments[0][0], [s for _, s in segments]
+        elif prompt is self.prompt:
+            prefix, suffix = self.prefix, self.suffix
+        else:
+            prefix, suffix = prompt_segments(self.tokenizer, prompt)
         return build_embeds(self.model.get_input_embeddings(), prefix, suffix, audio, n_audio, targets,
                             padding, self.eos_id)
 
-    def loss(self, features: torch.Tensor, lengths: torch.Tensor, targets: Sequence[Sequence[int]]) -> torch.Tensor:
+    def loss(self, features: torch.Tensor, lengths: torch.Tensor, targets: Sequence[Sequence[int]],
+             transcripts: Sequence[str] | None = None) -> torch.Tensor:
         """Mean cross-entropy over the target tokens (right-padded batch)."""
-        b = self.batch(features, lengths, targets, "right")
+        b = self.batch(features, lengths, targets, "right", transcripts=transcripts)
         # The LM head (576 x 49k) runs only where a target token is predicted: most positions
         # are prompt, audio or padding, and their logits would be computed only to be ignored.
         hidden = self.model.base_model(inputs_embeds=b.inputs_embeds, attention_mask=b.attention_mask,
@@ -187,21 +211,23 @@ class AlignedLLM:
         )
 
     @torch.inference_mode()
-    def transcribe(self, features: Sequence[torch.Tensor], max_new_tokens: int | None = None) -> list[str]:
+    def transcribe(self, features: Sequence[torch.Tensor], max_new_tokens: int | None = None,
+                   transcripts: Sequence[str] | None = None) -> list[str]:
         """Greedy answers for several utterances' features (each (frames, dim)), one left-padded batch."""
         if not features:
             return []
         lengths = torch.tensor([f.shape[0] for f in features])
         padded = torch.nn.utils.rnn.pad_sequence([f.float() for f in features], batch_first=True)
-        b = self.batch(padded, lengths, None, "left")
+        b = self.batch(padded, lengths, None, "left", transcripts=transcripts)
         out = self._generate(b, max_new_tokens or self.max_new_tokens)
         return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in out]
 
-    def stream(self, features: torch.Tensor, prompt: AlignPrompt | None = None) -> Iterator[str]:
+    def stream(self, features: torch.Tensor, prompt: AlignPrompt | None = None,
+               transcript: str = "") -> Iterator[str]:
         """Yield the answer to one utterance's features (frames, dim) piece by piece."""
-        segments = prompt_segments(self.tokenizer, prompt) if prompt is not None else None
         with torch.inference_mode():
-            b = self.batch(features.float().unsqueeze(0), torch.tensor([features.shape[0]]), None, "left", segments)
+            b = self.batch(features.float().unsqueeze(0), torch.tensor([features.shape[0]]), None, "left",
+                           prompt, [transcript])
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=False, skip_special_tokens=True)
         errors: list[BaseException] = []
 
@@ -237,9 +263,24 @@ class FeatureSet:
     texts: list[str]
     rows: list[dict]
     layer: int
+    transcripts: list[str] | None = None  # the cascade ASR's text per clip (hybrid prompt input)
 
     def __len__(self) -> int:
         return len(self.texts)
+
+    def subset(self, idx: Sequence[int]) -> "FeatureSet":
+        feats = [self.frames[int(self.offsets[i]):int(self.offsets[i + 1])] for i in idx]
+        offsets = torch.tensor([0] + [f.shape[0] for f in feats], dtype=torch.long).cumsum(0)
+        frames = torch.cat(feats) if feats else self.frames[:0]
+        return FeatureSet(frames, offsets, [self.texts[i] for i in idx], [self.rows[i] for i in idx], self.layer,
+                          [self.transcripts[i] for i in idx] if self.transcripts is not None else None)
+
+    def with_transcripts(self, asr: dict[str, tuple[str, float]]) -> "FeatureSet":
+        """The clips that have an ASR transcript in `asr` (path -> (text, confidence)), carrying it."""
+        keep = [i for i, r in enumerate(self.rows) if r["path"] in asr]
+        out = self.subset(keep)
+        out.transcripts = [asr[r["path"]][0] for r in out.rows]
+        return out
 
     def get(self, i: int) -> torch.Tensor:
         return self.frames[int(self.offsets[i]):int(self.offsets[i + 1])].float()
@@ -327,6 +368,47 @@ def real_speech_clips() -> list[tuple[Path, str]]:
     return clips
 
 
+ASR_FIELDS = ("path", "transcript", "confidence")
+
+
+def read_asr_transcripts(file: Path) -> dict[str, tuple[str, float]]:
+    """path -> (faster-whisper transcript, confidence) as written by `transcribe_rows`."""
+    if not file.is_file():
+        return {}
+    with file.open(newline="", encoding="utf-8") as f:
+        return {r["path"]: (r["transcript"], float(r["confidence"])) for r in csv.DictReader(f)}
+
+
+def transcribe_rows(corpus: Path, rows: Sequence[dict], file: Path, threads: int = 2,
+                    progress: bool = True) -> dict[str, tuple[str, float]]:
+    """The cascade's own transcripts of corpus clips: the hybrid prompt's text input.
+
+    Appended to `file` (CSV) row by row and flushed, so a killed run keeps what it did and a
+    second run only transcribes what is missing (~0.6 s per clip on 2 threads).
+    """
+    from tqdm import tqdm
+
+    from .asr import WhisperTranscriber
+    from .audio import load_audio
+
+    done = read_asr_transcripts(file)
+    todo = [r for r in rows if r["path"] not in done]
+    if not todo:
+        return done
+    whisper = WhisperTranscriber(threads=threads)
+    new_file = not file.is_file()
+    with file.open("a", newline="", encoding="utf-8") as f:
+        out = csv.DictWriter(f, ASR_FIELDS)
+        if new_file:
+            out.writeheader()
+        for r in tqdm(todo, desc="transcribing (cascade ASR)", unit="clip", mininterval=10, disable=not progress):
+            t = whisper.transcribe(load_audio(corpus / r["path"]))
+            out.writerow({"path": r["path"], "transcript": t.text, "confidence": f"{t.confidence:.4f}"})
+            f.flush()
+            done[r["path"]] = (t.text, t.confidence)
+    return done
+
+
 # --------------------------------------------------------------------------- training
 
 
@@ -349,6 +431,7 @@ class TrainConfig:
     val_n: int = 48
     ckpt_every_s: float = 120.0
     inject: bool = True
+    hybrid: bool = False  # the ASR transcript in the prompt (needs FeatureSet.transcripts)
     grad_clip: float = 1.0
     save_dtype: str = "float16"
 
@@ -370,7 +453,8 @@ def evaluate(aligned: AlignedLLM, fs: FeatureSet, idx: Sequence[int] | None = No
     aligned.projector.eval()
     for s in range(0, len(idx), batch):
         chunk = idx[s:s + batch]
-        hyps += aligned.transcribe([fs.get(i) for i in chunk], max_new_tokens)
+        heard = [fs.transcripts[i] for i in chunk] if fs.transcripts is not None else None
+        hyps += aligned.transcribe([fs.get(i) for i in chunk], max_new_tokens, heard)
         refs += [fs.texts[i] for i in chunk]
     aligned.projector.train(was_training)
     return wer(refs, hyps), list(zip(refs, hyps))
@@ -476,7 +560,8 @@ def train_projector(aligned: AlignedLLM, data: dict[str, FeatureSet], cfg: Train
         for g in opt.param_groups:
             g["lr"] = cfg.lr * _lr_factor(cfg, state["step"], state["elapsed_s"])
         t0 = time.perf_counter()
-        loss = aligned.loss(feats, lengths, [targets[i] for i in idx])
+        heard = [train.transcripts[i] for i in idx] if train.transcripts is not None else None
+        loss = aligned.loss(feats, lengths, [targets[i] for i in idx], heard)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(projector.parameters(), cfg.grad_clip)

@@ -2,7 +2,9 @@
 
 Mode `cascade` (the baseline): the ASR transcript is the user message.
 Mode `aligned` (Tiny-Align): the utterance's encoder features go through the projector into the
-same frozen LLM as input embeddings, never through text. `aligned.task` says what it does:
+same frozen LLM as input embeddings. A projector trained with the *hybrid* prompt (its metadata
+says `prompt: hybrid`) is also given the ASR transcript next to the audio tokens; an audio-only
+projector never sees text. `aligned.task` says what it does:
 - `answer`: the aligned LLM writes down what was said (the "repeat" task the projector is
   trained on), and the chat LLM answers that; Response.transcript is the aligned transcript;
 - `repeat`: the aligned transcript itself is the response (to watch the ASR-LLM at work);
@@ -68,18 +70,19 @@ class AssistantNode(Node):
 
     def _setup_aligned(self) -> None:
         from tinyalign_ros.core.align import AlignedLLM, AlignPrompt
-        from tinyalign_ros.core.projector import load_projector
+        from tinyalign_ros.core.projector import load_projector, read_projector_metadata
 
         if self.task not in ALIGNED_TASKS:
             raise ValueError(f"aligned.task must be one of {ALIGNED_TASKS}, got '{self.task}'")
         inject = self.inject
         hidden = self.llm.model.get_input_embeddings().embedding_dim
         projector = load_projector(self.projector_file, out_dim=hidden)  # ProjectorLoadError says why
-        self.aligned = AlignedLLM.from_chat(self.llm, projector, AlignPrompt(inject=inject),
+        hybrid = read_projector_metadata(self.projector_file).get("prompt") == "hybrid"
+        self.aligned = AlignedLLM.from_chat(self.llm, projector, AlignPrompt(inject=inject, transcript=hybrid),
                                             max_new_tokens=self.llm.max_new_tokens)
         # `direct`: the audio stands where the operator's words would be, under the robot's prompt
         self.direct_prompt = AlignPrompt(system=self.llm.system_prompt, instruction="The operator says:",
-                                         prompt="Answer the operator.", inject=inject)
+                                         prompt="Answer the operator.", inject=inject, transcript=hybrid)
 
     def _features(self, utt: Utterance) -> torch.Tensor | None:
         """The utterance's features as (frames, dim), or None (logged) when they do not fit the projector."""
@@ -105,8 +108,8 @@ class AssistantNode(Node):
         if feats is None:
             return iter(())
         if self.task == "direct":
-            return self.aligned.stream(feats, self.direct_prompt)
-        heard = "".join(self.aligned.stream(feats)).strip()
+            return self.aligned.stream(feats, self.direct_prompt, utt.transcript)
+        heard = "".join(self.aligned.stream(feats, transcript=utt.transcript)).strip()
         response.transcript = heard
         self.get_logger().info(f"{utt.id}: aligned transcript '{heard}' (ASR: '{utt.transcript}')")
         if self.task == "repeat" or not heard:

@@ -35,6 +35,11 @@ def parse_args(argv: list[str] | None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-resume", action="store_true")
     ap.add_argument("--no-inject", action="store_true", help="no instruction before the audio tokens")
+    ap.add_argument("--hybrid", action="store_true",
+                    help="hybrid prompt: the cascade ASR's transcript follows the audio tokens (reads "
+                         "CORPUS/asr.csv; clips without a transcript there are left out)")
+    ap.add_argument("--transcribe", action="store_true",
+                    help="with --hybrid: first transcribe the clips missing from CORPUS/asr.csv (~0.6 s/clip)")
     ap.add_argument("--no-test", action="store_true", help="skip the final test-split and real-speech WER")
     ap.add_argument("--eval-only", action="store_true",
                     help="no training: measure OUT on the test split and real speech, next to the cascade")
@@ -43,7 +48,7 @@ def parse_args(argv: list[str] | None):
     ap.add_argument("--cascade", action="store_true",
                     help="also measure the cascade (faster-whisper tiny.en transcripts) on the same clips")
     for f in fields(d):
-        if f.name == "inject":
+        if f.name in ("inject", "hybrid"):
             continue
         ap.add_argument(f"--{f.name.replace('_', '-')}", type=type(getattr(d, f.name)), default=getattr(d, f.name))
     return ap.parse_args(argv)
@@ -111,25 +116,85 @@ def model_card(m: dict, corpus: Path) -> str:
     return "\n".join(lines)
 
 
+def prompt_metadata(prompt) -> dict[str, str]:
+    """How the projector was trained to be read, stored in its metadata for assistant_node."""
+    return {"prompt": "hybrid" if prompt.transcript else "audio", "inject": str(prompt.inject).lower()}
+
+
+def evaluate_all(aligned, test, encoder, layer: int, prompt, args, seed: int) -> dict:
+    """Test-split and real-speech WER of `aligned`, next to the cascade, with and without injection.
+
+    The cascade's WER is the WER of faster-whisper's transcripts (its text is what the cascade's
+    LLM is given). The hybrid prompt needs those transcripts as input, so they are always computed
+    then; otherwise only with --cascade.
+    """
+    import random
+    from dataclasses import replace
+
+    from tinyalign_ros.core.align import encode_file, evaluate, real_speech_clips
+    from tinyalign_ros.core.metrics import wer
+
+    out: dict = {}
+    if args.max_test and args.max_test < len(test):
+        test = test.subset(sorted(random.Random(seed).sample(range(len(test)), args.max_test)))
+    out["n_test"] = len(test)
+    t0 = time.perf_counter()
+    out["test_wer"], pairs = evaluate(aligned, test)
+    out["test_examples"] = pairs[:10]
+    out["test_eval_s"] = time.perf_counter() - t0
+    aligned.set_prompt(replace(prompt, inject=not prompt.inject))
+    out["instruction_injection"] = {"trained_with": prompt.inject,
+                                    f"test_wer_{'without' if prompt.inject else 'with'}": evaluate(aligned, test)[0]}
+    aligned.set_prompt(prompt)
+    clips = real_speech_clips()
+    refs = [t for _, t in clips]
+    feats = [encode_file(encoder, p, layer) for p, _ in clips]
+    casc: list[str] | None = None
+    if args.cascade or prompt.transcript:
+        from tinyalign_ros.core.asr import WhisperTranscriber
+        from tinyalign_ros.core.audio import load_audio
+
+        whisper = WhisperTranscriber(threads=args.threads)
+        casc = [whisper.transcribe(load_audio(p)).text for p, _ in clips]
+        if test.transcripts is None:
+            test.transcripts = [whisper.transcribe(load_audio(args.corpus / r["path"])).text for r in test.rows]
+        out["cascade_test_wer"] = wer(test.texts, test.transcripts)
+    hyps = aligned.transcribe(feats, 60, casc if prompt.transcript else None)
+    out["real"] = {"aligned_wer": wer(refs, hyps), "n_clips": len(clips), "n_words": sum(len(t.split()) for t in refs),
+                   "examples": [[t, h] for t, h in zip(refs, hyps)]}
+    if casc is not None:
+        out["real"]["cascade_wer"] = wer(refs, casc)
+        out["real"]["cascade_examples"] = [[t, h] for t, h in zip(refs, casc)]
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    from tinyalign_ros.core.align import (AlignedLLM, AlignPrompt, TrainConfig, encode_file, evaluate,
-                                          load_corpus_features, real_speech_clips, train_projector)
+    from tinyalign_ros.core.align import (AlignedLLM, AlignPrompt, TrainConfig, load_corpus_features,
+                                          read_asr_transcripts, read_manifest, train_projector, transcribe_rows)
     from tinyalign_ros.core.encoder import load_whisper_encoder
     from tinyalign_ros.core.llm import ChatLLM
-    from tinyalign_ros.core.metrics import wer
     from tinyalign_ros.core.models import resolve_llm
     from tinyalign_ros.core.projector import build_projector
 
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     torch.set_num_threads(args.threads)
-    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name != "inject"},
-                      inject=not args.no_inject)
+    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name not in ("inject", "hybrid")},
+                      inject=not args.no_inject, hybrid=args.hybrid)
     encoder = load_whisper_encoder()
     layer = args.encoder_layer or encoder.n_layers
     cache = args.cache or args.corpus / "features"
     t0 = time.perf_counter()
     data = load_corpus_features(args.corpus, cache, encoder, layer)
+    if cfg.hybrid:
+        asr_file = args.corpus / "asr.csv"
+        asr = (transcribe_rows(args.corpus, read_manifest(args.corpus), asr_file, args.threads) if args.transcribe
+               else read_asr_transcripts(asr_file))
+        for split, fs in data.items():
+            data[split] = fs.with_transcripts(asr)
+            if len(data[split]) < len(fs):
+                logging.warning("%s: %d of %d clips have no ASR transcript in %s: left out", split,
+                                len(fs) - len(data[split]), len(fs), asr_file)
     cache_s = time.perf_counter() - t0
     logging.info("features: %s (%.0f s)", {k: len(v) for k, v in data.items()}, cache_s)
     llm_dir = resolve_llm(args.llm)
@@ -139,15 +204,23 @@ def main(argv: list[str] | None = None) -> int:
     projector = build_projector(cfg.kind, in_dim=encoder.d_model, out_dim=hidden, stack=cfg.stack,
                                 pooling=cfg.pooling, hidden=cfg.hidden, layers=cfg.layers, heads=cfg.heads,
                                 encoder_layer=layer, llm=llm_dir.name)
-    aligned = AlignedLLM.from_chat(chat, projector, AlignPrompt(inject=cfg.inject))
+    prompt = AlignPrompt(inject=cfg.inject, transcript=cfg.hybrid)
+    aligned = AlignedLLM.from_chat(chat, projector, prompt)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     command = "tinyalign train align " + " ".join(argv if argv is not None else sys.argv[1:])
     metrics = args.out.with_name(args.out.name.replace(".safetensors", "") + ".metrics.json")
     if args.eval_only:
+        from tinyalign_ros.core.projector import read_projector_metadata
+
+        trained = read_projector_metadata(args.out).get("prompt", "audio")
+        if trained != prompt_metadata(prompt)["prompt"]:
+            sys.exit(f"{args.out} was trained with the {trained} prompt: evaluate it "
+                     f"{'with' if trained == 'hybrid' else 'without'} --hybrid")
         summary = json.loads(metrics.read_text()) if metrics.is_file() else {}
     else:
         state = train_projector(aligned, data, cfg, args.out, resume=not args.no_resume,
-                                extra_meta={"command": command, "trainable_params": projector.n_params()})
+                                extra_meta={"command": command, "trainable_params": projector.n_params(),
+                                            **prompt_metadata(prompt)})
         summary = {"command": command, "config": asdict(cfg), "steps": state["step"],
                    "train_s": state["elapsed_s"], "best_step": state.get("best_step"),
                    "best_val_wer": state["best_val_wer"], "trainable_params": projector.n_params(),
@@ -162,47 +235,9 @@ def main(argv: list[str] | None = None) -> int:
         from tinyalign_ros.core.projector import load_projector
 
         aligned.projector = load_projector(args.out, in_dim=encoder.d_model, out_dim=hidden, encoder_layer=layer)
-        if args.max_test and args.max_test < len(data["test"]):
-            import random
-
-            from tinyalign_ros.core.align import FeatureSet
-
-            full = data["test"]
-            keep = sorted(random.Random(cfg.seed).sample(range(len(full)), args.max_test))
-            feats_ = [full.get(i).half() for i in keep]
-            offs = torch.tensor([0] + [f.shape[0] for f in feats_]).cumsum(0)
-            data["test"] = FeatureSet(torch.cat(feats_), offs, [full.texts[i] for i in keep],
-                                      [full.rows[i] for i in keep], full.layer)
-        summary["n_test"] = len(data["test"])
-        t0 = time.perf_counter()
-        test_wer, pairs = evaluate(aligned, data["test"])
-        summary["test_wer"], summary["test_examples"] = test_wer, pairs[:10]
-        summary["test_eval_s"] = time.perf_counter() - t0
-        aligned.set_prompt(AlignPrompt(inject=not cfg.inject))
-        summary["instruction_injection"] = {"trained_with": cfg.inject,
-                                            f"test_wer_{'without' if cfg.inject else 'with'}": evaluate(
-                                                aligned, data["test"])[0]}
-        aligned.set_prompt(AlignPrompt(inject=cfg.inject))
-        clips = real_speech_clips()
-        refs = [t for _, t in clips]
-        feats = [encode_file(encoder, p, layer) for p, _ in clips]
-        hyps = aligned.transcribe(feats, 60)
-        summary["real"] = {"aligned_wer": wer(refs, hyps), "n_clips": len(clips),
-                           "n_words": sum(len(t.split()) for t in refs),
-                           "examples": [[t, h] for t, h in zip(refs, hyps)]}
-        if args.cascade:
-            from tinyalign_ros.core.asr import WhisperTranscriber
-            from tinyalign_ros.core.audio import load_audio
-
-            whisper = WhisperTranscriber(threads=args.threads)
-            casc = [whisper.transcribe(load_audio(p)).text for p, _ in clips]
-            summary["real"]["cascade_wer"] = wer(refs, casc)
-            summary["real"]["cascade_examples"] = [[t, h] for t, h in zip(refs, casc)]
-            test = data["test"]
-            casc_test = [whisper.transcribe(load_audio(args.corpus / r["path"])).text for r in test.rows]
-            summary["cascade_test_wer"] = wer(test.texts, casc_test)
-        logging.info("test WER %.3f, real-speech WER %.3f (cascade %s)", test_wer, summary["real"]["aligned_wer"],
-                     summary["real"].get("cascade_wer"))
+        summary.update(evaluate_all(aligned, data["test"], encoder, layer, prompt, args, cfg.seed))
+        logging.info("test WER %.3f, real-speech WER %.3f (cascade %s)", summary["test_wer"],
+                     summary["real"]["aligned_wer"], summary["real"].get("cascade_wer"))
     metrics.write_text(json.dumps(summary, indent=1))
     if "test_wer" in summary and not args.no_card:
         card = args.out.with_name(args.out.name.replace(".safetensors", "") + ".md")
