@@ -303,13 +303,14 @@ def encode_file(encoder, path: Path, layer: int | None = None) -> torch.Tensor:
     return encode_samples(encoder, load_audio(path), layer)
 
 
-def encode_samples(encoder, samples: np.ndarray, layer: int | None = None) -> torch.Tensor:
+def encode_samples(encoder, samples: np.ndarray, layer: int | None = None, grad: bool = False) -> torch.Tensor:
+    """`grad=True` keeps the graph (end-to-end alignment trains the encoder too)."""
     from .encoder import log_mel
 
     layer = layer or encoder.n_layers
     mel = log_mel(samples, pad_to_30s=False).unsqueeze(0)
     frames = max(1, math.ceil(len(samples) / 320))
-    with torch.inference_mode():
+    with torch.enable_grad() if grad else torch.inference_mode():
         out = encoder(mel, max_layer=layer)
     return out.output[0, :frames]
 
