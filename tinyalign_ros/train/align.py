@@ -82,7 +82,10 @@ def model_card(m: dict, corpus: Path) -> str:
         f"{m.get('train_s', 0) / 60:.1f} min on this CPU (2 threads), median step {m.get('median_step_s', 0):.2f} s, "
         f"peak RSS {m.get('peak_rss_mb', 0):.0f} MB; best validation at step {m.get('best_step')}.",
         f"- Prompt: instruction injection {'on' if cfg.get('inject', True) else 'off'} "
-        "(\"Speech:\" before the audio tokens, \"Repeat exactly what was said.\" after).",
+        "(\"Speech:\" before the audio tokens, \"Repeat exactly what was said.\" after)"
+        + ("; **hybrid**: the cascade's transcript (faster-whisper tiny.en) follows the audio tokens as "
+           "\"Transcript: ...\", so the LLM reads the audio anchored on Whisper's text." if cfg.get("hybrid")
+           else "; audio only (the LLM never sees the ASR's text)."),
         "",
         "| measure | aligned (this projector) | cascade (faster-whisper tiny.en) |",
         "|---|---|---|",
@@ -100,15 +103,18 @@ def model_card(m: dict, corpus: Path) -> str:
          "aligned path is far behind the cascade (see the table), which is why `cascade` stays the default "
          "mode of assistant_node." if (real.get("aligned_wer") or 9) > 1.5 * (real.get("cascade_wer") or 0)
          else "**Limits.** Trained on synthesized speech of a few hundred sentences only; real speech measured "
-              "on a handful of clips.") + " Real-speech examples (reference -> aligned output):",
+              "on a handful of clips.") + " Real-speech examples (reference -> aligned output"
+        + (" <- cascade transcript it was given):" if cfg.get("hybrid") else "):"),
         "",
-        *[f"- \"{r}\" -> \"{_short(h)}\"" for r, h in real.get("examples", [])[:5]],
+        *[f"- \"{r}\" -> \"{_short(h)}\"" + (f" <- \"{_short(c[1])}\"" if cfg.get("hybrid") else "")
+          for (r, h), c in zip(real.get("examples", [])[:5], real.get("cascade_examples") or [[None, ""]] * 5)],
         "",
         "Reproduce (CPU, ~{:.0f} min; features are cached in CORPUS/features):".format(m.get("train_s", 0) / 60 + 10),
         "",
         "```",
         f"{m.get('command', 'tinyalign train align --corpus build/corpus')}",
         f"tinyalign train align --corpus {corpus} --out models/projector.safetensors --eval-only --cascade "
+        f"{'--hybrid ' if cfg.get('hybrid') else ''}"
         f"--max-test {m.get('n_test')}",
         "```",
         "",
