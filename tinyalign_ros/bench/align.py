@@ -221,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     metrics = args.metrics or shipped_model("projector.metrics.json")
     if metrics.is_file():
         m = json.loads(metrics.read_text())
-        result["quality"] = {k: m.get(k) for k in ("test_wer", "cascade_test_wer", "instruction_injection", "n_test")}
+        result["quality"] = {k: m.get(k) for k in ("test_wer", "cascade_test_wer", "instruction_injection", "n_test",
+                                                   "intent")}
         result["quality"]["projector"] = str(metrics).replace(".metrics.json", ".safetensors")
         result["quality"]["prompt"] = "hybrid" if (m.get("config") or {}).get("hybrid") else "audio"
         result["real"] = {k: (m.get("real") or {}).get(k) for k in ("aligned_wer", "cascade_wer", "n_words", "n_clips")}

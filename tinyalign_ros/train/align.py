@@ -94,6 +94,9 @@ def model_card(m: dict, corpus: Path) -> str:
         f"| {_pct(m.get('cascade_test_wer'))} |",
         f"| WER, test without instruction injection | "
         f"{_pct((m.get('instruction_injection') or {}).get('test_wer_without'))} | |",
+        f"| command intent, test ({(m.get('intent') or {}).get('n_commands')} commands; scorer's ceiling on the "
+        f"reference text {_pct((m.get('intent') or {}).get('reference_accuracy'))}) "
+        f"| {_pct((m.get('intent') or {}).get('aligned_accuracy'))} | {_pct((m.get('intent') or {}).get('cascade_accuracy'))} |",
         f"| WER, **real speech** (pocketsphinx-testdata, {real.get('n_clips')} clips, {real.get('n_words')} words) "
         f"| {_pct(real.get('aligned_wer'))} | {_pct(real.get('cascade_wer'))} |",
         "",
@@ -137,7 +140,8 @@ def evaluate_all(aligned, test, encoder, layer: int, prompt, args, seed: int) ->
     import random
     from dataclasses import replace
 
-    from tinyalign_ros.core.align import encode_file, evaluate, real_speech_clips
+    from tinyalign_ros.core.align import encode_file, evaluate, read_manifest, real_speech_clips
+    from tinyalign_ros.core.intent import IntentMatcher
     from tinyalign_ros.core.metrics import wer
 
     out: dict = {}
@@ -147,6 +151,12 @@ def evaluate_all(aligned, test, encoder, layer: int, prompt, args, seed: int) ->
     t0 = time.perf_counter()
     out["test_wer"], pairs = evaluate(aligned, test)
     out["test_examples"] = pairs[:10]
+    intents = [r.get("intent", "") for r in test.rows]
+    matcher = IntentMatcher((r["text"], r["intent"]) for r in read_manifest(args.corpus) if r["split"] == "train")
+    out["intent"] = {"n_commands": sum(bool(i) for i in intents),
+                     "reference_accuracy": matcher.accuracy(test.texts, intents),
+                     "aligned_accuracy": matcher.accuracy([h for _, h in pairs], intents),
+                     "aligned_agreement": matcher.agreement([h for _, h in pairs], test.texts, intents)}
     out["test_eval_s"] = time.perf_counter() - t0
     aligned.set_prompt(replace(prompt, inject=not prompt.inject))
     out["instruction_injection"] = {"trained_with": prompt.inject,
@@ -165,6 +175,8 @@ def evaluate_all(aligned, test, encoder, layer: int, prompt, args, seed: int) ->
         if test.transcripts is None:
             test.transcripts = [whisper.transcribe(load_audio(args.corpus / r["path"])).text for r in test.rows]
         out["cascade_test_wer"] = wer(test.texts, test.transcripts)
+        out["intent"]["cascade_accuracy"] = matcher.accuracy(test.transcripts, intents)
+        out["intent"]["cascade_agreement"] = matcher.agreement(test.transcripts, test.texts, intents)
     hyps = aligned.transcribe(feats, 60, casc if prompt.transcript else None)
     out["real"] = {"aligned_wer": wer(refs, hyps), "n_clips": len(clips), "n_words": sum(len(t.split()) for t in refs),
                    "examples": [[t, h] for t, h in zip(refs, hyps)]}
