@@ -24,7 +24,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from tinyalign_ros.core.audio import AudioError
     from tinyalign_ros.nodes.graph import EmbeddedGraph
 
-    overrides: dict[str, dict] = {"mic_node": {}, "asr_node": {}, "tts_node": {"play": args.speak}}
+    overrides: dict[str, dict] = {"mic_node": {}, "asr_node": {}, "assistant_node": {}, "tts_node": {"play": args.speak}}
+    if args.mode:
+        overrides["assistant_node"]["mode"] = args.mode
+        if args.mode == "aligned":  # the projector reads the last encoder layer: no early exit
+            overrides["asr_node"].update({"exit.mode": "budget", "exit.max_layer": 0})
     if args.speak_to:
         overrides["tts_node"]["speak_to_file"] = str(Path(args.speak_to).resolve())
     if args.input:
@@ -141,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--jsonl", action="store_true", help="one JSON object per answered utterance on stdout")
     run.add_argument("--speak", action="store_true", help="play the answers through the sound card")
     run.add_argument("--speak-to", metavar="FILE", help="also write the spoken answers to this WAV file")
+    run.add_argument("--mode", choices=("cascade", "aligned"),
+                     help="assistant mode (default: the config's); aligned also runs the encoder to its last layer")
     run.add_argument("--timeout", type=float, default=600.0, help="give up on a file after this many seconds")
     run.set_defaults(func=_cmd_run)
     sub.add_parser("setup-models", help="convert the packaged LLM for fast loading").set_defaults(
