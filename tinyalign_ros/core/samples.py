@@ -8,6 +8,10 @@ label came from, and how sure we are of it:
 - "correction": the operator corrected a transcript; the corrected text is the label.
 - "teacher":    a stronger model's transcript; kept only at or above `teacher_min_confidence`.
 
+Each sample may also carry `asr_transcript`, what the cascade ASR heard: a hybrid-prompt projector
+(align.AlignPrompt(transcript=True)) reads it next to the audio tokens, so it must be trained with
+it. Sample files written before this field existed read back with an empty one.
+
 Rules the store enforces (never the caller):
 - Consent first: nothing is stored for a speaker without `grant_consent(speaker)`; `revoke`
   deletes the consent record and every sample; `forget` deletes the samples only.
@@ -71,6 +75,9 @@ class SampleInfo:
     utterance_id: str
     layer: int  # encoder layer of the features (0 = unknown)
     frames: int
+    # What the cascade ASR heard (the hybrid prompt's text input); "" for samples stored before
+    # this field existed or when no transcript was available.
+    asr_transcript: str = ""
 
 
 @dataclass(frozen=True)
@@ -129,7 +136,7 @@ class SampleStore:
 
     def add(self, speaker: str, features: torch.Tensor | np.ndarray, text: str, source: str,
             confidence: float = 1.0, *, utterance_id: str = "", layer: int = 0,
-            created: float | None = None) -> str | None:
+            created: float | None = None, asr_transcript: str = "") -> str | None:
         """Store one labelled utterance; returns its sample id, or None when the rules drop it.
 
         Dropped (None): a teacher label below `teacher_min_confidence`, or a teacher label for an
@@ -166,7 +173,7 @@ class SampleStore:
         f16 = features.detach().cpu().float().clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16).contiguous()
         metadata = {"format": SAMPLE_FORMAT, "speaker": speaker, "text": text, "source": source,
                     "confidence": repr(confidence), "created": repr(created), "utterance_id": str(utterance_id),
-                    "layer": str(int(layer))}
+                    "layer": str(int(layer)), "asr_transcript": " ".join(str(asr_transcript).split())}
         atomic_write_bytes(folder / f"{sample_id}.safetensors", save_safetensors({"features": f16}, metadata=metadata))
         for old in previous:  # the new label supersedes the old one (written first: never zero copies)
             self._remove(speaker, old.id)
@@ -214,7 +221,7 @@ class SampleStore:
             info = SampleInfo(id=path.stem, speaker=speaker, text=meta["text"], source=meta["source"],
                               confidence=float(meta["confidence"]), created=float(meta["created"]),
                               utterance_id=meta.get("utterance_id", ""), layer=int(meta.get("layer", 0)),
-                              frames=int(frames))
+                              frames=int(frames), asr_transcript=meta.get("asr_transcript", ""))
         except (KeyError, ValueError) as exc:
             raise SampleStoreError(f"sample {path} has unusable metadata: {exc}") from exc
         return Sample(features, info)  # type: ignore[arg-type]

@@ -1,0 +1,540 @@
+"""On-idle personalization: train one speaker's projector adapter from that speaker's samples.
+
+`Personalizer.run(speaker)` does one round:
+
+1. split the speaker's consented samples (`SampleStore.split`: stable per sample, so a held-out
+   sample never trains in a later round);
+2. start from the speaker's current adapter when it is of the same kind and made for the same
+   base projector, else from the base projector;
+3. measure the validation WER of what the assistant uses *now* (current adapter or base) with
+   greedy decoding, train for a step/time budget, measure the candidate's validation WER;
+4. **gate**: only a strictly lower validation WER is saved as the speaker's next adapter version
+   (metadata: base projector sha256, sample counts, WER before/after); otherwise the current
+   adapter stays and nothing is announced.
+
+Two adapter kinds, so they can be measured side by side (`tinyalign bench personalize`):
+
+- `full`: every projector weight is fine-tuned; the adapter is a whole projector state dict.
+- `lora`: a low-rank delta (LoRA, via peft's `inject_adapter_in_model`, which works on a plain
+  `nn.Module`: no PeftModel wrapper, so `projector.cfg` and `forward(features, lengths)` stay as
+  they are) on the projector's Linear layers; the adapter holds only the A/B matrices (~1-2% of
+  the projector) and is merged into a copy of the base projector for inference, so answering
+  costs nothing extra. Linear layers inside `nn.MultiheadAttention` are skipped: attention calls
+  their weights functionally, so a LoRA wrapper there would never run.
+
+Preemptible: `stop()` sets a `threading.Event` that is checked at every step *and* inside the
+frozen LLM (a forward hook on each decoder layer, plus a gradient hook on its output), so a
+round stops within a fraction of a training step (well under a second) even when one step takes
+several seconds on a busy CPU. A stopped round writes its checkpoint (trainable tensors + AdamW
+moments as safetensors, position and figures as JSON, both atomic) and the next `run` of the same
+speaker, kind and starting adapter continues from it; a checkpoint is also written every
+`ckpt_every_s` of training, so a killed process loses at most that much work. The data is
+re-read from the store at every (re)start: samples that arrived meanwhile join the round.
+
+`start()` runs a round in its own thread with a lowered priority (`os.nice`) and its own thread
+budget (`torch.set_num_threads`): on Linux both are per thread (nice values of NPTL threads,
+OpenMP's nthreads ICV), so the rest of the process (an assistant answering in the same embedded
+graph) keeps its priority and its threads.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as save_safetensors
+from torch import nn
+
+from .adapters import Adapter, AdapterInfo, AdapterStore, atomic_write_bytes, validate_speaker_id
+from .metrics import wer
+from .projector import Projector
+from .samples import SampleInfo, SampleStore
+
+log = logging.getLogger(__name__)
+
+ADAPTER_KINDS = ("full", "lora")
+CHECKPOINT_FORMAT = "tinyalign-personalize-ckpt/1"
+
+
+class Preempted(Exception):
+    """Raised inside a training round when its stop event is set (caught by `run`)."""
+
+
+@dataclass(frozen=True)
+class PersonalizeConfig:
+    kind: str = "lora"
+    lr: float = 0.0  # 0 = the kind's default (full: 3e-4, lora: 2e-3)
+    batch: int = 4
+    max_steps: int = 200
+    budget_s: float = 300.0  # training seconds per round (evaluation not counted)
+    min_samples: int = 8  # fewer consented samples than this: no round
+    held_out_fraction: float = 0.2
+    min_held_out: int = 2
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ckpt_every_s: float = 30.0  # training seconds between checkpoints (0 = every step)
+    threads: int = 1  # torch threads of the training thread started by `start` (0 = leave)
+    nice: int = 10  # niceness added to the training thread started by `start` (0 = leave)
+    seed: int = 0
+    max_new_tokens: int = 40  # greedy decoding length for the validation WER
+    eval_batch: int = 8
+
+    def __post_init__(self) -> None:
+        if self.kind not in ADAPTER_KINDS:
+            raise ValueError(f"adapter kind must be one of {ADAPTER_KINDS}, got {self.kind!r}")
+        if self.batch < 1 or self.max_steps < 0 or self.lora_rank < 1 or self.min_samples < 2:
+            raise ValueError("batch and lora_rank must be >= 1, max_steps >= 0, min_samples >= 2")
+        if not self.budget_s > 0:
+            raise ValueError(f"budget_s must be > 0, got {self.budget_s}")
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr or (3e-4 if self.kind == "full" else 2e-3)
+
+
+@dataclass(frozen=True)
+class Progress:
+    speaker: str
+    kind: str
+    phase: str  # "validating-before", "training", "validating-after"
+    step: int
+    max_steps: int
+    loss: float  # exponential moving average of the training loss (nan before the first step)
+    elapsed_s: float  # training seconds so far (this round, resumed parts included)
+    eta_s: float  # training seconds left by the step and time budgets
+
+
+@dataclass
+class PersonalizeResult:
+    speaker: str
+    kind: str
+    status: str  # saved | rejected | preempted | too_few_samples | failed
+    message: str = ""
+    steps: int = 0
+    train_s: float = 0.0
+    n_train: int = 0
+    n_val: int = 0
+    val_wer_before: float | None = None
+    val_wer_after: float | None = None
+    resumed_from_step: int = 0
+    adapter: AdapterInfo | None = None
+    examples: list[tuple[str, str]] = field(default_factory=list)  # (reference, hypothesis) after
+
+
+# --------------------------------------------------------------------------- adapters <-> projectors
+
+
+def lora_targets(projector: nn.Module) -> list[str]:
+    """Names of the Linear layers a LoRA delta can wrap (not those inside MultiheadAttention)."""
+    inside_mha = {f"{name}.{child}" if name else child
+                  for name, m in projector.named_modules() if isinstance(m, nn.MultiheadAttention)
+                  for child, _ in m.named_modules() if child}
+    return [n for n, m in projector.named_modules() if isinstance(m, nn.Linear) and n not in inside_mha]
+
+
+def _inject_lora(projector: Projector, rank: int, alpha: float) -> Projector:
+    """A copy of `projector` with trainable LoRA A/B on its Linear layers (the rest frozen)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    model = copy.deepcopy(projector)
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=lora_targets(projector))
+    return inject_adapter_in_model(config, model)  # only lora_* parameters require grad
+
+
+def _lora_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def _merge_lora(model: nn.Module) -> Projector:
+    """Fold every LoRA delta into its base Linear (W + alpha/r * B A) and drop the wrappers."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge()
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, module.get_base_layer())
+    return model
+
+
+def trainable_module(base: Projector, kind: str, start: Adapter | None = None, rank: int = 8,
+                     alpha: float = 16.0) -> nn.Module:
+    """What a round trains: a copy of the base projector (full) or LoRA on it, from `start`."""
+    if kind == "full":
+        module = apply_adapter(base, start) if start is not None else copy.deepcopy(base)
+        return module.train().requires_grad_(True)
+    module = _inject_lora(base, rank, alpha)
+    if start is not None:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(module, start.tensors)
+    return module.train()
+
+
+def adapter_tensors(module: nn.Module, kind: str) -> dict[str, torch.Tensor]:
+    if kind == "full":
+        return {k: v.detach().clone().contiguous() for k, v in module.state_dict().items()}
+    return _lora_state(module)
+
+
+def apply_adapter(base: Projector, adapter: Adapter) -> Projector:
+    """The projector that answers for the adapter's speaker: `base` is never modified.
+
+    Raises ValueError when the adapter does not fit `base` (other shapes, unknown kind).
+    """
+    kind = adapter.info.extra.get("kind")
+    try:
+        if kind == "full":
+            model = copy.deepcopy(base)
+            model.load_state_dict({k: v.float() for k, v in adapter.tensors.items()})
+            return model.eval()
+        if kind == "lora":
+            from peft import set_peft_model_state_dict
+
+            model = _inject_lora(base, int(adapter.info.extra["lora_rank"]), float(adapter.info.extra["lora_alpha"]))
+            missing = set(_lora_state(model)) ^ set(adapter.tensors)
+            if missing:
+                raise ValueError(f"LoRA tensors {sorted(missing)} do not match the projector")
+            set_peft_model_state_dict(model, {k: v.float() for k, v in adapter.tensors.items()})
+            return _merge_lora(model).eval().requires_grad_(False)
+    except (RuntimeError, KeyError) as exc:  # shape mismatch, missing metadata
+        raise ValueError(f"adapter {adapter.info.path} does not fit this projector: {exc}") from exc
+    raise ValueError(f"adapter {adapter.info.path} has unknown kind {kind!r}")
+
+
+# --------------------------------------------------------------------------- preemption
+
+
+class _PreemptionHooks:
+    """Check the stop event inside the frozen LLM: after each decoder layer's forward and when the
+    gradient reaches each layer's output, so one long step (or one long greedy decode) cannot
+    delay a stop by more than a layer's worth of compute."""
+
+    def __init__(self, modules: Sequence[nn.Module], stop: threading.Event) -> None:
+        self.modules, self.stop = modules, stop
+        self.handles: list[Any] = []
+
+    def check(self) -> None:
+        if self.stop.is_set():
+            raise Preempted()
+
+    def _grad_hook(self, grad: torch.Tensor) -> None:
+        self.check()
+
+    def _forward_hook(self, module: nn.Module, args: Any, output: Any) -> None:
+        self.check()
+        out = output[0] if isinstance(output, tuple) else output
+        if isinstance(out, torch.Tensor) and out.requires_grad:
+            out.register_hook(self._grad_hook)
+
+    def __enter__(self) -> "_PreemptionHooks":
+        self.handles = [m.register_forward_hook(self._forward_hook) for m in self.modules]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _llm_layers(model: nn.Module) -> list[nn.Module]:
+    layers = getattr(getattr(model, "base_model", model), "layers", None)
+    return list(layers) if layers is not None else [model]
+
+
+def lower_priority(nice: int, threads: int) -> None:
+    """Make the *calling thread* cheaper for everyone else (see the module docstring)."""
+    if nice > 0:
+        os.nice(nice)
+    if threads > 0:
+        torch.set_num_threads(threads)
+
+
+# --------------------------------------------------------------------------- the trainer
+
+
+@dataclass
+class _Data:
+    infos: list[SampleInfo]
+    features: list[torch.Tensor]
+    targets: list[list[int]]
+
+    def transcripts(self, idx: Sequence[int]) -> list[str]:
+        return [self.infos[i].asr_transcript for i in idx]
+
+
+class Personalizer:
+    """Trains speakers' adapters with one frozen `AlignedLLM` (its projector is the base).
+
+    One round at a time; `run` is synchronous, `start` runs it in a low-priority thread.
+    """
+
+    def __init__(self, aligned, samples: SampleStore, adapters: AdapterStore, work_dir: str | Path,
+                 base_sha: str, config: PersonalizeConfig | None = None) -> None:
+        self.aligned = aligned
+        self.base: Projector = aligned.projector
+        self.samples, self.adapters = samples, adapters
+        self.work_dir = Path(work_dir)
+        self.base_sha = base_sha
+        self.config = config or PersonalizeConfig()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self.speaker: str | None = None  # speaker of the running round
+
+    # ------------------------------------------------------------ control
+
+    @property
+    def busy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self, speaker: str, budget_s: float | None = None,
+              on_progress: Callable[[Progress], None] | None = None,
+              on_done: Callable[[PersonalizeResult], None] | None = None) -> None:
+        """Run a round in a new low-priority thread; RuntimeError if one is running already."""
+        validate_speaker_id(speaker)
+        with self._lock:
+            if self.busy:
+                raise RuntimeError(f"already training the adapter of {self.speaker!r}")
+            self._stop.clear()
+            self.speaker = speaker
+            self._thread = threading.Thread(target=self._work, args=(speaker, budget_s, on_progress, on_done),
+                                            name=f"personalize-{speaker}", daemon=True)
+            self._thread.start()
+
+    def _work(self, speaker: str, budget_s: float | None, on_progress, on_done) -> None:
+        lower_priority(self.config.nice, self.config.threads)
+        try:
+            result = self.run(speaker, budget_s, on_progress)
+        except Exception as exc:  # reported to the caller, never a dead silent thread
+            log.exception("personalizing %s failed", speaker)
+            result = PersonalizeResult(speaker, self.config.kind, "failed", repr(exc))
+        if on_done is not None:
+            on_done(result)
+
+    def stop(self, timeout: float | None = 5.0) -> bool:
+        """Ask the running round to stop (it checkpoints); True when no round runs any more."""
+        self._stop.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+        return not self.busy
+
+    # ------------------------------------------------------------ checkpoints
+
+    def checkpoint_path(self, speaker: str, kind: str | None = None) -> Path:
+        return self.work_dir / validate_speaker_id(speaker) / f"{kind or self.config.kind}.ckpt"
+
+    def discard_checkpoints(self, speaker: str) -> None:
+        for kind in ADAPTER_KINDS:
+            for suffix in (".json", ".safetensors"):
+                p = self.checkpoint_path(speaker, kind)
+                p.with_name(p.name + suffix).unlink(missing_ok=True)
+
+    def _save_checkpoint(self, path: Path, module: nn.Module, opt: torch.optim.Optimizer, state: dict) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        names = {id(p): n for n, p in module.named_parameters() if p.requires_grad}
+        tensors = {f"param.{n}": p.detach().contiguous() for n, p in module.named_parameters() if p.requires_grad}
+        state["opt_steps"] = {}
+        for p, st in opt.state.items():
+            for k in ("exp_avg", "exp_avg_sq"):
+                tensors[f"opt.{names[id(p)]}.{k}"] = st[k].contiguous()
+            state["opt_steps"][names[id(p)]] = float(st["step"])
+        # Tensors first, then the JSON that names them: a kill between the two leaves the old
+        # JSON, whose step is older than the tensors; `run` checks the pair by its "token".
+        token = f"{state['step']}-{time.time_ns()}"
+        state["token"] = token
+        atomic_write_bytes(path.with_name(path.name + ".safetensors"),
+                           save_safetensors(tensors, metadata={"format": CHECKPOINT_FORMAT, "token": token}))
+        atomic_write_bytes(path.with_name(path.name + ".json"), json.dumps(state, indent=1).encode())
+
+    @staticmethod
+    def _load_checkpoint(path: Path, module: nn.Module, opt: torch.optim.Optimizer, state: dict) -> bool:
+        try:
+            saved = json.loads(path.with_name(path.name + ".json").read_text())
+            with safe_open(path.with_name(path.name + ".safetensors"), framework="pt") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except (OSError, ValueError, SafetensorError):
+            return False
+        if meta.get("token") != saved.get("token") or any(saved.get(k) != state[k] for k in ("start", "base_sha", "kind")):
+            log.info("checkpoint %s is stale (other start adapter, base or kind): starting over", path)
+            return False
+        params = {n: p for n, p in module.named_parameters() if p.requires_grad}
+        if sorted(f"param.{n}" for n in params) != sorted(k for k in tensors if k.startswith("param.")):
+            return False
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(tensors[f"param.{n}"])
+        for n, p in params.items():
+            if f"opt.{n}.exp_avg" in tensors:
+                opt.state[p] = {"step": torch.tensor(saved["opt_steps"][n]), "exp_avg": tensors[f"opt.{n}.exp_avg"],
+                                "exp_avg_sq": tensors[f"opt.{n}.exp_avg_sq"]}
+        state.update(saved)
+        return True
+
+    # ------------------------------------------------------------ one round
+
+    def _load(self, speaker: str, infos: list[SampleInfo]) -> _Data:
+        feats = [self.samples.load(speaker, i.id).features.float() for i in infos]
+        return _Data(infos, feats, [self.aligned.target_ids(i.text) for i in infos])
+
+    def _hybrid(self) -> bool:
+        return bool(getattr(getattr(self.aligned, "prompt", None), "transcript", False))
+
+    def evaluate(self, projector: nn.Module, data: _Data) -> tuple[float, list[tuple[str, str]]]:
+        """Validation WER of `projector` on `data` with greedy decoding (as align.evaluate)."""
+        was_training = projector.training
+        projector.eval()
+        self.aligned.projector = projector
+        hyps: list[str] = []
+        try:
+            for s in range(0, len(data.infos), self.config.eval_batch):
+                idx = list(range(s, min(s + self.config.eval_batch, len(data.infos))))
+                heard = data.transcripts(idx) if self._hybrid() else None
+                hyps += self.aligned.transcribe([data.features[i] for i in idx], self.config.max_new_tokens, heard)
+        finally:
+            self.aligned.projector = self.base
+            projector.train(was_training)
+        refs = [i.text for i in data.infos]
+        return wer(refs, hyps), list(zip(refs, hyps))
+
+    def run(self, speaker: str, budget_s: float | None = None,
+            on_progress: Callable[[Progress], None] | None = None) -> PersonalizeResult:
+        """One round for `speaker` (see the module docstring); never raises Preempted."""
+        cfg = self.config
+        budget = float(budget_s) if budget_s and budget_s > 0 else cfg.budget_s
+        train_infos, val_infos = self.samples.split(speaker, cfg.held_out_fraction, cfg.min_held_out)
+        result = PersonalizeResult(speaker, cfg.kind, "too_few_samples", n_train=len(train_infos), n_val=len(val_infos))
+        if len(train_infos) + len(val_infos) < cfg.min_samples or not val_infos or not train_infos:
+            result.message = (f"{len(train_infos) + len(val_infos)} samples, at least {cfg.min_samples} needed "
+                              "(with one held out)")
+            return result
+
+        current = self.adapters.load_latest(speaker)
+        if current is not None and current.info.base_hashes.get("projector") != self.base_sha:
+            log.warning("ignoring adapter v%d of %s: made for another base projector", current.info.version, speaker)
+            current = None
+        same_kind = current is not None and current.info.extra.get("kind") == cfg.kind
+        rank, alpha = cfg.lora_rank, cfg.lora_alpha
+        if same_kind and cfg.kind == "lora":  # continuing an adapter keeps its shape
+            rank, alpha = int(current.info.extra["lora_rank"]), float(current.info.extra["lora_alpha"])
+        module = trainable_module(self.base, cfg.kind, current if same_kind else None, rank, alpha)
+        params = [p for p in module.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        state: dict[str, Any] = {
+            "format": CHECKPOINT_FORMAT, "speaker": speaker, "kind": cfg.kind, "base_sha": self.base_sha,
+            "start": f"v{current.info.version}" if current is not None else "base",
+            "step": 0, "elapsed_s": 0.0, "epoch": 0, "pos": 0, "loss_ema": None, "val_wer_before": None,
+        }
+        ckpt = self.checkpoint_path(speaker)
+        if self._load_checkpoint(ckpt, module, opt, state):
+            log.info("resuming %s adapter of %s at step %d", cfg.kind, speaker, state["step"])
+        result.resumed_from_step = state["step"]
+        train, val = self._load(speaker, train_infos), self._load(speaker, val_infos)
+        hybrid = self._hybrid()
+
+        def report(phase: str, step_s: float) -> None:
+            if on_progress is None:
+                return
+            left = max(0.0, budget - state["elapsed_s"])
+            if step_s > 0:
+                left = min(left, (cfg.max_steps - state["step"]) * step_s)
+            ema = state["loss_ema"]
+            on_progress(Progress(speaker, cfg.kind, phase, state["step"], cfg.max_steps,
+                                 float("nan") if ema is None else ema, state["elapsed_s"], left))
+
+        def order(epoch: int) -> list[int]:
+            perm = list(range(len(train.infos)))
+            random.Random(cfg.seed * 1000003 + epoch).shuffle(perm)
+            return perm
+
+        hooks = _PreemptionHooks(_llm_layers(self.aligned.model), self._stop)
+        try:
+            with hooks:
+                if state["val_wer_before"] is None:
+                    report("validating-before", 0.0)
+                    now = apply_adapter(self.base, current) if current is not None else self.base
+                    state["val_wer_before"] = self.evaluate(now, val)[0]
+                    self._save_checkpoint(ckpt, module, opt, state)
+                perm = order(state["epoch"])
+                last_ckpt, step_s = state["elapsed_s"], 0.0
+                batch = min(cfg.batch, len(train.infos))
+                while state["step"] < cfg.max_steps and state["elapsed_s"] < budget:
+                    hooks.check()
+                    if state["pos"] + batch > len(perm):
+                        state["epoch"], state["pos"] = state["epoch"] + 1, 0
+                        perm = order(state["epoch"])
+                    idx = perm[state["pos"]:state["pos"] + batch]
+                    t0 = time.perf_counter()
+                    feats = [train.features[i] for i in idx]
+                    lengths = torch.tensor([f.shape[0] for f in feats])
+                    padded = torch.nn.utils.rnn.pad_sequence(feats, batch_first=True)
+                    self.aligned.projector = module
+                    try:
+                        loss = self.aligned.loss(padded, lengths, [train.targets[i] for i in idx],
+                                                 transcripts=train.transcripts(idx) if hybrid else None)
+                        opt.zero_grad(set_to_none=True)
+                        loss.backward()
+                    finally:
+                        self.aligned.projector = self.base
+                    hooks.check()  # a stop that came during this step: do not apply a half-decided update
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                    opt.step()
+                    step_s = time.perf_counter() - t0
+                    state["pos"] += batch
+                    state["step"] += 1
+                    state["elapsed_s"] += step_s
+                    value = float(loss.detach())
+                    state["loss_ema"] = value if state["loss_ema"] is None else 0.9 * state["loss_ema"] + 0.1 * value
+                    report("training", step_s)
+                    if state["elapsed_s"] - last_ckpt >= cfg.ckpt_every_s:
+                        self._save_checkpoint(ckpt, module, opt, state)
+                        last_ckpt = state["elapsed_s"]
+                report("validating-after", 0.0)
+                after, examples = self.evaluate(module, val)
+        except Preempted:
+            opt.zero_grad(set_to_none=True)
+            self._save_checkpoint(ckpt, module, opt, state)
+            result.status, result.steps, result.train_s = "preempted", state["step"], state["elapsed_s"]
+            result.val_wer_before = state["val_wer_before"]
+            result.message = f"stopped at step {state['step']}; the next round resumes from the checkpoint"
+            return result
+
+        result.steps, result.train_s = state["step"], state["elapsed_s"]
+        result.val_wer_before, result.val_wer_after, result.examples = state["val_wer_before"], after, examples
+        if after < state["val_wer_before"]:
+            extra: dict[str, Any] = {"kind": cfg.kind, "start": state["start"], "steps": state["step"],
+                                     "train_s": round(state["elapsed_s"], 1), "hybrid": hybrid}
+            if cfg.kind == "lora":
+                extra.update(lora_rank=rank, lora_alpha=alpha)
+            result.adapter = self.adapters.save(
+                speaker, adapter_tensors(module, cfg.kind), data_count=len(train_infos),
+                base_hashes={"projector": self.base_sha},
+                metrics={"val_wer_before": state["val_wer_before"], "val_wer_after": after,
+                         "n_train": len(train_infos), "n_val": len(val_infos)},
+                extra=extra)
+            result.status = "saved"
+            result.message = (f"validation WER {state['val_wer_before']:.3f} -> {after:.3f}: "
+                              f"saved v{result.adapter.version}")
+        else:
+            result.status = "rejected"
+            result.message = (f"validation WER {state['val_wer_before']:.3f} -> {after:.3f}: no improvement, "
+                              "the current adapter stays")
+        self.discard_checkpoints(speaker)
+        log.info("%s adapter of %s: %s", cfg.kind, speaker, result.message)
+        return result
+
