@@ -10,6 +10,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from conftest import wait_for
+
 from tinyalign_ros.core.adapters import AdapterStore
 from tinyalign_ros.core.align import AlignedLLM, AlignPrompt
 from tinyalign_ros.core.models import default_llm_dir
@@ -188,3 +190,138 @@ def test_gate_saves_an_improving_adapter_with_its_metadata(tmp_path):
     assert info.version == result.adapter.version == 1
     assert info.base_hashes == {"projector": "base-sha"} and info.data_count == result.n_train
     assert info.metrics["val_wer_after"] == result.val_wer_after and info.extra["kind"] == "lora"
+
+
+# --------------------------------------------------------------------------- personalizer_node
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tiny_llm, tokenizer, tmp_path_factory):
+    """The tiny random LLM as a model folder, so a node loads it through its `llm.model` parameter."""
+    d = tmp_path_factory.mktemp("tiny-llm")
+    tiny_llm.save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def tiny_projector_file(tmp_path_factory):
+    from tinyalign_ros.core.projector import save_projector
+
+    torch.manual_seed(1)
+    return save_projector(build_projector("mlp", in_dim=16, out_dim=64, stack=4, hidden=32, encoder_layer=4),
+                          tmp_path_factory.mktemp("proj") / "projector.safetensors")
+
+
+def utterance(uid: str, speaker: str = SPEAKER, text: str = "yes", confidence: float = 0.95, dim: int = 16):
+    import numpy as np
+
+    from tinyalign_ros.msg import Utterance
+
+    feats = np.random.default_rng(abs(hash(uid)) % 2**32).standard_normal((8, dim)).astype(np.float32)
+    return Utterance(id=uid, speaker=speaker, transcript=text, confidence=confidence, features=feats.reshape(-1),
+                     feature_frames=8, feature_dim=dim, feature_layer=4)
+
+
+@pytest.fixture
+def pnode(ros, tmp_path, tiny_model_dir, tiny_projector_file):
+    from rclpy.parameter import Parameter
+
+    from tinyalign_ros.nodes.personalizer_node import PersonalizerNode
+
+    def make(**params):
+        defaults = {"llm.model": str(tiny_model_dir), "projector.file": str(tiny_projector_file),
+                    "samples.dir": str(tmp_path / "samples"), "adapters.dir": str(tmp_path / "adapters"),
+                    "checkpoint_dir": str(tmp_path / "work"), "consent.speakers": [SPEAKER], "idle_s": 3600.0,
+                    "train.min_samples": 4, "train.nice": 0, "train.threads": 0}
+        overrides = [Parameter(k, value=v) for k, v in {**defaults, **params}.items()]
+        return ros.add(PersonalizerNode(namespace="tinyalign", context=ros.context, parameter_overrides=overrides))
+    return make
+
+
+def call(ros, srv_type, name: str, **fields):
+    client = ros.node(f"client_{name}_{time.monotonic_ns()}").create_client(srv_type, name)
+    wait_for(client.service_is_ready, what=f"service {name}")
+    future = client.call_async(srv_type.Request(**fields))
+    wait_for(future.done, timeout=30, what=f"{name} answer")
+    return future.result()
+
+
+def test_personalize_service_refusals_and_sample_collection(ros, pnode):
+    from tinyalign_ros.msg import Utterance
+    from tinyalign_ros.nodes.common import EVENT_QOS
+    from tinyalign_ros.srv import Personalize
+
+    node = pnode(**{"train.max_steps": 100000, "train.budget_s": 600.0})
+    assert "no consent" in call(ros, Personalize, "personalize", speaker="bob").message
+    assert "invalid speaker id" in call(ros, Personalize, "personalize", speaker="../etc").message
+    refused = call(ros, Personalize, "personalize", speaker=SPEAKER)
+    assert not refused.accepted and "too few samples" in refused.message
+
+    probe = ros.node("probe")
+    pub = probe.create_publisher(Utterance, "utterance", EVENT_QOS)
+    wait_for(lambda: pub.get_subscription_count() > 0, what="discovery")
+    for i in range(5):
+        pub.publish(utterance(f"a{i}"))
+    pub.publish(utterance("low", confidence=0.5))  # below min_confidence: no teacher label
+    pub.publish(utterance("b0", speaker="bob"))  # no consent: nothing stored
+    wait_for(lambda: "b0" in node.recent, what="utterances received")
+    assert node.samples.count(SPEAKER) == 5 and not node.samples.has_consent("bob")
+
+    accepted = call(ros, Personalize, "personalize", speaker=SPEAKER, budget_s=600.0)
+    assert accepted.accepted, accepted.message
+    busy = call(ros, Personalize, "personalize", speaker=SPEAKER)
+    assert not busy.accepted and "already training" in busy.message
+    t0 = time.monotonic()
+    pub.publish(utterance("a5"))  # speech preempts the round
+    wait_for(lambda: not node.personalizer.busy, timeout=5, what="preemption")
+    assert time.monotonic() - t0 < 2.0  # < 1 s to stop, plus DDS delivery
+    assert node.personalizer.has_checkpoint(SPEAKER) and node.last_result.status == "preempted"
+
+
+def test_correction_relabels_a_recent_utterance(ros, pnode):
+    from tinyalign_ros.msg import Utterance
+    from tinyalign_ros.nodes.common import EVENT_QOS
+    from std_msgs.msg import String
+
+    node = pnode()
+    probe = ros.node("probe")
+    pub = probe.create_publisher(Utterance, "utterance", EVENT_QOS)
+    fix = probe.create_publisher(String, "correction", EVENT_QOS)
+    wait_for(lambda: pub.get_subscription_count() > 0 and fix.get_subscription_count() > 0, what="discovery")
+    pub.publish(utterance("u1", text="bring me the bed cup"))
+    wait_for(lambda: node.samples.count(SPEAKER) == 1, what="teacher sample")
+    fix.publish(String(data="not json"))
+    fix.publish(String(data=json.dumps({"utterance_id": "u1", "text": "bring me the red cup"})))
+    wait_for(lambda: [s.source for s in node.samples.list(SPEAKER)] == ["correction"], what="correction")
+    (sample,) = node.samples.list(SPEAKER)
+    assert sample.text == "bring me the red cup" and sample.asr_transcript == "bring me the bed cup"
+
+
+def test_idle_round_announces_a_saved_adapter_and_forget_removes_everything(ros, pnode, tmp_path):
+    from std_msgs.msg import String
+
+    from tinyalign_ros.nodes.common import LATCHED_QOS
+    from tinyalign_ros.srv import Forget
+
+    samples = SampleStore(tmp_path / "samples")
+    fill(samples, 6)
+    node = pnode(**{"idle_s": 0.0, "train.max_steps": 2})
+    # the tiny LLM cannot learn in 2 steps, so let the gate see an improvement: the point here is the
+    # node's plumbing (the gate itself is tested above with the real model)
+    wers = iter([1.0, 0.5])
+    node.personalizer.evaluate = lambda projector, data: (next(wers), [])
+    announced: list[dict] = []
+    probe = ros.node("probe")
+    probe.create_subscription(String, "adapter", lambda m: announced.append(json.loads(m.data)), LATCHED_QOS)
+    wait_for(lambda: any(SPEAKER in a["adapters"] for a in announced), timeout=60, what="adapter announced")
+    entry = announced[-1]
+    assert entry["speaker"] == SPEAKER and entry["version"] == 1 and entry["adapters"][SPEAKER]["kind"] == "lora"
+    assert node.adapters.list_versions(SPEAKER) == [1]
+
+    done = call(ros, Forget, "forget", speaker=SPEAKER)
+    assert done.success and "6 samples" in done.message
+    assert not node.samples.has_consent(SPEAKER) and node.samples.count(SPEAKER) == 0
+    assert node.adapters.list_versions(SPEAKER) == [] and not node.personalizer.has_checkpoint(SPEAKER)
+    wait_for(lambda: SPEAKER not in announced[-1]["adapters"], what="forgotten adapter withdrawn")
+    assert not (tmp_path / "samples" / SPEAKER).exists() and not (tmp_path / "adapters" / SPEAKER).exists()

@@ -338,6 +338,11 @@ class Personalizer:
     def checkpoint_path(self, speaker: str, kind: str | None = None) -> Path:
         return self.work_dir / validate_speaker_id(speaker) / f"{kind or self.config.kind}.ckpt"
 
+    def has_checkpoint(self, speaker: str) -> bool:
+        """An interrupted round of this speaker (configured kind) is waiting to be resumed."""
+        path = self.checkpoint_path(speaker)
+        return path.with_name(path.name + ".json").is_file()
+
     def discard_checkpoints(self, speaker: str) -> None:
         for kind in ADAPTER_KINDS:
             for suffix in (".json", ".safetensors"):
