@@ -325,3 +325,70 @@ def test_idle_round_announces_a_saved_adapter_and_forget_removes_everything(ros,
     assert node.adapters.list_versions(SPEAKER) == [] and not node.personalizer.has_checkpoint(SPEAKER)
     wait_for(lambda: SPEAKER not in announced[-1]["adapters"], what="forgotten adapter withdrawn")
     assert not (tmp_path / "samples" / SPEAKER).exists() and not (tmp_path / "adapters" / SPEAKER).exists()
+
+
+# --------------------------------------------------------------------------- assistant_node hot-swap
+
+
+def test_assistant_hot_swaps_a_new_adapter_for_the_next_utterance_of_that_speaker(
+        ros, tmp_path, tiny_model_dir, tiny_projector_file, tiny_llm, tokenizer):
+    from rclpy.parameter import Parameter
+    from std_msgs.msg import String
+
+    from tinyalign_ros.core.adapters import file_sha256
+    from tinyalign_ros.core.projector import load_projector
+    from tinyalign_ros.msg import Response, Utterance
+    from tinyalign_ros.nodes.assistant_node import AssistantNode
+    from tinyalign_ros.nodes.common import EVENT_QOS, LATCHED_QOS
+    from tinyalign_ros.nodes.diagnostics import Status
+
+    base = load_projector(tiny_projector_file)
+    module = trainable_module(base, "full")
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn_like(p))
+    adapters = AdapterStore(tmp_path / "adapters")
+    info = adapters.save(SPEAKER, adapter_tensors(module, "full"), base_hashes={"projector": file_sha256(
+        tiny_projector_file)}, extra={"kind": "full"})
+    foreign = adapters.save("bob", adapter_tensors(module, "full"), base_hashes={"projector": "other"},
+                            extra={"kind": "full"})
+    msg = utterance("same-audio")
+    feats = torch.as_tensor(msg.features).reshape(8, 16)
+    expect = {name: AlignedLLM(tiny_llm, tokenizer, proj, max_new_tokens=4).transcribe([feats])[0]
+              for name, proj in (("base", base), ("adapted", module.eval()))}
+    assert expect["base"] != expect["adapted"]
+
+    node = ros.add(AssistantNode(namespace="tinyalign", context=ros.context, parameter_overrides=[
+        Parameter("mode", value="aligned"), Parameter("projector.file", value=str(tiny_projector_file)),
+        Parameter("llm.model", value=str(tiny_model_dir)), Parameter("aligned.task", value="repeat"),
+        Parameter("llm.max_new_tokens", value=4)]))
+    probe = ros.node("probe")
+    responses: dict[str, Response] = {}
+    probe.create_subscription(Response, "response", lambda r: responses.__setitem__(r.utterance_id, r), EVENT_QOS)
+    pub = probe.create_publisher(Utterance, "utterance", EVENT_QOS)
+    announce = probe.create_publisher(String, "adapter", LATCHED_QOS)
+    wait_for(lambda: pub.get_subscription_count() > 0 and announce.get_subscription_count() > 0, what="discovery")
+
+    def ask(uid: str, speaker: str) -> str:
+        m = utterance("same-audio", speaker=speaker)
+        m.id = uid
+        pub.publish(m)
+        wait_for(lambda: uid in responses, timeout=60, what=f"response to {uid}")
+        return responses[uid].text
+
+    assert ask("before", SPEAKER) == expect["base"]
+    table = {SPEAKER: {"version": info.version, "path": str(info.path), "kind": "full"},
+             "bob": {"version": foreign.version, "path": str(foreign.path), "kind": "full"}}
+    announce.publish(String(data=json.dumps({"speaker": SPEAKER, "adapters": table})))
+    wait_for(lambda: node.adapter_versions.get(SPEAKER) == 1, what="adapter loaded")
+    assert "bob" not in node.adapter_versions  # trained on another base projector: refused
+    assert ask("after", SPEAKER) == expect["adapted"]
+    assert ask("other-speaker", "bob") == expect["base"] and ask("unknown", "") == expect["base"]
+    status = Status()
+    node._diagnose(status)
+    values = {kv.key: kv.value for kv in status.values}
+    assert values["adapter_version.alice"] == "1" and values["answered"] == "4" and values["mode"] == "aligned"
+
+    announce.publish(String(data=json.dumps({"speaker": SPEAKER, "adapters": {}})))  # forgotten
+    wait_for(lambda: not node.adapter_versions, what="adapter withdrawn")
+    assert ask("forgotten", SPEAKER) == expect["base"]

@@ -12,18 +12,30 @@ projector never sees text. `aligned.task` says what it does:
   from them (the projector was not trained for this task: expect weaker answers).
 Features of another width or encoder layer than the projector's are refused with a logged
 error (the utterance gets an empty response), never a crash.
+
+Per-speaker adapters (personalizer_node): the latched `adapter` topic carries the table of every
+speaker's current adapter. Each new or changed one is loaded and merged into a copy of the base
+projector *in the subscription callback*, and the finished {speaker: projector} dict replaces the
+old one in a single reference assignment; the worker picks the utterance speaker's projector (the
+base one for unknown speakers) before it starts on an utterance, so a swap happens between
+utterances and never drops or splits one. An adapter made for another base projector, or one that
+fails its checksum, is refused with a logged error and the speaker keeps what it had.
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
 
 import torch
 from rclpy.node import Node
+from std_msgs.msg import String
 
 from tinyalign_ros.core.llm import DEFAULT_SYSTEM_PROMPT, ChatLLM
 from tinyalign_ros.core.models import resolve_llm, shipped_model
 from tinyalign_ros.msg import Response, ResponseToken, Utterance
 
-from .common import EVENT_QOS, Worker, from_time_msg, run_node
+from .common import EVENT_QOS, LATCHED_QOS, Worker, from_time_msg, run_node
+from .diagnostics import OK, WARN, Status, Updater
 
 MODES = ("cascade", "aligned")
 ALIGNED_TASKS = ("answer", "repeat", "direct")
@@ -65,6 +77,10 @@ class AssistantNode(Node):
         self.create_subscription(Utterance, "utterance", self.worker.put, EVENT_QOS)
         self.answered = 0
         self.handled = 0  # answered + dropped + failed: lets a runner know every utterance is done
+        self.dropped = 0
+        self.last_latency_s = float("nan")  # end of speech -> last token of the last answer
+        self._setup_adapters()
+        Updater(self).add("assistant", self._diagnose)
         self.get_logger().info(f"ready ({self.mode} mode, LLM {model_dir}"
                                + (f", projector {self.projector_file})" if self.aligned else ")"))
 
@@ -83,6 +99,76 @@ class AssistantNode(Node):
         # `direct`: the audio stands where the operator's words would be, under the robot's prompt
         self.direct_prompt = AlignPrompt(system=self.llm.system_prompt, instruction="The operator says:",
                                          prompt="Answer the operator.", inject=inject, transcript=hybrid)
+
+    def _setup_adapters(self) -> None:
+        """Per-speaker projectors announced by personalizer_node (loaded only in aligned mode)."""
+        self.adapter_versions: dict[str, int] = {}
+        self._speaker_projectors: dict = {}  # replaced whole, never mutated: readers need no lock
+        self._base_projector = self.aligned.projector if self.aligned is not None else None
+        self._base_sha = ""
+        if self.aligned is not None:
+            from tinyalign_ros.core.adapters import file_sha256
+
+            self._base_sha = file_sha256(self.projector_file)
+        self.create_subscription(String, "adapter", self._on_adapter, LATCHED_QOS)
+
+    def _load_adapter(self, speaker: str, entry: dict):
+        """The merged projector of one table entry (raises on a bad, foreign or corrupt adapter)."""
+        from tinyalign_ros.core.adapters import AdapterStore
+        from tinyalign_ros.core.personalize import apply_adapter
+
+        path = Path(entry["path"])
+        adapter = AdapterStore(path.parents[1]).load(speaker, int(entry["version"]))  # checksum verified
+        if adapter.info.base_hashes.get("projector") != self._base_sha:
+            raise ValueError("it was trained on another base projector than projector.file")
+        return apply_adapter(self._base_projector, adapter)
+
+    def _on_adapter(self, msg: String) -> None:
+        from tinyalign_ros.core.adapters import AdapterStoreError
+
+        try:
+            table = {str(k): dict(v) for k, v in json.loads(msg.data)["adapters"].items()}
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            self.get_logger().error(f"ignoring a malformed adapter announcement: {exc!r}")
+            return
+        current, projectors, versions = self._speaker_projectors, {}, {}
+        for speaker, entry in table.items():
+            version = int(entry.get("version", 0))
+            versions[speaker] = version
+            if self.aligned is None:  # cascade: nothing to load, the versions go to diagnostics
+                continue
+            if self.adapter_versions.get(speaker) == version and speaker in current:
+                projectors[speaker] = current[speaker]
+                continue
+            try:
+                projectors[speaker] = self._load_adapter(speaker, entry)
+                self.get_logger().info(f"adapter v{version} of {speaker} loaded ({entry.get('kind', '?')})")
+            except (AdapterStoreError, ValueError, OSError, IndexError, KeyError) as exc:
+                self.get_logger().error(f"adapter v{version} of {speaker} refused: {exc}")
+                if speaker in current:
+                    projectors[speaker] = current[speaker]
+                versions[speaker] = self.adapter_versions.get(speaker, 0)
+        for gone in set(self.adapter_versions) - set(table):
+            self.get_logger().info(f"{gone} has no adapter any more: base projector")
+        self._speaker_projectors = projectors  # the hand-over: one reference assignment
+        self.adapter_versions = {s: v for s, v in versions.items() if v}
+
+    def _use_projector_of(self, speaker: str) -> None:
+        """Called by the worker before an utterance: that speaker's projector, else the base one."""
+        self.aligned.projector = self._speaker_projectors.get(speaker, self._base_projector)
+
+    def _diagnose(self, status: Status) -> None:
+        status.add("mode", self.mode)
+        status.add("queue_depth", self.worker.depth)
+        status.add("answered", self.answered)
+        status.add("dropped", self.dropped)
+        status.add("last_latency_s", self.last_latency_s)
+        for speaker, version in sorted(self.adapter_versions.items()):
+            status.add(f"adapter_version.{speaker}", version)
+        if self.dropped:
+            status.summary(WARN, f"{self.dropped} utterances dropped (LLM too slow)")
+        else:
+            status.summary(OK, f"{self.mode} mode")
 
     def _features(self, utt: Utterance) -> torch.Tensor | None:
         """The utterance's features as (frames, dim), or None (logged) when they do not fit the projector."""
@@ -129,6 +215,7 @@ class AssistantNode(Node):
         response = Response(utterance_id=utt.id, speaker=utt.speaker, transcript=utt.transcript, mode=self.mode)
         pieces: list[str] = []
         if self.mode == "aligned":
+            self._use_projector_of(utt.speaker)
             stream = self._aligned_stream(utt, response)
         elif utt.transcript.strip() and utt.confidence >= self.min_confidence:
             stream = self.llm.stream(utt.transcript)
@@ -144,6 +231,7 @@ class AssistantNode(Node):
             last = self._now()
             response.latency_first_token_s = float((first or last) - end_of_speech)
             response.latency_last_token_s = float(last - end_of_speech)
+            self.last_latency_s = response.latency_last_token_s
         else:
             self.get_logger().info(f"{utt.id}: nothing to answer (transcript '{utt.transcript}', "
                                    f"confidence {utt.confidence:.2f})")
@@ -158,6 +246,7 @@ class AssistantNode(Node):
 
     def _on_drop(self, utt: Utterance) -> None:
         self.handled += 1
+        self.dropped += 1
         self.get_logger().warning(f"LLM busy: dropped utterance {utt.id} '{utt.transcript}'")
 
     def _on_error(self, utt: Utterance, exc: BaseException) -> None:
