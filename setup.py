@@ -17,6 +17,7 @@ setup(
             "tinyalign-mic-node = tinyalign_ros.nodes.mic_node:main",
             "tinyalign-asr-node = tinyalign_ros.nodes.asr_node:main",
             "tinyalign-assistant-node = tinyalign_ros.nodes.assistant_node:main",
+            "tinyalign-personalizer-node = tinyalign_ros.nodes.personalizer_node:main",
         ]
     },
 )

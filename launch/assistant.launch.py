@@ -31,4 +31,6 @@ def generate_launch_description() -> LaunchDescription:
              parameters=[params_file], output="screen"),
         Node(package="tinyalign_ros", executable="tts_node", name="tts_node", namespace="tinyalign",
              parameters=[params_file], output="screen"),
+        Node(package="tinyalign_ros", executable="personalizer_node", name="personalizer_node",
+             namespace="tinyalign", parameters=[params_file], output="screen"),
     ])

@@ -392,3 +392,27 @@ def test_assistant_hot_swaps_a_new_adapter_for_the_next_utterance_of_that_speake
     announce.publish(String(data=json.dumps({"speaker": SPEAKER, "adapters": {}})))  # forgotten
     wait_for(lambda: not node.adapter_versions, what="adapter withdrawn")
     assert ask("forgotten", SPEAKER) == expect["base"]
+
+
+def test_personalizer_node_declares_exactly_its_yaml_section(ros, monkeypatch, tmp_path):
+    """The cheap half of test_e2e's YAML check, for this node alone (the default YAML, no model load)."""
+    import yaml
+
+    from tinyalign_ros.nodes.graph import NAMESPACE, default_config
+    from tinyalign_ros.nodes.personalizer_node import PersonalizerNode
+
+    def flatten(d: dict, prefix: str = "") -> set[str]:
+        out = set()
+        for k, v in d.items():
+            out |= flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k}
+        return out
+
+    monkeypatch.setenv("TINYALIGN_HOME", str(tmp_path))
+    section = yaml.safe_load(default_config().read_text())[f"/{NAMESPACE}/personalizer_node"]["ros__parameters"]
+    from rclpy.parameter import Parameter
+
+    node = ros.add(PersonalizerNode(namespace=NAMESPACE, context=ros.context, parameter_overrides=[
+        Parameter("consent.speakers", value=list(section["consent"]["speakers"]) or [SPEAKER])]))
+    declared = set(node._parameters) - {"use_sim_time", "start_type_description_service"}
+    assert declared == flatten(section)
+    assert node.personalizer._aligned is None  # no consented samples yet: the LLM is not loaded

@@ -70,7 +70,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
                  f"last {r.latency_last_token_s:.2f} s after end of speech)")
 
     try:
-        graph = EmbeddedGraph(args.config, overrides, on_utterance, on_response)
+        graph = EmbeddedGraph(args.config, overrides, on_utterance, on_response,
+                              exclude=("personalizer_node",) if args.no_personalizer else ())
     except (AudioError, FileNotFoundError, ValueError) as exc:
         print(f"tinyalign run: {exc}", file=sys.stderr)
         return 2
@@ -148,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--mode", choices=("cascade", "aligned"),
                      help="assistant mode (default: the config's); aligned also runs the encoder to its last layer")
     run.add_argument("--timeout", type=float, default=600.0, help="give up on a file after this many seconds")
+    run.add_argument("--no-personalizer", action="store_true",
+                     help="leave personalizer_node out (no sample collection, no on-idle training)")
     run.set_defaults(func=_cmd_run)
     sub.add_parser("setup-models", help="convert the packaged LLM for fast loading").set_defaults(
         func=_cmd_setup_models)

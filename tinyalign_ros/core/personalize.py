@@ -280,12 +280,16 @@ class Personalizer:
     """Trains speakers' adapters with one frozen `AlignedLLM` (its projector is the base).
 
     One round at a time; `run` is synchronous, `start` runs it in a low-priority thread.
+    `aligned` may be a zero-argument loader instead: it is called by the first round, so a node
+    that never trains (no consented speaker) never holds a second copy of the LLM. That one-time
+    load (~2 s) is the only part of a round that a stop does not interrupt.
     """
 
     def __init__(self, aligned, samples: SampleStore, adapters: AdapterStore, work_dir: str | Path,
                  base_sha: str, config: PersonalizeConfig | None = None) -> None:
-        self.aligned = aligned
-        self.base: Projector = aligned.projector
+        self._loader = aligned if callable(aligned) else None
+        self._aligned = None if callable(aligned) else aligned
+        self._load_lock = threading.Lock()
         self.samples, self.adapters = samples, adapters
         self.work_dir = Path(work_dir)
         self.base_sha = base_sha
@@ -294,6 +298,21 @@ class Personalizer:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self.speaker: str | None = None  # speaker of the running round
+        self._base: Projector | None = None
+
+    @property
+    def aligned(self):
+        with self._load_lock:
+            if self._aligned is None:
+                self._aligned = self._loader()
+            return self._aligned
+
+    @property
+    def base(self) -> Projector:
+        """The base projector: what the aligned LLM holds between training steps."""
+        if self._base is None:
+            self._base = self.aligned.projector
+        return self._base
 
     # ------------------------------------------------------------ control
 

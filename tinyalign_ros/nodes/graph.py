@@ -3,12 +3,16 @@
 `launch/assistant.launch.py` starts the same nodes as separate processes on a real ROS install;
 this module is the same graph for a venv with no launch system (DESIGN.md section 3), built
 from the same YAML. `NODES` is the single list both must agree on (tested).
+
+personalizer_node is part of the graph but cheap to carry: it loads its LLM copy only for its
+first training round, which needs a consented speaker; `exclude=("personalizer_node",)` (or
+`tinyalign run --no-personalizer`) leaves it out altogether.
 """
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +27,8 @@ from tinyalign_ros.msg import Response, Utterance
 from .common import EVENT_QOS
 
 NAMESPACE = "tinyalign"
-NODES = ("mic_node", "asr_node", "assistant_node", "tts_node")
+NODES = ("mic_node", "asr_node", "assistant_node", "tts_node", "personalizer_node")
+OPTIONAL_NODES = ("personalizer_node",)  # the graph answers without them
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "config" / "assistant.yaml"
 
 
@@ -50,6 +55,9 @@ def _node_class(name: str) -> type[Node]:
     if name == "tts_node":
         from .tts_node import TtsNode
         return TtsNode
+    if name == "personalizer_node":
+        from .personalizer_node import PersonalizerNode
+        return PersonalizerNode
     raise KeyError(f"unknown node '{name}'; known: {', '.join(NODES)}")
 
 
@@ -77,11 +85,13 @@ class Listener(Node):
 
 
 class EmbeddedGraph:
-    """Start the nodes of `NODES` with parameters from `config` plus per-node `overrides`."""
+    """Start the nodes of `NODES` (less those of `OPTIONAL_NODES` named in `exclude`) with
+    parameters from `config` plus per-node `overrides`."""
 
     def __init__(self, config: Path | None = None, overrides: dict[str, dict[str, Any]] | None = None,
                  on_utterance: Callable[[Utterance], None] | None = None,
-                 on_response: Callable[[Response], None] | None = None, threads: int = 4) -> None:
+                 on_response: Callable[[Response], None] | None = None, threads: int = 4,
+                 exclude: Sequence[str] = ()) -> None:
         self.config = Path(config) if config else default_config()
         if not self.config.is_file():
             raise FileNotFoundError(f"parameter file not found: {self.config}")
@@ -93,11 +103,13 @@ class EmbeddedGraph:
         unknown = set(overrides) - set(NODES)
         if unknown:
             raise KeyError(f"overrides for unknown nodes: {sorted(unknown)}")
+        if set(exclude) - set(OPTIONAL_NODES):
+            raise KeyError(f"only {OPTIONAL_NODES} can be left out, not {sorted(set(exclude) - set(OPTIONAL_NODES))}")
         try:
             self.listener = Listener(self.context, on_utterance, on_response)
             self.executor.add_node(self.listener)
             # Consumers first, so the file source finds its subscribers already there.
-            for name in reversed(NODES):
+            for name in reversed([n for n in NODES if n not in exclude]):
                 params = [Parameter(k, value=v) for k, v in overrides.get(name, {}).items()]
                 node = _node_class(name)(namespace=NAMESPACE, context=self.context, parameter_overrides=params)
                 self.nodes[name] = node
@@ -110,7 +122,7 @@ class EmbeddedGraph:
 
     def file_done(self) -> bool:
         """A file source has been played and every utterance in it has been answered (and spoken)."""
-        mic, asr, assistant, tts = (self.nodes[n] for n in NODES)
+        mic, asr, assistant, tts = (self.nodes[n] for n in ("mic_node", "asr_node", "assistant_node", "tts_node"))
         return (
             mic.finished.is_set() and asr.stream_ended.is_set() and asr.idle
             and assistant.handled >= asr.published and assistant.idle

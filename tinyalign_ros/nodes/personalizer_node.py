@@ -79,8 +79,9 @@ class PersonalizerNode(Node):
         projector_file = p("projector.file", "").value or str(shipped_model("projector.safetensors"))
         inject = bool(p("aligned.inject_instruction", True).value)
         llm_dir = resolve_llm(p("llm.model", "").value)
-        self.personalizer = Personalizer(self._load_aligned(llm_dir, projector_file, inject), self.samples,
-                                         self.adapters, checkpoints, file_sha256(projector_file), config)
+        base_sha = file_sha256(projector_file)  # also checks that the file is there, at startup
+        self.personalizer = Personalizer(lambda: self._load_aligned(llm_dir, projector_file, inject), self.samples,
+                                         self.adapters, checkpoints, base_sha, config)
 
         for speaker in consent:
             self.samples.grant_consent(validate_speaker_id(speaker), how="parameter")
@@ -111,7 +112,8 @@ class PersonalizerNode(Node):
 
     @staticmethod
     def _load_aligned(llm_dir: Path, projector_file: str, inject: bool):
-        """The frozen LLM + base projector with the prompt assistant_node uses for this projector."""
+        """The frozen LLM + base projector with the prompt assistant_node uses for this projector
+        (called by the first training round: a node without consented speakers stays small)."""
         from tinyalign_ros.core.align import AlignedLLM, AlignPrompt
         from tinyalign_ros.core.llm import ChatLLM
         from tinyalign_ros.core.projector import load_projector, read_projector_metadata
