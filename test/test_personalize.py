@@ -416,3 +416,24 @@ def test_personalizer_node_declares_exactly_its_yaml_section(ros, monkeypatch, t
     declared = set(node._parameters) - {"use_sim_time", "start_type_description_service"}
     assert declared == flatten(section)
     assert node.personalizer._aligned is None  # no consented samples yet: the LLM is not loaded
+
+
+# --------------------------------------------------------------------------- benchmark
+
+
+def test_bench_personalize_writes_json_and_png_on_a_tiny_config(tmp_path, monkeypatch, tiny_model_dir,
+                                                                tiny_projector_file):
+    from tinyalign_ros.bench import personalize as bench
+    from tinyalign_ros.core import encoder
+
+    g = torch.Generator().manual_seed(0)
+    fake = {v: [(torch.randn(8, 16, generator=g), "yes", "yes") for _ in range(14)] for v in ("v1", "v2")}
+    monkeypatch.setattr(encoder, "load_whisper_encoder", lambda: None)
+    monkeypatch.setattr(bench, "voice_sets", lambda corpus, enc, layer, hybrid, real: fake)
+    assert bench.main(["--out", str(tmp_path), "--llm", str(tiny_model_dir), "--projector", str(tiny_projector_file),
+                       "--n", "4,8", "--test", "4", "--kinds", "lora,full", "--max-steps", "2", "--threads", "1"]) == 0
+    record = json.loads((tmp_path / "personalize.json").read_text())
+    assert len(record["runs"]) == 2 * 2 * 2 and (tmp_path / "personalize.png").stat().st_size > 0
+    run = record["runs"][0]
+    assert run["gate"] in ("saved", "rejected") and run["steps"] == 2 and run["peak_rss_mb"] > 0
+    assert {"test_wer_before", "test_wer_after", "train_s", "git_commit"} <= set(run) | set(record)
