@@ -10,12 +10,14 @@ import rclpy
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.node import Node
 from std_msgs.msg import Bool, String
+from std_srvs.srv import Trigger
 from visualization_msgs.msg import Marker
 
 from tinyalign_ros.core.asr import WhisperTranscriber
 from tinyalign_ros.core.audio import SAMPLE_RATE, AudioError, normalize
 from tinyalign_ros.core.early_exit import ExitHeads, ExitPolicy, encode_utterance, load_heads
 from tinyalign_ros.core.encoder import load_whisper_encoder
+from tinyalign_ros.core.listen import ListenGate, Verdict
 from tinyalign_ros.core.models import shipped_model
 from tinyalign_ros.core.vad import Segment, StreamingSegmenter, VadConfig
 from tinyalign_ros.msg import AudioChunk, Utterance
@@ -57,6 +59,11 @@ class AsrNode(Node):
         self.speaker = p("speaker", "").value
         self.echo_gate = bool(p("echo_gate", True).value)
         self.echo_tail_s = float(p("echo_tail_s", 0.2).value)
+        # grace: a segment starts speech_pad_ms before its speech, and mic stamps jitter by ~a chunk
+        self.listen = ListenGate(p("listen.mode", "continuous").value, float(p("listen.timeout_s", 5.0).value),
+                                 p("listen.wake_phrase", "hey tiny").value,
+                                 grace_s=self.vad_config.speech_pad_ms / 1000 + 0.1)
+        self.listen_dropped = 0
         max_pending = int(p("max_pending_utterances", 4).value)
         self.segmenter = StreamingSegmenter(self.vad_config)
         self.transcriber = WhisperTranscriber(
@@ -84,6 +91,7 @@ class AsrNode(Node):
                                            self._on_drop, self._on_error)
         self.create_subscription(AudioChunk, "audio", self._on_audio, AUDIO_QOS)
         self.create_subscription(Bool, "speaking", self._on_speaking, LATCHED_QOS)
+        self.create_service(Trigger, "listen", self._on_listen)
         self.robot_speaking = False
         self._gate_until = 0.0  # wall time until which audio is still the robot's own echo
         self.gated_chunks = 0
@@ -127,6 +135,16 @@ class AsrNode(Node):
         if "exit.mode" in new or "exit.max_layer" in new or "exit.threshold" in new:
             self.get_logger().info(f"exit policy now {self.policy}")
         return SetParametersResult(successful=True)
+
+    def _on_listen(self, _request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
+        """Push-to-talk: pass on the next utterance whose speech starts within listen.timeout_s."""
+        try:
+            response.message = self.listen.open(self.get_clock().now().nanoseconds * 1e-9)
+            response.success = True
+        except ValueError as exc:  # continuous mode: nothing to open
+            response.message = str(exc)
+        self.get_logger().info(f"listen call: {response.message}")
+        return response
 
     # -- audio callback: cheap, never blocks on the model --------------------------------------
     def _on_speaking(self, msg: Bool) -> None:
@@ -198,6 +216,8 @@ class AsrNode(Node):
     # -- worker thread ------------------------------------------------------------------------
     def _transcribe(self, job: _Job) -> None:
         seg = job.segment
+        if not self._listening(seg, self.listen.check_segment(job.wall_offset + seg.start_s)):
+            return  # push-to-talk without a listen call: not worth the recognizer's time
         started = time.monotonic()
         encoded = None
         if self.encoder is not None:
@@ -207,6 +227,10 @@ class AsrNode(Node):
         else:
             transcript = self.transcriber.transcribe(seg.samples)
             text, confidence = transcript.text, transcript.confidence
+        verdict = self.listen.check_transcript(text, job.wall_offset + seg.start_s, job.wall_offset + seg.end_s)
+        if not self._listening(seg, verdict, text):
+            return
+        text = verdict.transcript  # the wake phrase stripped
         self._count += 1
         msg = Utterance()
         msg.header.stamp = self.get_clock().now().to_msg()
@@ -235,6 +259,15 @@ class AsrNode(Node):
         self.get_logger().info(f"[{seg.start_s:.2f}-{seg.end_s:.2f} s] '{text}' (confidence {confidence:.2f}, "
                                f"encoder layer {msg.feature_layer})")
 
+    def _listening(self, seg: Segment, verdict: Verdict, text: str = "") -> bool:
+        """Log and count an utterance the listen gate kept from the assistant (not addressed to it)."""
+        if not verdict.passed:
+            self.listen_dropped += 1
+            heard = f" '{text}'" if text else ""
+            self.get_logger().info(f"[{seg.start_s:.2f}-{seg.end_s:.2f} s]{heard} not passed on "
+                                   f"({self.listen.mode}): {verdict.reason}")
+        return verdict.passed
+
     def _diagnose(self, status: Status) -> None:
         status.add("audio_chunks_per_s", self.chunk_rate.rate())
         status.add("chunks_received", self.chunks_received)
@@ -249,6 +282,9 @@ class AsrNode(Node):
         status.add("exit_layer", self.last_layer)
         status.add("exit_policy", f"{self.policy.mode} threshold={self.policy.threshold} max_layer={self.policy.max_layer}")
         status.add("transcriber", self.transcriber_name)
+        status.add("listen_mode", self.listen.mode)
+        status.add("listen_window_open", self.listen.is_open(self.get_clock().now().nanoseconds * 1e-9))
+        status.add("not_addressed_utterances", self.listen_dropped)
         if self.dropped_utterances:
             status.summary(WARN, f"{self.dropped_utterances} utterances dropped (transcription too slow)")
         elif self.rejected_chunks:
