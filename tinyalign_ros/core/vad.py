@@ -31,6 +31,33 @@ CONTEXT = 64  # samples of the previous window silero v5+ expects in front of ea
 CUT_PAUSE_MS = 98
 
 
+class SileroStream:
+    """Speech probability of each 512-sample window of one continuous 16 kHz stream.
+
+    The model state (LSTM h, c and the 64-sample context) is carried from call to call, which
+    ``SileroVADModel.__call__`` does not do (see the module docstring). Shared by the
+    segmenter and by tts_node's barge-in detector (core/echo.py). Not thread-safe.
+    """
+
+    def __init__(self) -> None:
+        self._session = get_vad_model().session
+        self.reset()
+
+    def reset(self) -> None:
+        """The next window starts a new stream."""
+        self._h = np.zeros((1, 1, 128), dtype=np.float32)
+        self._c = np.zeros((1, 1, 128), dtype=np.float32)
+        self._context = np.zeros(CONTEXT, dtype=np.float32)
+
+    def __call__(self, windows: np.ndarray) -> np.ndarray:
+        """Probabilities (n,) of the (n, 512) float32 windows that follow the previous call's."""
+        context = np.vstack([self._context[None], windows[:-1, -CONTEXT:]])
+        probs, self._h, self._c = self._session.run(
+            None, {"input": np.hstack([context, windows]), "h": self._h, "c": self._c})
+        self._context = windows[-1, -CONTEXT:].copy()
+        return np.asarray(probs).reshape(-1)
+
+
 @dataclass(frozen=True)
 class Segment:
     """One utterance, ready for the recognizer."""
@@ -122,7 +149,7 @@ class StreamingSegmenter:
             raise ValueError(f"max_utterance_s={self.config.max_utterance_s} is too short for "
                              f"speech_pad_ms={self.config.speech_pad_ms}: it must be at least "
                              f"{min_len / sample_rate:.3f} s")
-        self._session = get_vad_model().session
+        self._vad = SileroStream()
         self._threshold = self.config.threshold
         self._neg_threshold = self.config.neg_threshold
         # The buffer never holds more than max_len samples (see _step), so allocate it once.
@@ -157,7 +184,7 @@ class StreamingSegmenter:
         self._pending = data[n_windows * WINDOW:].copy()
         if n_windows:
             windows = data[: n_windows * WINDOW].reshape(n_windows, WINDOW)
-            for window, prob in zip(windows, self._infer(windows)):
+            for window, prob in zip(windows, self._vad(windows)):
                 segments += self._advance(window, float(prob))
         return segments
 
@@ -208,9 +235,7 @@ class StreamingSegmenter:
         self._origin_s = origin_s
         self._pos = 0  # samples that went through the model in this run
         self._pending = np.zeros(0, dtype=np.float32)
-        self._h = np.zeros((1, 1, 128), dtype=np.float32)
-        self._c = np.zeros((1, 1, 128), dtype=np.float32)
-        self._context = np.zeros(CONTEXT, dtype=np.float32)
+        self._vad.reset()
         self._buf_start = 0  # run index of self._buf[0]
         self._buf_len = 0
         self._floor = 0  # no segment may start before this (end of the previous one)
@@ -223,14 +248,6 @@ class StreamingSegmenter:
 
     def _time(self, index: int) -> float:
         return self._origin_s + index / self.sample_rate
-
-    def _infer(self, windows: np.ndarray) -> np.ndarray:
-        """Speech probability of each window, carrying context and LSTM state across calls."""
-        context = np.vstack([self._context[None], windows[:-1, -CONTEXT:]])
-        probs, self._h, self._c = self._session.run(
-            None, {"input": np.hstack([context, windows]), "h": self._h, "c": self._c})
-        self._context = windows[-1, -CONTEXT:].copy()
-        return np.asarray(probs).reshape(-1)
 
     def _advance(self, audio: np.ndarray, prob: float) -> list[Segment]:
         """Buffer one window's audio and apply the decision rules to its probability."""
@@ -309,7 +326,7 @@ class StreamingSegmenter:
             self._pending = np.zeros(0, dtype=np.float32)
             window = np.zeros((1, WINDOW), dtype=np.float32)
             window[0, : len(tail)] = tail  # zero-padded for the model, as faster-whisper does
-            segments += self._advance(tail, float(self._infer(window)[0]))
+            segments += self._advance(tail, float(self._vad(window)[0]))
         if self._triggered:
             segments += self._close(self._pos)
         return segments
