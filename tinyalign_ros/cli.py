@@ -1,9 +1,11 @@
 """The `tinyalign` command: run the embedded graph, prepare models, synthesize speech.
 
-    tinyalign run [--input FILE] [--fast] [--jsonl] [--speak] [--speak-to WAV]   the node graph in one process
+    tinyalign run [--input FILE [--stay]] [--fast] [--jsonl] [--speak] [--speak-to WAV]   the node graph in one process
     tinyalign setup-models                            convert the packaged LLM once (~15 s)
     tinyalign synth --out DIR                         synthesize a labelled speech corpus
     tinyalign demo-audio OUT.wav                      synthesize the demo speech file
+    tinyalign personalize SPEAKER [--budget-s S] [--wait]   train a speaker's adapter now, in the running graph
+    tinyalign forget SPEAKER                          delete a speaker's samples, consent and adapters
     tinyalign train NAME [...]                        train a model we ship (tinyalign_ros/train/NAME.py)
     tinyalign bench NAME --out DIR [...]              a benchmark (tinyalign_ros/bench/NAME.py)
 """
@@ -84,11 +86,36 @@ def _cmd_run(args: argparse.Namespace) -> int:
             if not graph.wait_file_done(args.timeout):
                 print(f"tinyalign run: not done after {args.timeout:.0f} s", file=sys.stderr)
                 return 1
+            if args.stay:
+                print("tinyalign run: file done; the graph keeps running (Ctrl-C to stop)", file=sys.stderr, flush=True)
+                stop.wait()
         else:
             stop.wait()
     finally:
         graph.shutdown()
     return 0
+
+
+def _cmd_personalize(args: argparse.Namespace) -> int:
+    os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+    from tinyalign_ros.nodes.client import ServiceUnavailable, personalize
+
+    try:
+        return personalize(args.speaker, args.budget_s, args.wait, args.timeout)
+    except ServiceUnavailable as exc:
+        print(f"tinyalign personalize: {exc}", file=sys.stderr)
+        return 2
+
+
+def _cmd_forget(args: argparse.Namespace) -> int:
+    os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+    from tinyalign_ros.nodes.client import ServiceUnavailable, forget
+
+    try:
+        return forget(args.speaker, args.timeout)
+    except ServiceUnavailable as exc:
+        print(f"tinyalign forget: {exc}", file=sys.stderr)
+        return 2
 
 
 def _cmd_setup_models(args: argparse.Namespace) -> int:
@@ -149,9 +176,23 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--mode", choices=("cascade", "aligned"),
                      help="assistant mode (default: the config's); aligned also runs the encoder to its last layer")
     run.add_argument("--timeout", type=float, default=600.0, help="give up on a file after this many seconds")
+    run.add_argument("--stay", action="store_true",
+                     help="keep the graph running after the file (Ctrl-C stops it), e.g. to call "
+                          "`tinyalign personalize` from another terminal")
     run.add_argument("--no-personalizer", action="store_true",
                      help="leave personalizer_node out (no sample collection, no on-idle training)")
     run.set_defaults(func=_cmd_run)
+    pers = sub.add_parser("personalize", help="call /tinyalign/personalize of the running graph "
+                                              "(like `ros2 service call`)")
+    pers.add_argument("speaker", help="speaker id with consented samples")
+    pers.add_argument("--budget-s", type=float, default=0.0, help="training seconds (0 = the node's train.budget_s)")
+    pers.add_argument("--wait", action="store_true", help="follow the round and print its outcome")
+    pers.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the service")
+    pers.set_defaults(func=_cmd_personalize)
+    forg = sub.add_parser("forget", help="call /tinyalign/forget: delete a speaker's samples, consent and adapters")
+    forg.add_argument("speaker")
+    forg.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the service")
+    forg.set_defaults(func=_cmd_forget)
     sub.add_parser("setup-models", help="convert the packaged LLM for fast loading").set_defaults(
         func=_cmd_setup_models)
     demo = sub.add_parser("demo-audio", help="synthesize the demo speech file")

@@ -19,7 +19,9 @@ adapters). What this node adds:
   `forget` stops that speaker's round and deletes samples, consent record, adapters and
   checkpoints (a parameter-granted consent is withdrawn too until the node restarts).
 - topics: `personalize/progress` (std_msgs/String JSON: speaker, phase, step, loss, ETA),
-  `personalize/loss` (std_msgs/Float32, for rqt_plot), and `adapter` (std_msgs/String JSON,
+  `personalize/result` (std_msgs/String JSON: each round's outcome — saved, rejected by the gate,
+  preempted, failed — with the validation WERs and the new version; `tinyalign personalize --wait`
+  ends on it), `personalize/loss` (std_msgs/Float32, for rqt_plot), and `adapter` (std_msgs/String JSON,
   transient-local depth 1): the table of every speaker's current adapter
   `{"speaker": <changed>, "version": n, "path": p, "adapters": {speaker: {version, path, kind}}}`.
   The whole table in each message because a latched topic keeps only the last message: a
@@ -99,6 +101,7 @@ class PersonalizerNode(Node):
 
         self.progress_pub = self.create_publisher(String, "personalize/progress", EVENT_QOS)
         self.loss_pub = self.create_publisher(Float32, "personalize/loss", EVENT_QOS)
+        self.result_pub = self.create_publisher(String, "personalize/result", EVENT_QOS)
         self.adapter_pub = self.create_publisher(String, "adapter", LATCHED_QOS)
         self.create_subscription(Utterance, "utterance", self._on_utterance, EVENT_QOS)
         self.create_subscription(String, "correction", self._on_correction, EVENT_QOS)
@@ -226,6 +229,11 @@ class PersonalizerNode(Node):
         if result.adapter is not None:
             a = result.adapter
             self._announce(a.speaker, {"version": a.version, "path": str(a.path), "kind": a.extra.get("kind", "")})
+        self.result_pub.publish(String(data=json.dumps({
+            "speaker": result.speaker, "kind": result.kind, "status": result.status, "message": result.message,
+            "steps": result.steps, "train_s": round(result.train_s, 2), "n_train": result.n_train,
+            "n_val": result.n_val, "val_wer_before": result.val_wer_before, "val_wer_after": result.val_wer_after,
+            "version": result.adapter.version if result.adapter is not None else 0})))
         log = self.get_logger().warning if result.status == "failed" else self.get_logger().info
         log(f"{result.kind} adapter of {result.speaker}: {result.status}: {result.message}")
 
