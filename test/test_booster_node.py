@@ -13,7 +13,8 @@ import torch
 
 from conftest import REPO, wait_for
 from tinyalign_ros.core.boost import CHUNK_SAMPLES, BoostModel, Hint, HintBuffer, Teacher, load_boost, save_boost
-from tinyalign_ros.nodes.booster_node import HINT_MSG_TYPE, HINT_QOS, hint_from_msg, hint_to_msg
+from tinyalign_ros.msg import Hint as HintMsg
+from tinyalign_ros.nodes.hints import HINT_QOS, hint_from_msg, hint_to_msg
 from tinyalign_ros.nodes.common import AUDIO_QOS, to_time_msg
 
 HINT_DIM = 8
@@ -35,15 +36,18 @@ def test_malformed_hint_messages_are_refused():
     with pytest.raises(ValueError):
         hint_from_msg(msg)
     with pytest.raises(ValueError):
-        hint_from_msg(HINT_MSG_TYPE())
+        hint_from_msg(HintMsg())
 
 
 @pytest.fixture(scope="module")
 def fusion_file(tmp_path_factory):
-    """A small fusion file (random projection) so the test does not depend on training."""
+    """A small fusion file (random projection, random non-identity FiLM) so the test does not
+    depend on training and a boosted frame always differs from its unboosted input."""
     torch.manual_seed(0)
     model = BoostModel(384, 512, HINT_DIM, hidden=16, head_hidden=16,
                        teacher={"layer": 6, "window_s": WINDOW_S})
+    for p in model.fusion.parameters():  # the trained output layer starts at zero (identity)
+        torch.nn.init.normal_(p, std=0.1)
     path = tmp_path_factory.mktemp("fusion") / "fusion.safetensors"
     save_boost(model, path)
     return path
@@ -67,72 +71,217 @@ def stop(proc: subprocess.Popen, sig=signal.SIGINT) -> None:
             proc.wait()
 
 
-def test_booster_in_another_process_sends_aligned_hints_and_the_robot_falls_back_when_it_dies(
-        ros, fusion_file, speech_16k, tmp_path):
-    from diagnostic_msgs.msg import DiagnosticArray
+def boost_status(diagnostics: list, level=None, since: int = 0):
+    """The newest 'asr_node: knowledge boosting' status (of `level` if given) among
+    diagnostics[since:], or None."""
+    for array in reversed(diagnostics[since:]):
+        for status in array.status:
+            if status.name == "asr_node: knowledge boosting" and (level is None or status.level == level):
+                return status
+    return None
 
-    from tinyalign_ros.core.encoder import load_whisper_encoder
+
+def test_asr_node_fuses_a_live_boosters_hints_and_falls_back_when_it_dies(ros, fusion_file, speech_16k, tmp_path):
+    """booster_node in its own process, asr_node here, hints over DDS: the fused features differ
+    from the unfused ones the Utterance carries, the transcript is the boost head's; then the
+    booster is SIGKILLed mid-utterance: the rest of that utterance is exactly unboosted, nothing
+    waited for it, and /diagnostics says it vanished."""
+    from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
+    from rclpy.parameter import Parameter
+
     from tinyalign_ros.core.boost import whisper_base_dir
-    from tinyalign_ros.msg import AudioChunk
+    from tinyalign_ros.core.encoder import load_whisper_encoder
+    from tinyalign_ros.msg import AudioChunk, Utterance
+    from tinyalign_ros.nodes.asr_node import AsrNode
+    from tinyalign_ros.nodes.common import EVENT_QOS
 
     booster = start_booster(fusion_file, tmp_path)
     try:
-        robot = ros.node("robot")
-        buffer = HintBuffer(HINT_DIM, delay_budget_chunks=6)
+        asr = ros.add(AsrNode(namespace="tinyalign", context=ros.context, parameter_overrides=[
+            Parameter("transcriber", value="exit_head"), Parameter("exit.mode", value="budget"),
+            Parameter("exit.max_layer", value=0), Parameter("echo_gate", value=False),
+            Parameter("boost.fusion_file", value=str(fusion_file)), Parameter("boost.max_delay_chunks", value=6),
+            Parameter("boost.link_timeout_s", value=1.0)]))
+        fuser = asr.boost.fuser
+        probe = ros.node("probe")
         received: list = []
-        stream_pos = [0]  # the robot's audio clock: end offset of the newest chunk it sent
-
-        def on_hint(msg) -> None:
-            r = hint_from_msg(msg)
-            received.append(r)
-            buffer.add(r.hint, arrived_at=stream_pos[0])
-
+        utterances: list[Utterance] = []
         diagnostics: list = []
-        robot.create_subscription(HINT_MSG_TYPE, "hints", on_hint, HINT_QOS)
-        robot.create_subscription(DiagnosticArray, "/diagnostics", diagnostics.append, 10)
-        audio = robot.create_publisher(AudioChunk, "audio", AUDIO_QOS)
-        wait_for(lambda: audio.get_subscription_count() > 0, 60, "booster_node to subscribe to audio")
+        probe.create_subscription(HintMsg, "hints", lambda m: received.append(hint_from_msg(m)), HINT_QOS)
+        probe.create_subscription(Utterance, "utterance", utterances.append, EVENT_QOS)
+        probe.create_subscription(DiagnosticArray, "/diagnostics", diagnostics.append, 10)
+        audio = probe.create_publisher(AudioChunk, "audio", AUDIO_QOS)
+        wait_for(lambda: audio.get_subscription_count() >= 2, 60, "asr_node and booster_node to subscribe to audio")
+        wait_for(lambda: asr.count_publishers("/tinyalign/hints") >= 1, 60, "asr_node to see the booster")
+        wait_for(lambda: asr.utterance_pub.get_subscription_count() > 0, 20, "the utterance subscriber")
 
-        x = np.concatenate([speech_16k, np.zeros(CHUNK_SAMPLES, np.float32)])
-        n_chunks = len(x) // CHUNK_SAMPLES
-        half = n_chunks // 2
+        silence = np.zeros(5 * CHUNK_SAMPLES, np.float32)
+        speech = np.concatenate([speech_16k, np.zeros(-len(speech_16k) % CHUNK_SAMPLES, np.float32)])
+        x = np.concatenate([silence, speech, silence, silence, silence, speech, silence, silence])
+        chunks = [x[i:i + CHUNK_SAMPLES] for i in range(0, len(x), CHUNK_SAMPLES)]
+        sent = [0]
 
-        def send(k: int) -> None:
-            msg = AudioChunk(sample_rate=16000, offset=k * CHUNK_SAMPLES, end_of_stream=False,
-                             samples=x[k * CHUNK_SAMPLES:(k + 1) * CHUNK_SAMPLES])
-            msg.header.stamp = robot.get_clock().now().to_msg()
-            stream_pos[0] = (k + 1) * CHUNK_SAMPLES
-            audio.publish(msg)
-            time.sleep(0.1)  # real time
+        def send(n: int) -> None:
+            for _ in range(n):
+                k = sent[0]
+                msg = AudioChunk(sample_rate=16000, offset=k * CHUNK_SAMPLES, samples=chunks[k])
+                msg.header.stamp = probe.get_clock().now().to_msg()
+                audio.publish(msg)
+                sent[0] += 1
+                time.sleep(0.1)  # real time: the booster keeps up (or trails) as it would live
 
-        for k in range(half):
-            send(k)
-        wait_for(lambda: len(received) >= half, 60, "the first half's hints")
-        assert sorted(r.hint.offset for r in received) == [k * CHUNK_SAMPLES for k in range(half)]
-        wait_for(lambda: any(s.name == "booster_node: booster" for d in diagnostics for s in d.status), 10,
-                 "booster diagnostics")
+        # utterance 1, with the booster alive
+        first_end = (len(silence) + len(speech) + 2 * len(silence)) // CHUNK_SAMPLES
+        send(first_end)
+        wait_for(lambda: utterances, 60, "the first utterance")
+        u, fused = utterances[0], fuser.last
+        assert u.feature_layer == 4 and fused.boosted, fused.reason
+        assert fused.coverage > 0.3  # it trails by a chunk or two (more under load): most frames are boosted
+        unfused = torch.tensor(np.asarray(u.features, np.float32).reshape(u.feature_frames, u.feature_dim))
+        on = torch.from_numpy(fused.mask.astype(bool))
+        assert not torch.allclose(fused.features[on], unfused[on], atol=1e-3)  # hints changed the features
+        assert torch.equal(fused.features[~on], unfused[~on])
+        assert u.transcript == fused.text  # the exit-head transcript is the boost head's
+        since = len(diagnostics)  # a report made after this utterance
+        wait_for(lambda: boost_status(diagnostics, since=since) is not None, 10, "boost diagnostics")
+        status = boost_status(diagnostics, since=since)
+        assert status.level == DiagnosticStatus.OK and status.message.startswith("boosting"), status.message
+        ok = {kv.key: kv.value for kv in status.values}
+        assert int(ok["hints_received"]) > 0 and float(ok["last_utterance_boosted_fraction"]) > 0.3
 
         # the hints are exactly what the teacher computes here from the same audio
         teacher = Teacher(load_whisper_encoder(whisper_base_dir()), load_boost(fusion_file).projection,
                           window_s=WINDOW_S)
-        expected = [teacher.push(x[k * CHUNK_SAMPLES:(k + 1) * CHUNK_SAMPLES], k * CHUNK_SAMPLES).data
-                    for k in range(half)]
         got = {r.hint.offset: r.hint.data for r in received}
-        for k in range(half):
-            np.testing.assert_allclose(got[k * CHUNK_SAMPLES], expected[k], atol=1e-3)
+        for k in range(10):
+            expected = teacher.push(chunks[k], k * CHUNK_SAMPLES).data
+            np.testing.assert_allclose(got[k * CHUNK_SAMPLES], expected, atol=1e-3)
 
-        # the booster dies mid-utterance; the robot keeps streaming and never waits for it
+        # utterance 2: the booster dies in its middle
+        kill_at = first_end + len(silence) // CHUNK_SAMPLES + len(speech) // CHUNK_SAMPLES // 2
+        send(kill_at - first_end)
+        wait_for(lambda: fuser.buffer.covered_until() >= kill_at * CHUNK_SAMPLES, 30, "the hints up to the kill")
         stop(booster, signal.SIGKILL)
-        for k in range(half, n_chunks):
-            send(k)
-        t0 = time.monotonic()
-        hints, mask = buffer.gather(0, n_chunks * 5, end=n_chunks * CHUNK_SAMPLES)
-        assert time.monotonic() - t0 < 0.05
-        assert mask.tolist() == [1.0] * (5 * half) + [0.0] * (5 * (n_chunks - half))
-        assert np.abs(hints[: 5 * half]).sum() > 0 and (hints[5 * half:] == 0).all()
+        send(len(chunks) - kill_at)
+        wait_for(lambda: len(utterances) == 2, 60, "the second utterance")
+        u, fused = utterances[1], fuser.last
+        start = round(u.stream_start_s * 16000)
+        frame_centres = start + np.arange(len(fused.mask)) * 320 + 160
+        after = frame_centres >= kill_at * CHUNK_SAMPLES
+        assert after.any() and (~after).any()
+        assert fused.mask[after].sum() == 0  # no hints after the kill: exactly unboosted there...
+        unfused = torch.tensor(np.asarray(u.features, np.float32).reshape(u.feature_frames, u.feature_dim))
+        assert torch.equal(fused.features[torch.from_numpy(after)], unfused[torch.from_numpy(after)])
+        assert fused.mask[~after].sum() > 0  # ...and boosted before it
+        # keep the audio flowing: the robot notices the silence of the booster, not of the room
+        since = len(diagnostics)
+        for _ in range(100):
+            if boost_status(diagnostics, DiagnosticStatus.WARN, since) is not None:
+                break
+            chunks.append(np.zeros(CHUNK_SAMPLES, np.float32))
+            send(1)
+        warn = boost_status(diagnostics, DiagnosticStatus.WARN, since)
+        assert warn is not None and "vanished" in warn.message, boost_status(diagnostics).message
+        assert float({kv.key: kv.value for kv in warn.values}["last_utterance_boosted_fraction"]) < 1.0
     finally:
         stop(booster)
     assert booster.returncode is not None
+
+
+def test_reordered_late_duplicated_and_malformed_hints_through_asr_node(ros, fusion_file, speech_16k):
+    """Hint messages published to asr_node out of order, late, twice (the second copy different)
+    and malformed: the utterance's fused features are exactly what the stamp alignment rule says
+    (frames whose hint arrived within the budget, first copy wins), and bad messages are refused."""
+    from diagnostic_msgs.msg import DiagnosticArray
+    from rclpy.parameter import Parameter
+
+    from tinyalign_ros.msg import AudioChunk, Utterance
+    from tinyalign_ros.nodes.asr_node import AsrNode
+    from tinyalign_ros.nodes.common import EVENT_QOS
+
+    budget = 1
+    asr = ros.add(AsrNode(namespace="tinyalign", context=ros.context, parameter_overrides=[
+        Parameter("transcriber", value="exit_head"), Parameter("exit.mode", value="budget"),
+        Parameter("exit.max_layer", value=0), Parameter("echo_gate", value=False),
+        Parameter("boost.fusion_file", value=str(fusion_file)), Parameter("boost.max_delay_chunks", value=budget)]))
+    fuser = asr.boost.fuser
+    probe = ros.node("probe")
+    utterances: list[Utterance] = []
+    diagnostics: list = []
+    probe.create_subscription(Utterance, "utterance", utterances.append, EVENT_QOS)
+    probe.create_subscription(DiagnosticArray, "/diagnostics", diagnostics.append, 10)
+    audio = probe.create_publisher(AudioChunk, "audio", AUDIO_QOS)
+    hints = probe.create_publisher(HintMsg, "hints", HINT_QOS)
+    wait_for(lambda: audio.get_subscription_count() > 0 and hints.get_subscription_count() > 0
+             and asr.utterance_pub.get_subscription_count() > 0, 20, "discovery")
+
+    def hint_msg(j: int, sign: float = 1.0):
+        data = sign * np.random.default_rng(j).normal(size=(5, HINT_DIM)).astype(np.float32)
+        return hint_to_msg(Hint(j * CHUNK_SAMPLES, CHUNK_SAMPLES, data), to_time_msg(0.0))
+
+    # malformed first: wrong size, NaN, 600 frames, frames x dim not matching the data
+    bad = [hint_to_msg(Hint(0, CHUNK_SAMPLES, np.zeros((5, HINT_DIM + 1), np.float32)), to_time_msg(0.0)),
+           hint_to_msg(Hint(0, CHUNK_SAMPLES, np.full((5, HINT_DIM), np.nan, np.float32)), to_time_msg(0.0)),
+           hint_to_msg(Hint(0, 600 * 320, np.zeros((600, HINT_DIM), np.float32)), to_time_msg(0.0)),
+           hint_msg(0)]
+    bad[-1].frames = 4
+    for msg in bad:
+        hints.publish(msg)
+    wait_for(lambda: fuser.rejected == 3 and asr.boost.malformed == 1, 10, "the bad hints to be refused")
+
+    x = np.concatenate([np.zeros(5 * CHUNK_SAMPLES, np.float32), speech_16k, np.zeros(12 * CHUNK_SAMPLES, np.float32)])
+    n_chunks = len(x) // CHUNK_SAMPLES
+
+    def arrival(j: int) -> int:
+        """Audio chunk after which hint j is sent: odd hints trail by 3 chunks, even ones by 4, so
+        hint j-1 often comes after hint j (reordered), and the last ones are later than the budget."""
+        return j + 3 + (j % 2 == 0)
+
+    for k in range(n_chunks):
+        msg = AudioChunk(sample_rate=16000, offset=k * CHUNK_SAMPLES, samples=x[k * CHUNK_SAMPLES:(k + 1) * CHUNK_SAMPLES])
+        msg.header.stamp = probe.get_clock().now().to_msg()
+        audio.publish(msg)
+        wait_for(lambda: asr.chunks_received == k + 1, 10, "the audio chunk")
+        due = sorted((j for j in range(k + 1) if arrival(j) == k), reverse=True)  # newest first
+        for j in due:
+            before = fuser.received
+            hints.publish(hint_msg(j))
+            hints.publish(hint_msg(j, -1.0))  # a duplicate with other values: the first copy must win
+            wait_for(lambda: fuser.received == before + 2, 10, "the hint and its duplicate")
+    wait_for(lambda: utterances, 60, "the utterance")
+    u, fused = utterances[0], fuser.last
+    assert fuser.buffer.stats["reordered"] > 0 and fuser.buffer.stats["duplicate_frames"] > 0
+
+    # what the alignment rule says, computed here from the schedule alone
+    start, end = round(u.stream_start_s * 16000), round(u.stream_end_s * 16000)
+    n = u.feature_frames
+    expected_mask = np.zeros(n, np.float32)
+    expected_hints = np.zeros((n, HINT_DIM), np.float32)
+    for i in range(n):
+        frame = (start + 320 * i + 160) // 320
+        j = frame // 5
+        if (arrival(j) + 1) * CHUNK_SAMPLES <= end + budget * CHUNK_SAMPLES:
+            expected_mask[i] = 1
+            expected_hints[i] = np.random.default_rng(j).normal(size=(5, HINT_DIM)).astype(np.float32)[frame % 5]
+    assert 0 < expected_mask.sum() < n  # some frames in time, some too late
+    np.testing.assert_array_equal(fused.mask, expected_mask)
+    unfused = torch.tensor(np.asarray(u.features, np.float32).reshape(n, u.feature_dim))
+    model = load_boost(fusion_file)
+    with torch.inference_mode():
+        want = model.fusion(unfused[None], torch.from_numpy(expected_hints)[None],
+                            torch.from_numpy(expected_mask)[None])[0]
+    torch.testing.assert_close(fused.features, want, atol=1e-5, rtol=1e-5)
+    assert u.transcript == fused.text
+    since = len(diagnostics)
+    wait_for(lambda: boost_status(diagnostics, since=since) is not None, 10, "boost diagnostics")
+    values = {kv.key: kv.value for kv in boost_status(diagnostics, since=since).values}
+    assert int(values["hints_rejected"]) == 3 and int(values["malformed_hint_messages"]) == 1
+    assert values["last_rejection"]
+    # the budget is a run-time parameter, within the trained range only
+    assert asr.set_parameters([Parameter("boost.max_delay_chunks", value=3)])[0].successful
+    assert fuser.delay_budget_chunks == 3
+    refused = asr.set_parameters([Parameter("boost.max_delay_chunks", value=9)])[0]
+    assert not refused.successful and "0..6" in refused.reason and fuser.delay_budget_chunks == 3
 
 
 def test_booster_refuses_a_mismatched_hint_dim(fusion_file, tmp_path):

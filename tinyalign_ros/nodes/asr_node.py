@@ -24,6 +24,7 @@ from tinyalign_ros.msg import AudioChunk, Utterance
 
 from .common import AUDIO_QOS, EVENT_QOS, LATCHED_QOS, Worker, run_node, text_marker, to_time_msg
 from .diagnostics import OK, WARN, RateMeter, Status, Updater
+from .hints import RobotBoost
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,12 @@ class AsrNode(Node):
         self.chunk_rate = RateMeter()
         self.last_rtf = 0.0
         self.last_layer = -1
-        Updater(self).add("speech recognition", self._diagnose)
+        self.boost = RobotBoost(self, self.encoder.n_layers if self.encoder else None,
+                                self.encoder.d_model if self.encoder else None, self.pad_to_30s,
+                                boosts_transcript=self.transcriber_name == "exit_head")
+        updater = Updater(self)
+        updater.add("speech recognition", self._diagnose)
+        updater.add("knowledge boosting", self.boost.diagnose)
         self.get_logger().info("ready")
 
     # -- parameters ---------------------------------------------------------------------------
@@ -168,6 +174,7 @@ class AsrNode(Node):
     def _on_audio(self, msg: AudioChunk) -> None:
         self.chunk_rate.tick()
         self.chunks_received += 1
+        self.boost.on_audio(msg.offset, len(msg.samples), msg.sample_rate)  # the hints' clock runs even when gated
         if self._gated(msg):
             self.gated_chunks += 1
             self._expected_offset = msg.offset + len(msg.samples)
@@ -222,7 +229,12 @@ class AsrNode(Node):
         encoded = None
         if self.encoder is not None:
             encoded = encode_utterance(self.encoder, self.heads, self.policy, seg.samples, self.pad_to_30s)
-        if self.transcriber_name == "exit_head" and encoded is not None and encoded.exit is not None:
+        # the hints that are here now (never waited for); the Utterance keeps the unfused features
+        # the projector was trained on, the fused ones only feed the boost head (core/boost.py)
+        boosted = self.boost.fuse(encoded.features, encoded.layer, seg.start_s, seg.end_s) if encoded else None
+        if self.transcriber_name == "exit_head" and boosted is not None and boosted.boosted:
+            text, confidence = boosted.text, boosted.confidence
+        elif self.transcriber_name == "exit_head" and encoded is not None and encoded.exit is not None:
             text, confidence = encoded.exit.text, encoded.exit.confidence
         else:
             transcript = self.transcriber.transcribe(seg.samples)

@@ -5,11 +5,6 @@ Subscribes `audio` (AudioChunk), runs Whisper base on a causal sliding window fo
 encoder frame (5 per 0.1 s chunk), stamped with the chunk's stream offset so the robot aligns it
 whatever order or delay it arrives in. A busy booster drops the oldest queued chunks (the robot
 ignores stale hints anyway) and says so in /diagnostics.
-
-Message: the hint type is chosen by the adapter below. Until `tinyalign_ros/msg/Hint.msg` exists
-it is a `std_msgs/Float32MultiArray` stand-in (layout dims [frames, dim], stream offset,
-covered samples and the audio stamp in the first dimension's label); once the package builds a
-`Hint` message, `HINT_MSG_TYPE` picks it up and both sides switch together.
 """
 from __future__ import annotations
 
@@ -18,76 +13,17 @@ from dataclasses import dataclass
 
 import numpy as np
 from rclpy.node import Node
-from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 
 from tinyalign_ros.core.audio import AudioError, normalize
-from tinyalign_ros.core.boost import Hint, Teacher, hint_kbps, load_boost, whisper_base_dir
+from tinyalign_ros.core.boost import Teacher, hint_kbps, load_boost, whisper_base_dir
 from tinyalign_ros.core.encoder import load_whisper_encoder
 from tinyalign_ros.core.models import shipped_model
 from tinyalign_ros.msg import AudioChunk
+from tinyalign_ros.msg import Hint as HintMsg
 
 from .common import AUDIO_QOS, Worker, from_time_msg, run_node
 from .diagnostics import ERROR, OK, WARN, RateMeter, Status, Updater
-
-FUSION_FILE = "boost_fusion.safetensors"
-# Hints are only useful while fresh: keep a few, reliably, and never block the booster on them.
-HINT_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=20, reliability=ReliabilityPolicy.RELIABLE)
-
-# --------------------------------------------------------------------------- message adapter
-
-try:  # the real interface, once msg/Hint.msg is part of the package
-    from tinyalign_ros.msg import Hint as HINT_MSG_TYPE  # type: ignore[attr-defined]
-except ImportError:
-    from std_msgs.msg import Float32MultiArray as HINT_MSG_TYPE
-
-_LABEL = "tinyalign_hint"
-
-
-def hint_to_msg(hint: Hint, stamp) -> object:
-    """A ROS message for `hint`; `stamp` (builtin_interfaces/Time) is the audio chunk's stamp."""
-    data = np.ascontiguousarray(hint.data, dtype=np.float32)
-    msg = HINT_MSG_TYPE()
-    if hasattr(msg, "n_samples"):  # tinyalign_ros/Hint
-        msg.header.stamp, msg.header.frame_id = stamp, "mic"
-        msg.offset, msg.n_samples, msg.frames, msg.dim = hint.offset, hint.n_samples, hint.frames, hint.dim
-        msg.data = data.reshape(-1)
-        return msg
-    from std_msgs.msg import MultiArrayDimension
-
-    label = f"{_LABEL} offset={hint.offset} n_samples={hint.n_samples} stamp={stamp.sec}.{stamp.nanosec:09d}"
-    msg.layout.dim = [MultiArrayDimension(label=label, size=hint.frames, stride=hint.frames * hint.dim),
-                      MultiArrayDimension(label="dim", size=hint.dim, stride=hint.dim)]
-    msg.data = data.reshape(-1)
-    return msg
-
-
-@dataclass(frozen=True)
-class ReceivedHint:
-    hint: Hint
-    stamp_s: float  # wall-clock stamp of the audio chunk the hint belongs to
-
-
-def hint_from_msg(msg) -> ReceivedHint:
-    """Decode a hint message (either type); ValueError when it is malformed."""
-    if hasattr(msg, "n_samples"):
-        frames, dim, offset, n_samples = msg.frames, msg.dim, msg.offset, msg.n_samples
-        stamp_s = from_time_msg(msg.header.stamp)
-    else:
-        if len(msg.layout.dim) != 2 or not msg.layout.dim[0].label.startswith(_LABEL):
-            raise ValueError("not a tinyalign hint (Float32MultiArray without the hint layout)")
-        fields = dict(kv.split("=", 1) for kv in msg.layout.dim[0].label.split()[1:])
-        try:
-            offset, n_samples, stamp_s = int(fields["offset"]), int(fields["n_samples"]), float(fields["stamp"])
-        except (KeyError, ValueError) as exc:
-            raise ValueError(f"malformed hint label {msg.layout.dim[0].label!r}") from exc
-        frames, dim = msg.layout.dim[0].size, msg.layout.dim[1].size
-    data = np.asarray(msg.data, dtype=np.float32)
-    if frames * dim != data.size or dim == 0:
-        raise ValueError(f"hint says {frames}x{dim} values, carries {data.size}")
-    return ReceivedHint(Hint(int(offset), int(n_samples), data.reshape(frames, dim)), stamp_s)
-
-
-# --------------------------------------------------------------------------- the node
+from .hints import FUSION_FILE, HINT_QOS, hint_to_msg
 
 
 @dataclass
@@ -150,7 +86,7 @@ class BoosterNode(Node):
         self.get_logger().info(f"teacher: {encoder.n_layers}-layer {encoder.d_model}-d Whisper encoder, layer "
                                f"{self.teacher.layer}, window {window_s:g} s, hints {self.teacher.dim}-d "
                                f"({hint_kbps(self.teacher.dim):.1f} kB/s)")
-        self.pub = self.create_publisher(HINT_MSG_TYPE, "hints", HINT_QOS)
+        self.pub = self.create_publisher(HintMsg, "hints", HINT_QOS)
         self.create_subscription(AudioChunk, "audio", self._on_audio, AUDIO_QOS)
         self.hint_rate = RateMeter()
         self.hint_rate_frames = _FrameMeter()
