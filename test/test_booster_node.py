@@ -1,4 +1,5 @@
-"""booster_node: hints over DDS from a separate process, their alignment on the robot, and fallback."""
+"""booster_node and asr_node's fusion: hints over DDS from a separate process, their alignment on the
+robot (reordered, late, duplicated, malformed), the fallback when the booster dies, the embedded graph."""
 from __future__ import annotations
 
 import os
@@ -11,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, wait_for
-from tinyalign_ros.core.boost import CHUNK_SAMPLES, BoostModel, Hint, HintBuffer, Teacher, load_boost, save_boost
+from conftest import REPO, wait_for, write
+from tinyalign_ros.core.boost import CHUNK_SAMPLES, BoostModel, Hint, Teacher, load_boost, save_boost
 from tinyalign_ros.msg import Hint as HintMsg
-from tinyalign_ros.nodes.hints import HINT_QOS, hint_from_msg, hint_to_msg
 from tinyalign_ros.nodes.common import AUDIO_QOS, to_time_msg
+from tinyalign_ros.nodes.hints import HINT_QOS, hint_from_msg, hint_to_msg
 
 HINT_DIM = 8
 WINDOW_S = 0.5
@@ -284,6 +285,26 @@ def test_reordered_late_duplicated_and_malformed_hints_through_asr_node(ros, fus
     assert not refused.successful and "0..6" in refused.reason and fuser.delay_budget_chunks == 3
 
 
+def test_embedded_graph_runs_with_a_booster_node(speech_16k, tmp_path):
+    """`tinyalign run --booster`: booster_node in the same graph, the shipped fusion, real time.
+    The robot answers, and its exit-head transcript came from the boosted head."""
+    from tinyalign_ros.nodes.graph import EmbeddedGraph
+
+    path = write(tmp_path / "speech.wav", np.concatenate([np.zeros(8000, np.float32), speech_16k]), 16000)
+    overrides = {"mic_node": {"input_file": str(path)},
+                 "asr_node": {"echo_gate": False, "transcriber": "exit_head", "exit.mode": "budget"},
+                 "tts_node": {"play": False}, "booster_node": {"threads": 1}}
+    with EmbeddedGraph(overrides=overrides, exclude=("personalizer_node",), include=("booster_node",)) as graph:
+        assert graph.wait_file_done(120)
+        fuser = graph.nodes["asr_node"].boost.fuser
+        assert graph.nodes["booster_node"].published > 0 and fuser.received > 0
+        assert len(graph.listener.responses) == 1
+        last = fuser.last
+        assert last.boosted and last.coverage > 0, last.reason
+        (utterance,) = graph.listener.utterances.values()
+        assert utterance.transcript == last.text
+
+
 def test_booster_refuses_a_mismatched_hint_dim(fusion_file, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "tinyalign_ros.nodes.booster_node", "--ros-args", "-r", "__ns:=/tinyalign",
@@ -318,3 +339,13 @@ def test_booster_launch_file_matches_the_node():
                 if isinstance(c, ast.Call) and getattr(c.func, "id", None) == "DeclareLaunchArgument"
                 and isinstance(c.args[0], ast.Constant)}
     assert declared["namespace"]["default_value"].value == NAMESPACE
+    # the YAML section (embedded graph, assistant.launch.py booster:=true) has the same defaults
+    import yaml
+
+    from tinyalign_ros.nodes.graph import default_config
+
+    section = yaml.safe_load(default_config().read_text())[f"/{NAMESPACE}/booster_node"]["ros__parameters"]
+    assert set(section) == launch_params
+    for k, v in zip(args.keys, args.values):
+        default, kind = v.elts[0].value, {"str": str, "int": int, "float": float}[v.elts[1].id]
+        assert kind(default) == section[k.value], k.value

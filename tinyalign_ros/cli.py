@@ -1,6 +1,6 @@
 """The `tinyalign` command: run the embedded graph, prepare models, synthesize speech.
 
-    tinyalign run [--input FILE [--stay]] [--fast] [--jsonl] [--speak] [--speak-to WAV]   the node graph in one process
+    tinyalign run [--input FILE [--stay]] [--fast] [--jsonl] [--speak] [--speak-to WAV] [--booster]   the node graph in one process
     tinyalign setup-models                            convert the packaged LLM once (~15 s)
     tinyalign synth --out DIR                         synthesize a labelled speech corpus
     tinyalign demo-audio OUT.wav                      synthesize the demo speech file
@@ -73,7 +73,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     try:
         graph = EmbeddedGraph(args.config, overrides, on_utterance, on_response,
-                              exclude=("personalizer_node",) if args.no_personalizer else ())
+                              exclude=("personalizer_node",) if args.no_personalizer else (),
+                              include=("booster_node",) if args.booster else ())
     except (AudioError, FileNotFoundError, ValueError) as exc:
         print(f"tinyalign run: {exc}", file=sys.stderr)
         return 2
@@ -181,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
                           "`tinyalign personalize` from another terminal")
     run.add_argument("--no-personalizer", action="store_true",
                      help="leave personalizer_node out (no sample collection, no on-idle training)")
+    run.add_argument("--booster", action="store_true",
+                     help="also run booster_node (Whisper base teacher; slower than real time on a small CPU) "
+                          "in the graph; its hints change the transcript only with asr_node transcriber: exit_head")
     run.set_defaults(func=_cmd_run)
     pers = sub.add_parser("personalize", help="call /tinyalign/personalize of the running graph "
                                               "(like `ros2 service call`)")

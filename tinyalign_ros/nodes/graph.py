@@ -7,6 +7,12 @@ from the same YAML. `NODES` is the single list both must agree on (tested).
 personalizer_node is part of the graph but cheap to carry: it loads its LLM copy only for its
 first training round, which needs a consented speaker; `exclude=("personalizer_node",)` (or
 `tinyalign run --no-personalizer`) leaves it out altogether.
+
+booster_node is opt-in (`include=("booster_node",)`, `tinyalign run --booster`): it is meant for a
+stronger remote machine (`ros2 launch tinyalign_ros booster.launch.py` there), and Whisper base
+on the robot's own CPU runs slower than real time (bench/results/boost.json: 1.2x on 2 cores), so
+in the embedded graph it demonstrates the link rather than helps. Without it asr_node runs
+unboosted and never waits.
 """
 from __future__ import annotations
 
@@ -27,8 +33,10 @@ from tinyalign_ros.msg import Response, Utterance
 from .common import EVENT_QOS
 
 NAMESPACE = "tinyalign"
-NODES = ("mic_node", "asr_node", "assistant_node", "tts_node", "personalizer_node")
+# booster_node last: nodes start in reverse order, so it subscribes to the audio before mic_node plays
+NODES = ("mic_node", "asr_node", "assistant_node", "tts_node", "personalizer_node", "booster_node")
 OPTIONAL_NODES = ("personalizer_node",)  # the graph answers without them
+OPT_IN_NODES = ("booster_node",)  # started only when named in `include`
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "config" / "assistant.yaml"
 
 
@@ -58,6 +66,9 @@ def _node_class(name: str) -> type[Node]:
     if name == "personalizer_node":
         from .personalizer_node import PersonalizerNode
         return PersonalizerNode
+    if name == "booster_node":
+        from .booster_node import BoosterNode
+        return BoosterNode
     raise KeyError(f"unknown node '{name}'; known: {', '.join(NODES)}")
 
 
@@ -85,13 +96,13 @@ class Listener(Node):
 
 
 class EmbeddedGraph:
-    """Start the nodes of `NODES` (less those of `OPTIONAL_NODES` named in `exclude`) with
-    parameters from `config` plus per-node `overrides`."""
+    """Start the nodes of `NODES` (less those of `OPTIONAL_NODES` named in `exclude`, and those of
+    `OPT_IN_NODES` not named in `include`) with parameters from `config` plus per-node `overrides`."""
 
     def __init__(self, config: Path | None = None, overrides: dict[str, dict[str, Any]] | None = None,
                  on_utterance: Callable[[Utterance], None] | None = None,
                  on_response: Callable[[Response], None] | None = None, threads: int = 4,
-                 exclude: Sequence[str] = ()) -> None:
+                 exclude: Sequence[str] = (), include: Sequence[str] = ()) -> None:
         self.config = Path(config) if config else default_config()
         if not self.config.is_file():
             raise FileNotFoundError(f"parameter file not found: {self.config}")
@@ -105,11 +116,14 @@ class EmbeddedGraph:
             raise KeyError(f"overrides for unknown nodes: {sorted(unknown)}")
         if set(exclude) - set(OPTIONAL_NODES):
             raise KeyError(f"only {OPTIONAL_NODES} can be left out, not {sorted(set(exclude) - set(OPTIONAL_NODES))}")
+        if set(include) - set(OPT_IN_NODES):
+            raise KeyError(f"only {OPT_IN_NODES} can be added, not {sorted(set(include) - set(OPT_IN_NODES))}")
+        started = [n for n in NODES if n not in exclude and (n not in OPT_IN_NODES or n in include)]
         try:
             self.listener = Listener(self.context, on_utterance, on_response)
             self.executor.add_node(self.listener)
             # Consumers first, so the file source finds its subscribers already there.
-            for name in reversed([n for n in NODES if n not in exclude]):
+            for name in reversed(started):
                 params = [Parameter(k, value=v) for k, v in overrides.get(name, {}).items()]
                 node = _node_class(name)(namespace=NAMESPACE, context=self.context, parameter_overrides=params)
                 self.nodes[name] = node
