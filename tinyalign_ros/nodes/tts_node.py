@@ -17,8 +17,9 @@ import soxr
 from rclpy.node import Node
 from std_msgs.msg import Bool, Empty
 
-from tinyalign_ros.core.audio import AudioError
+from tinyalign_ros.core.audio import AudioError, normalize
 from tinyalign_ros.core.corpus import SynthesisError
+from tinyalign_ros.core.echo import BargeInDetector, DoubleTalkConfig
 from tinyalign_ros.core.tts import ENGINES, SentenceBuffer, Synthesizer
 from tinyalign_ros.msg import AudioChunk, Response, ResponseToken
 
@@ -86,6 +87,12 @@ class TtsNode(Node):
     queued sentence and the rest of the interrupted answers' tokens, and sets `speaking` False at
     once, without the tail: the operator is talking and the microphone must hear them.
 
+    Barge-in by voice (`barge_in_on_speech`): this node also listens to the microphone
+    (`audio`) while it speaks and stops the same way when the operator talks over it, but not
+    when the microphone only hears the robot: a Geigel double-talk detector compares the
+    microphone with exactly what this node played, aligned by wall time (core/echo.py, which
+    also says what it cannot do without an echo canceller).
+
     `speak_to_file`: one WAV for the node's lifetime (truncated at start); every sentence is
     appended as it finishes playing, exactly as spoken (cut short by a barge-in too), and the
     file is a valid WAV after each append.
@@ -112,6 +119,15 @@ class TtsNode(Node):
         self.chunk_s = float(p("chunk_s", 0.05).value)
         self.tail_s = float(p("tail_s", 0.3).value)
         self.barge_in_enabled = bool(p("barge_in", True).value)
+        self.barge_in_on_speech = bool(p("barge_in_on_speech", False).value)
+        double_talk = DoubleTalkConfig(  # validated even when off: a bad value is an error either way
+            threshold=float(p("double_talk.threshold", 0.5).value),
+            echo_window_s=float(p("double_talk.echo_window_s", 0.25).value),
+            clock_tolerance_s=float(p("double_talk.clock_tolerance_s", 0.15).value),
+            min_speech_ms=int(p("double_talk.min_speech_ms", 150).value),
+            vad_threshold=float(p("double_talk.vad_threshold", 0.5).value),
+        )
+        self.detector = BargeInDetector(double_talk) if self.barge_in_on_speech else None
         self.speak_to_file = str(p("speak_to_file", "").value)
         self.realtime = bool(p("realtime", True).value)
         self.max_queued = int(p("max_queued_sentences", 32).value)
@@ -146,6 +162,8 @@ class TtsNode(Node):
         self.sentences_spoken = 0
         self.sentences_interrupted = 0
         self.barge_ins = 0
+        self.voice_barge_ins = 0
+        self._mic_armed = False  # the detector has been reset for the speech going on now
         self.dropped_sentences = 0
         self.synthesis_errors = 0
         self.last_synthesis_s = 0.0
@@ -175,6 +193,8 @@ class TtsNode(Node):
         # answers whose tokens never came (an assistant that does not stream).
         self.create_subscription(Response, "response", self._on_response, EVENT_QOS)
         self.create_subscription(Empty, "barge_in", self._on_barge_in, EVENT_QOS)
+        if self.detector is not None:
+            self.create_subscription(AudioChunk, "audio", self._on_mic, AUDIO_QOS)
         self.create_timer(0.05, self._update_speaking)  # tail resolution
         Updater(self).add("speech output", self._diagnose)
         outputs = [o for o, on in (("device", self._stream is not None), ("speech_audio", self.publish_audio),
@@ -290,6 +310,30 @@ class TtsNode(Node):
         if not self.barge_in_enabled:
             self.get_logger().info("barge-in ignored (parameter barge_in is false)", throttle_duration_sec=10.0)
             return
+        self._interrupt("barge-in")
+
+    def _on_mic(self, msg: AudioChunk) -> None:
+        """Barge-in by voice: run the double-talk detector on the microphone while speaking."""
+        if not self._speaking:
+            self._mic_armed = False
+            return
+        if not self._mic_armed:  # a new stretch of speech: forget the microphone side of the last one
+            self.detector.reset()
+            self._mic_armed = True
+        try:
+            audio = normalize(np.asarray(msg.samples, dtype=np.float32), msg.sample_rate)
+        except AudioError as exc:
+            self.get_logger().warning(f"barge-in detector skipped a microphone chunk: {exc}",
+                                      throttle_duration_sec=10.0)
+            return
+        event = self.detector.near(from_time_msg(msg.header.stamp), audio.samples)
+        if event is not None and self._interrupt(
+                f"barge-in by voice (microphone at {event.ratio:.2f} x the robot's recent peak, "
+                f"threshold {self.detector.config.threshold:g})"):
+            self.voice_barge_ins += 1
+
+    def _interrupt(self, reason: str) -> bool:
+        """Stop speaking now and drop everything queued; True if there was something to stop."""
         with self._lock:
             busy = self._playing or not self.synth_worker.idle or not self.player.idle or bool(self._buffers)
             self._generation += 1
@@ -302,7 +346,8 @@ class TtsNode(Node):
             self._set_speaking(False)
         if busy or was_speaking:
             self.barge_ins += 1
-            self.get_logger().info("barge-in: speech stopped, queued sentences dropped")
+            self.get_logger().info(f"{reason}: speech stopped, queued sentences dropped")
+        return busy or was_speaking
 
     # -- worker threads --------------------------------------------------------------------------
     def _synthesize(self, item: _Sentence) -> None:
@@ -351,6 +396,9 @@ class TtsNode(Node):
                 samples = item.samples[start:start + block]
                 if start == 0:
                     self._first_audio(item.utterance_id)
+                if self.detector is not None:  # the far end, when it reaches the speaker
+                    self.detector.far(self.get_clock().now().nanoseconds * 1e-9
+                                      + (self.device_latency_s if self._stream else 0.0), samples, self.output_rate)
                 self._publish_chunk(samples)
                 if self._stream is not None:
                     self._write_device(device_audio[round(start * ratio):round((start + samples.size) * ratio)])
@@ -480,6 +528,12 @@ class TtsNode(Node):
         status.add("sentences_interrupted", self.sentences_interrupted)
         status.add("audio_seconds", self.audio_seconds)
         status.add("barge_ins", self.barge_ins)
+        status.add("barge_in_on_speech", self.barge_in_on_speech)
+        if self.detector is not None:
+            status.add("voice_barge_ins", self.voice_barge_ins)
+            ratios = self.detector.echo_ratios()  # with the robot talking alone: its echo gain
+            status.add("echo_ratio_p50", ratios[0] if ratios else float("nan"))
+            status.add("echo_ratio_p95", ratios[1] if ratios else float("nan"))
         status.add("dropped_sentences", self.dropped_sentences)
         status.add("synthesis_errors", self.synthesis_errors)
         status.add("last_synthesis_s", self.last_synthesis_s)

@@ -1,0 +1,99 @@
+"""tts_node's barge-in by voice with real rclpy: a room relays what the robot says back into
+its microphone (attenuated, late); the robot talks to the end over its own echo, and stops when
+the operator talks over it."""
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+from rclpy.parameter import Parameter
+from std_msgs.msg import Bool
+
+from conftest import wait_for
+from tinyalign_ros.msg import AudioChunk, ResponseToken
+from tinyalign_ros.nodes.common import AUDIO_QOS, EVENT_QOS, LATCHED_QOS
+from tinyalign_ros.nodes.tts_node import TtsNode
+
+SR = 16000
+ECHO_GAIN = 0.3
+
+
+@pytest.fixture(scope="module")
+def operator_voice() -> np.ndarray:
+    from tinyalign_ros.core.corpus import Voice, synthesize
+
+    return synthesize("No, wait, I meant the bedroom.", Voice("operator-joe", "piper", "en_US-joe-medium"))
+
+
+class Room:
+    """A live microphone in 100 ms chunks (stamped when published) hearing the robot's speech_audio
+    at ECHO_GAIN, plus whatever the operator says into it."""
+
+    def __init__(self, ros) -> None:
+        self.node = ros.node("room")
+        self.mic = self.node.create_publisher(AudioChunk, "audio", AUDIO_QOS)
+        self.tokens = self.node.create_publisher(ResponseToken, "response_tokens", EVENT_QOS)
+        self.speaking: list[bool] = []
+        self.node.create_subscription(Bool, "speaking", lambda m: self.speaking.append(m.data), LATCHED_QOS)
+        self.node.create_subscription(AudioChunk, "speech_audio", self._hear, AUDIO_QOS)
+        self._lock = threading.Lock()
+        self._echo = np.zeros(0, np.float32)
+        self._voice = np.zeros(0, np.float32)
+        self.offset = 0
+        self.node.create_timer(0.1, self._capture)
+
+    def _hear(self, msg: AudioChunk) -> None:
+        assert msg.sample_rate == SR
+        with self._lock:
+            self._echo = np.concatenate([self._echo, ECHO_GAIN * np.asarray(msg.samples, np.float32)])
+
+    def say(self, clip: np.ndarray) -> None:
+        with self._lock:
+            self._voice = clip.copy()
+
+    def _capture(self) -> None:
+        chunk = np.zeros(1600, np.float32)
+        with self._lock:
+            for name in ("_echo", "_voice"):
+                part = getattr(self, name)[:1600]
+                chunk[:part.size] += part
+                setattr(self, name, getattr(self, name)[1600:])
+        msg = AudioChunk(sample_rate=SR, offset=self.offset, samples=chunk)
+        msg.header.stamp = self.node.get_clock().now().to_msg()
+        self.offset += chunk.size
+        self.mic.publish(msg)
+
+    def answer(self, uid: str, text: str) -> None:
+        msg = ResponseToken(utterance_id=uid, index=0, text=text, final=True)
+        msg.header.stamp = self.node.get_clock().now().to_msg()
+        self.tokens.publish(msg)
+
+
+def test_the_robot_talks_over_its_echo_and_stops_for_the_operator(ros, operator_voice):
+    node = ros.add(TtsNode(namespace="tinyalign", context=ros.context, parameter_overrides=[
+        Parameter(k, value=v) for k, v in {"engine": "espeak-ng", "play": False, "sample_rate": SR,
+                                           "tail_s": 0.3, "barge_in_on_speech": True}.items()]))
+    room = Room(ros)
+    wait_for(lambda: room.tokens.get_subscription_count() and room.mic.get_subscription_count()
+             and node.audio_pub.get_subscription_count() and room.speaking, what="discovery")
+
+    room.answer("u1", "The kitchen is down the hall on your left. The living room is straight ahead.")
+    wait_for(lambda: node.speaking, timeout=10, what="the robot speaking")
+    wait_for(lambda: not node.speaking and node.idle, timeout=30, what="the robot finishing over its own echo")
+    assert node.voice_barge_ins == 0 and node.sentences_spoken == 2 and node.sentences_interrupted == 0
+    p50, p95 = node.detector.echo_ratios()
+    assert p95 < node.detector.config.threshold and p95 > 0.5 * ECHO_GAIN  # it did hear its echo
+
+    room.answer("u2", "The bathroom is upstairs, second door on the right. Ask me again if you get lost.")
+    wait_for(lambda: node.speaking, timeout=10, what="the robot speaking again")
+    time.sleep(1.0)  # the operator cuts in a second into the answer (a moment, not a condition)
+    room.say(operator_voice)
+    cut_in = time.monotonic()
+    wait_for(lambda: not node.speaking, timeout=5, what="the robot to stop for the operator")
+    stopped_after = time.monotonic() - cut_in
+    wait_for(lambda: node.voice_barge_ins == 1 and node.sentences_interrupted == 1 and node.idle, timeout=5,
+             what="the barge-in counted and the sentence cut short")
+    assert node.sentences_spoken == 2  # the rest of the answer was dropped
+    assert stopped_after < 1.0  # ~0.2 s of detection plus the 100 ms chunks and DDS on a loaded CPU
