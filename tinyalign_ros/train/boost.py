@@ -4,7 +4,8 @@
 
 Both encoders are frozen, so their outputs are computed once and cached
 (`build/cache/boost/SPLIT-KEY.npz`, float16):
-- student: Whisper tiny.en, full depth, final LayerNorm, unpadded (what asr_node publishes);
+- student: Whisper tiny.en, full depth, final LayerNorm, unpadded (asr_node's features when its
+  encoder runs to the last layer; the only ones it fuses hints into);
 - hints: Whisper base run exactly as booster_node runs it, i.e. streamed chunk by chunk
   (0.1 s) over a causal sliding window (`--window-s`), keeping each chunk's 5 frames
   (pre-projection, 512-d, so the projection can be learned);
