@@ -41,10 +41,11 @@ def demo_input(path: str | None, work_dir: Path) -> tuple[Path, list[dict]]:
 
 @dataclass
 class GraphRun:
-    """Responses (with arrival time) and memory samples of one looping real-time run."""
+    """Responses (with arrival time), spoken audio and memory samples of one looping real-time run."""
 
     started: float = field(default_factory=time.monotonic)
     responses: list[tuple[float, object]] = field(default_factory=list)
+    speech_audio: list[float] = field(default_factory=list)  # wall stamps of tts_node's speech_audio chunks
     rss: list[tuple[float, float]] = field(default_factory=list)
     dropped: int = 0
 
@@ -53,7 +54,11 @@ def run_graph(input_file: Path, stop_after_s: float | None = None, stop_after_re
               sample_every_s: float = 5.0, log=print) -> GraphRun:
     """Play `input_file` in a loop at real time through the whole graph until a stop condition."""
     os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
-    from tinyalign_ros.nodes.graph import EmbeddedGraph
+    from rclpy.node import Node
+
+    from tinyalign_ros.msg import AudioChunk
+    from tinyalign_ros.nodes.common import AUDIO_QOS, from_time_msg
+    from tinyalign_ros.nodes.graph import NAMESPACE, EmbeddedGraph
 
     run = GraphRun()
 
@@ -64,6 +69,11 @@ def run_graph(input_file: Path, stop_after_s: float | None = None, stop_after_re
 
     overrides = {"mic_node": {"input_file": str(input_file), "loop": True, "playback_rate": 1.0}}
     with EmbeddedGraph(overrides=overrides, on_response=on_response) as graph:
+        # a probe, as an outside listener would be: when each block of the spoken answer was played
+        probe = Node("bench_probe", namespace=NAMESPACE, context=graph.context)
+        probe.create_subscription(AudioChunk, "speech_audio",
+                                  lambda m: run.speech_audio.append(from_time_msg(m.header.stamp)), AUDIO_QOS)
+        graph.executor.add_node(probe)
         run.started = time.monotonic()
         next_sample = 0.0
         while True:
@@ -78,4 +88,6 @@ def run_graph(input_file: Path, stop_after_s: float | None = None, stop_after_re
             time.sleep(0.1)
         asr, assistant = graph.nodes["asr_node"], graph.nodes["assistant_node"]
         run.dropped = asr.dropped_utterances + (assistant.handled - assistant.answered)
+        graph.executor.remove_node(probe)
+        probe.destroy_node()
     return run
