@@ -47,6 +47,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as save_safetensors
 from transformers import TextIteratorStreamer
 
+from .llm import check_user_text
 from .projector import Projector, ProjectorLoadError, _atomic_write, save_projector
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ class AlignPrompt:
 
     def user_text(self, transcript: str = "") -> str:
         before = f"{self.instruction}\n" if self.inject and self.instruction else ""
-        heard = f"\n{TRANSCRIPT_LABEL} {' '.join(transcript.split())}" if self.transcript else ""
+        heard = f"\n{TRANSCRIPT_LABEL} {' '.join(check_user_text(transcript).split())}" if self.transcript else ""
         after = f"\n{self.prompt}" if self.prompt else ""
         return f"{before}{AUDIO_MARK}{heard}{after}"
 

@@ -29,6 +29,20 @@ DEFAULT_SYSTEM_PROMPT = (
     "lights on and off. When the operator asks you to do something, say briefly that you will do it. "
     "Answer questions in one short sentence."
 )
+# 30 s of speech (the encoder's window) is well under 1000 characters: a longer "transcript" is
+# malformed input, and refusing it keeps the prompt's attention cost (quadratic in its length) bounded.
+MAX_USER_CHARS = 2000
+
+
+class PromptTooLong(ValueError):
+    """User text longer than MAX_USER_CHARS."""
+
+
+def check_user_text(text: str) -> str:
+    """`text` unchanged, or PromptTooLong: every prompt built from an operator's words goes through here."""
+    if len(text) > MAX_USER_CHARS:
+        raise PromptTooLong(f"the text has {len(text)} characters, more than the {MAX_USER_CHARS} a prompt takes")
+    return text
 
 
 def convert_gguf(gguf: Path | None = None, out_dir: Path | None = None) -> Path:
@@ -85,7 +99,8 @@ class ChatLLM:
 
     def prompt_ids(self, user_text: str) -> torch.Tensor:
         # An explicit system message: SmolLM2's template inserts its own default one otherwise.
-        messages = [{"role": "system", "content": self.system_prompt}, {"role": "user", "content": user_text}]
+        messages = [{"role": "system", "content": self.system_prompt},
+                    {"role": "user", "content": check_user_text(user_text)}]
         return self.tokenizer.apply_chat_template(
             messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
         )["input_ids"]

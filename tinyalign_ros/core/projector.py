@@ -14,28 +14,43 @@ vector, k=4 → 12.5 tokens per second) or *mean-pooled*, then mapped to the LLM
 A projector file is safetensors with metadata naming what it fits (encoder layer and width,
 LLM id and hidden size) and a SHA-256 over its tensors, written atomically; any corrupt,
 truncated or mismatched file is refused with `ProjectorLoadError` saying why.
+
+Features that arrive over ROS (Utterance messages from another process) are checked against a
+projector's config by `check_features` before any model sees them: nodes stay thin, and the
+assistant and the personalizer refuse the same things for the same reasons.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
+from .encoder import EncoderConfig
+
 PROJECTOR_FORMAT = "tinyalign-projector/1"
 KINDS = ("linear", "mlp", "bridgeformer")
 POOLING = ("stack", "mean")
+# Whisper's encoder has 1500 positions (30 s of audio): longer features cannot come from an utterance,
+# and a forged frame count must not reach the LLM (attention memory grows with its square).
+MAX_FEATURE_FRAMES = EncoderConfig.n_ctx
 
 
 class ProjectorLoadError(RuntimeError):
     """A projector file that cannot be used: missing, corrupt, or made for another encoder/LLM."""
+
+
+class FeatureMismatch(ValueError):
+    """Features a projector cannot take (wrong shape, layer or values); the message says why."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +80,30 @@ class ProjectorConfig:
     @property
     def pooled_dim(self) -> int:
         return self.in_dim * self.stack if self.pooling == "stack" else self.in_dim
+
+
+def check_features(cfg: ProjectorConfig, values: Sequence[float] | np.ndarray, frames: int, dim: int, layer: int) -> np.ndarray:
+    """`values` (row-major frames x dim, as an Utterance carries them) as a float32 (frames, dim) array
+    that a projector of config `cfg` can take, else FeatureMismatch saying why.
+
+    The declared shape is checked before the values are touched, so a forged frame count allocates
+    nothing; NaN or infinity is refused because it turns every audio embedding into NaN.
+    """
+    if layer < 0 or frames == 0:
+        raise FeatureMismatch("carries no encoder features (is asr_node's encoder enabled?)")
+    if dim != cfg.in_dim:
+        raise FeatureMismatch(f"has {dim}-dim features, the projector takes {cfg.in_dim}")
+    if layer != cfg.encoder_layer:
+        raise FeatureMismatch(f"has features of encoder layer {layer}, the projector was trained on layer "
+                              f"{cfg.encoder_layer} (set asr_node's exit policy so it runs to that layer)")
+    if frames > MAX_FEATURE_FRAMES:
+        raise FeatureMismatch(f"has {frames} frames, more than the encoder's {MAX_FEATURE_FRAMES} (30 s of audio)")
+    if len(values) != frames * dim:
+        raise FeatureMismatch(f"has {len(values)} feature values, not {frames} x {dim}")
+    features = np.asarray(values, dtype=np.float32).reshape(frames, dim)
+    if not np.isfinite(features).all():
+        raise FeatureMismatch("has NaN or infinite feature values")
+    return features
 
 
 def pooled_lengths(lengths: torch.Tensor, k: int) -> torch.Tensor:
@@ -225,6 +264,25 @@ def read_projector_metadata(path: str | Path) -> dict[str, str]:
         raise ProjectorLoadError(f"{path} is not a readable safetensors file: {exc}") from exc
 
 
+def _config_of(path: str | Path, metadata: dict[str, str]) -> ProjectorConfig:
+    try:
+        raw = json.loads(metadata["config"])
+        known = {f.name for f in fields(ProjectorConfig)}
+        return ProjectorConfig(**{k: v for k, v in raw.items() if k in known})
+    except (KeyError, ValueError, TypeError) as exc:
+        raise ProjectorLoadError(f"{path} has unusable projector metadata: {exc}") from exc
+
+
+def read_projector_config(path: str | Path) -> ProjectorConfig:
+    """The config of a projector file from its metadata alone (no tensors read): what a node that
+    loads the projector later needs now, to refuse features that will not fit it."""
+    metadata = read_projector_metadata(path)
+    if metadata.get("format") != PROJECTOR_FORMAT:
+        raise ProjectorLoadError(
+            f"{path} is not a projector file (format {metadata.get('format')!r}, expected {PROJECTOR_FORMAT!r})")
+    return _config_of(path, metadata)
+
+
 def load_projector(path: str | Path, *, in_dim: int | None = None, out_dim: int | None = None,
                    encoder_layer: int | None = None, device: str | torch.device = "cpu") -> Projector:
     """A projector saved by `save_projector`, checked against what the caller will feed it.
@@ -247,13 +305,8 @@ def load_projector(path: str | Path, *, in_dim: int | None = None, out_dim: int 
             f"{path} is not a projector file (format {metadata.get('format')!r}, expected {PROJECTOR_FORMAT!r})")
     if tensors_sha256(tensors) != metadata.get("sha256"):
         raise ProjectorLoadError(f"{path} is corrupt: its tensors do not match the SHA-256 in its metadata")
-    try:
-        raw = json.loads(metadata["config"])
-        known = {f.name for f in fields(ProjectorConfig)}
-        cfg = ProjectorConfig(**{k: v for k, v in raw.items() if k in known})
-        projector = Projector(cfg)
-    except (KeyError, ValueError, TypeError) as exc:
-        raise ProjectorLoadError(f"{path} has unusable projector metadata: {exc}") from exc
+    cfg = _config_of(path, metadata)
+    projector = Projector(cfg)
     for what, want, have in (("encoder width", in_dim, cfg.in_dim), ("LLM hidden size", out_dim, cfg.out_dim),
                              ("encoder layer", encoder_layer, cfg.encoder_layer)):
         if want is not None and want != have:

@@ -54,6 +54,9 @@ SOURCES = ("enrollment", "correction", "teacher")
 HUMAN_SOURCES = ("enrollment", "correction")
 CONSENT_FILE = "consent.json"
 _FP16_MAX = 65504.0
+# What 30 s of speech can say, with room to spare (the same bound as llm.MAX_USER_CHARS): a longer
+# label or transcript is malformed input, and would make every training round of its speaker fail.
+MAX_TEXT_CHARS = 2000
 
 
 class ConsentError(PermissionError):
@@ -141,7 +144,8 @@ class SampleStore:
 
         Dropped (None): a teacher label below `teacher_min_confidence`, or a teacher label for an
         utterance a person already labelled. Refused (exception): no consent (ConsentError), an
-        unknown source, empty text, a confidence outside [0, 1], features that are not (frames, d).
+        unknown source, empty text, text or asr_transcript longer than MAX_TEXT_CHARS, a confidence
+        outside [0, 1], features that are not (frames, d).
         """
         folder = self._dir(speaker)
         if source not in SOURCES:
@@ -149,6 +153,10 @@ class SampleStore:
         text = " ".join(str(text).split())
         if not text:
             raise ValueError("a sample needs a non-empty label text")
+        asr_transcript = " ".join(str(asr_transcript).split())
+        if max(len(text), len(asr_transcript)) > MAX_TEXT_CHARS:
+            raise ValueError(f"a label or transcript of {max(len(text), len(asr_transcript))} characters is not "
+                             f"an utterance's (at most {MAX_TEXT_CHARS})")
         confidence = float(confidence)
         if not 0.0 <= confidence <= 1.0:
             raise ValueError(f"confidence must be in [0, 1], got {confidence}")
@@ -173,7 +181,7 @@ class SampleStore:
         f16 = features.detach().cpu().float().clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16).contiguous()
         metadata = {"format": SAMPLE_FORMAT, "speaker": speaker, "text": text, "source": source,
                     "confidence": repr(confidence), "created": repr(created), "utterance_id": str(utterance_id),
-                    "layer": str(int(layer)), "asr_transcript": " ".join(str(asr_transcript).split())}
+                    "layer": str(int(layer)), "asr_transcript": asr_transcript}
         atomic_write_bytes(folder / f"{sample_id}.safetensors", save_safetensors({"features": f16}, metadata=metadata))
         for old in previous:  # the new label supersedes the old one (written first: never zero copies)
             self._remove(speaker, old.id)
