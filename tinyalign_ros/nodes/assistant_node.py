@@ -10,8 +10,13 @@ projector never sees text. `aligned.task` says what it does:
 - `repeat`: the aligned transcript itself is the response (to watch the ASR-LLM at work);
 - `direct`: the audio tokens go straight into the robot's chat prompt and the answer streams
   from them (the projector was not trained for this task: expect weaker answers).
-Features of another width or encoder layer than the projector's are refused with a logged
-error (the utterance gets an empty response), never a crash.
+Features of another width or encoder layer than the projector's, of an impossible shape or with
+NaN/Inf values (core.projector.check_features) are refused with a logged error (the utterance
+gets an empty response), never a crash.
+
+For people watching: a latched rviz text Marker of the last answer (`response_marker`) and the
+latencies of each answer as Float32 topics for rqt_plot (`metrics/latency_first_token_s`,
+`metrics/latency_last_token_s`).
 
 Per-speaker adapters (personalizer_node): the latched `adapter` topic carries the table of every
 speaker's current adapter. Each new or changed one is loaded and merged into a copy of the base
@@ -24,17 +29,20 @@ fails its checksum, is refused with a logged error and the speaker keeps what it
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from rclpy.node import Node
-from std_msgs.msg import String
+from std_msgs.msg import Float32, String
+from visualization_msgs.msg import Marker
 
-from tinyalign_ros.core.llm import DEFAULT_SYSTEM_PROMPT, ChatLLM
+from tinyalign_ros.core.llm import DEFAULT_SYSTEM_PROMPT, ChatLLM, PromptTooLong
 from tinyalign_ros.core.models import resolve_llm, shipped_model
+from tinyalign_ros.core.projector import FeatureMismatch, check_features
 from tinyalign_ros.msg import Response, ResponseToken, Utterance
 
-from .common import EVENT_QOS, LATCHED_QOS, Worker, from_time_msg, run_node
+from .common import EVENT_QOS, LATCHED_QOS, Worker, from_time_msg, run_node, text_marker
 from .diagnostics import OK, WARN, Status, Updater
 
 MODES = ("cascade", "aligned")
@@ -72,6 +80,12 @@ class AssistantNode(Node):
             self._setup_aligned()
         self.response_pub = self.create_publisher(Response, "response", EVENT_QOS)
         self.token_pub = self.create_publisher(ResponseToken, "response_tokens", EVENT_QOS)
+        # rviz and rqt_plot views of the same answers (Response carries them too, but rqt_plot
+        # draws plain Float32 topics most readily and rviz needs a Marker)
+        self.marker_frame = p("marker_frame", "base_link").value
+        self.marker_pub = self.create_publisher(Marker, "response_marker", LATCHED_QOS)
+        self.first_token_pub = self.create_publisher(Float32, "metrics/latency_first_token_s", EVENT_QOS)
+        self.last_token_pub = self.create_publisher(Float32, "metrics/latency_last_token_s", EVENT_QOS)
         self.worker: Worker[Utterance] = Worker("assistant-llm", self._answer, max_pending,
                                                 self._on_drop, self._on_error)
         self.create_subscription(Utterance, "utterance", self.worker.put, EVENT_QOS)
@@ -172,21 +186,13 @@ class AssistantNode(Node):
 
     def _features(self, utt: Utterance) -> torch.Tensor | None:
         """The utterance's features as (frames, dim), or None (logged) when they do not fit the projector."""
-        cfg = self.aligned.projector.cfg
-        problem = None
-        if utt.feature_layer < 0 or utt.feature_frames == 0:
-            problem = "carries no encoder features (is asr_node's encoder enabled?)"
-        elif utt.feature_dim != cfg.in_dim:
-            problem = f"has {utt.feature_dim}-dim features, the projector takes {cfg.in_dim}"
-        elif utt.feature_layer != cfg.encoder_layer:
-            problem = (f"has features of encoder layer {utt.feature_layer}, the projector was trained on layer "
-                       f"{cfg.encoder_layer} (set asr_node's exit policy so it runs to that layer)")
-        elif len(utt.features) != utt.feature_frames * utt.feature_dim:
-            problem = f"has {len(utt.features)} feature values, not {utt.feature_frames} x {utt.feature_dim}"
-        if problem:
-            self.get_logger().error(f"{utt.id} {problem}: not answered")
+        try:
+            features = check_features(self.aligned.projector.cfg, utt.features, utt.feature_frames,
+                                      utt.feature_dim, utt.feature_layer)
+        except FeatureMismatch as exc:
+            self.get_logger().error(f"{utt.id} {exc}: not answered")
             return None
-        return torch.as_tensor(utt.features, dtype=torch.float32).reshape(utt.feature_frames, utt.feature_dim)
+        return torch.from_numpy(features)
 
     def _aligned_stream(self, utt: Utterance, response: Response):
         """Text pieces of the aligned answer (an empty iterator when the features are refused)."""
@@ -210,35 +216,47 @@ class AssistantNode(Node):
         tok.header.stamp = self.get_clock().now().to_msg()
         self.token_pub.publish(tok)
 
+    def _stream_of(self, utt: Utterance, response: Response) -> Iterator[str] | None:
+        """The answer's text pieces, or None when there is nothing to answer."""
+        if self.mode == "aligned":
+            self._use_projector_of(utt.speaker)
+            return self._aligned_stream(utt, response)
+        if utt.transcript.strip() and utt.confidence >= self.min_confidence:
+            return self.llm.stream(utt.transcript)
+        return None
+
     def _answer(self, utt: Utterance) -> None:
         end_of_speech = from_time_msg(utt.end)
         response = Response(utterance_id=utt.id, speaker=utt.speaker, transcript=utt.transcript, mode=self.mode)
         pieces: list[str] = []
-        if self.mode == "aligned":
-            self._use_projector_of(utt.speaker)
-            stream = self._aligned_stream(utt, response)
-        elif utt.transcript.strip() and utt.confidence >= self.min_confidence:
-            stream = self.llm.stream(utt.transcript)
-        else:
-            stream = None
-        if stream is not None:
-            first = None
-            for piece in stream:
+        stream, first = None, None
+        try:
+            stream = self._stream_of(utt, response)
+            for piece in stream if stream is not None else ():
                 if first is None:
                     first = self._now()
                 self._publish_token(utt, len(pieces), piece, final=False)
                 pieces.append(piece)
+        except PromptTooLong as exc:  # refused like bad features: an empty answer, not a failure
+            self.get_logger().error(f"{utt.id}: {exc}: not answered")
+            stream = stream or iter(())
+        if stream is not None:
             last = self._now()
             response.latency_first_token_s = float((first or last) - end_of_speech)
             response.latency_last_token_s = float(last - end_of_speech)
             self.last_latency_s = response.latency_last_token_s
+            if pieces:  # a refused utterance has no answer, hence no latency worth plotting
+                self.first_token_pub.publish(Float32(data=response.latency_first_token_s))
+                self.last_token_pub.publish(Float32(data=response.latency_last_token_s))
         else:
-            self.get_logger().info(f"{utt.id}: nothing to answer (transcript '{utt.transcript}', "
+            self.get_logger().info(f"{utt.id}: nothing to answer (transcript {utt.transcript[:80]!r}, "
                                    f"confidence {utt.confidence:.2f})")
         self._publish_token(utt, len(pieces), "", final=True)
         response.text = "".join(pieces).strip()
         response.header.stamp = self.get_clock().now().to_msg()
         self.response_pub.publish(response)
+        self.marker_pub.publish(text_marker(f"robot: {response.text or '(no answer)'}", response.header.stamp,
+                                            self.marker_frame, "response", 1.4))
         self.answered += 1
         self.handled += 1
         self.get_logger().info(f"{utt.id}: '{response.text}' (first token after "
@@ -247,7 +265,7 @@ class AssistantNode(Node):
     def _on_drop(self, utt: Utterance) -> None:
         self.handled += 1
         self.dropped += 1
-        self.get_logger().warning(f"LLM busy: dropped utterance {utt.id} '{utt.transcript}'")
+        self.get_logger().warning(f"LLM busy: dropped utterance {utt.id} {utt.transcript[:80]!r}")
 
     def _on_error(self, utt: Utterance, exc: BaseException) -> None:
         self.handled += 1
