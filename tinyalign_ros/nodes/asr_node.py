@@ -9,7 +9,7 @@ import numpy as np
 import rclpy
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.node import Node
-from std_msgs.msg import Bool, String
+from std_msgs.msg import Bool, Float32, String
 from std_srvs.srv import Trigger
 from visualization_msgs.msg import Marker
 
@@ -88,6 +88,9 @@ class AsrNode(Node):
         self.transcript_pub = self.create_publisher(String, "transcript", EVENT_QOS)
         self.marker_frame = p("marker_frame", "base_link").value
         self.marker_pub = self.create_publisher(Marker, "transcript_marker", LATCHED_QOS)
+        # per utterance, for rqt_plot: compute cost (RTF) and how deep the encoder went
+        self.rtf_pub = self.create_publisher(Float32, "metrics/rtf", EVENT_QOS)
+        self.exit_layer_pub = self.create_publisher(Float32, "metrics/exit_layer", EVENT_QOS)
         self.worker: Worker[_Job] = Worker("asr-transcribe", self._transcribe, max_pending,
                                            self._on_drop, self._on_error)
         self.create_subscription(AudioChunk, "audio", self._on_audio, AUDIO_QOS)
@@ -266,6 +269,9 @@ class AsrNode(Node):
         self.published += 1
         self.last_rtf = (time.monotonic() - started) / max(seg.samples.size / SAMPLE_RATE, 1e-3)
         self.last_layer = msg.feature_layer
+        self.rtf_pub.publish(Float32(data=float(self.last_rtf)))
+        if encoded is not None:  # without the encoder there is no exit layer to plot (-1 would read as one)
+            self.exit_layer_pub.publish(Float32(data=float(msg.feature_layer)))
         self.transcript_pub.publish(String(data=text))
         self.marker_pub.publish(text_marker(f"heard: {text}", msg.header.stamp, self.marker_frame, "transcript", 1.2))
         self.get_logger().info(f"[{seg.start_s:.2f}-{seg.end_s:.2f} s] '{text}' (confidence {confidence:.2f}, "
