@@ -21,7 +21,9 @@ adapters). What this node adds:
 - topics: `personalize/progress` (std_msgs/String JSON: speaker, phase, step, loss, ETA),
   `personalize/result` (std_msgs/String JSON: each round's outcome — saved, rejected by the gate,
   preempted, failed — with the validation WERs and the new version; `tinyalign personalize --wait`
-  ends on it), `personalize/loss` (std_msgs/Float32, for rqt_plot), and `adapter` (std_msgs/String JSON,
+  ends on it), `personalize/loss` and `personalize/val_wer` (std_msgs/Float32, for rqt_plot: the
+  training loss, and the validation WER of each finished round's candidate adapter, the figure the
+  gate compares with the current adapter's), and `adapter` (std_msgs/String JSON,
   transient-local depth 1): the table of every speaker's current adapter
   `{"speaker": <changed>, "version": n, "path": p, "adapters": {speaker: {version, path, kind}}}`.
   The whole table in each message because a latched topic keeps only the last message: a
@@ -47,6 +49,7 @@ from std_msgs.msg import Float32, String
 from tinyalign_ros.core.adapters import AdapterStore, InvalidSpeakerId, file_sha256, validate_speaker_id
 from tinyalign_ros.core.models import data_home, resolve_llm, shipped_model
 from tinyalign_ros.core.personalize import PersonalizeConfig, PersonalizeResult, Personalizer, Progress
+from tinyalign_ros.core.projector import FeatureMismatch, check_features, read_projector_config
 from tinyalign_ros.core.samples import ConsentError, SampleStore
 from tinyalign_ros.msg import Utterance
 from tinyalign_ros.srv import Forget, Personalize
@@ -82,6 +85,7 @@ class PersonalizerNode(Node):
         inject = bool(p("aligned.inject_instruction", True).value)
         llm_dir = resolve_llm(p("llm.model", "").value)
         base_sha = file_sha256(projector_file)  # also checks that the file is there, at startup
+        self.projector_cfg = read_projector_config(projector_file)  # samples must fit it (the LLM loads later)
         self.personalizer = Personalizer(lambda: self._load_aligned(llm_dir, projector_file, inject), self.samples,
                                          self.adapters, checkpoints, base_sha, config)
 
@@ -102,6 +106,7 @@ class PersonalizerNode(Node):
         self.progress_pub = self.create_publisher(String, "personalize/progress", EVENT_QOS)
         self.loss_pub = self.create_publisher(Float32, "personalize/loss", EVENT_QOS)
         self.result_pub = self.create_publisher(String, "personalize/result", EVENT_QOS)
+        self.val_wer_pub = self.create_publisher(Float32, "personalize/val_wer", EVENT_QOS)
         self.adapter_pub = self.create_publisher(String, "adapter", LATCHED_QOS)
         self.create_subscription(Utterance, "utterance", self._on_utterance, EVENT_QOS)
         self.create_subscription(String, "correction", self._on_correction, EVENT_QOS)
@@ -149,14 +154,18 @@ class PersonalizerNode(Node):
 
     # -- samples ---------------------------------------------------------------------------------
     def _features(self, utt: Utterance) -> np.ndarray | None:
-        if utt.feature_layer < 0 or utt.feature_frames == 0 or len(utt.features) != utt.feature_frames * utt.feature_dim:
+        """Features the base projector can be trained on, else None (logged): one bad sample would
+        otherwise fail every later round of its speaker."""
+        try:
+            return check_features(self.projector_cfg, utt.features, utt.feature_frames, utt.feature_dim,
+                                  utt.feature_layer)
+        except FeatureMismatch as exc:
+            self.get_logger().warning(f"{utt.id} {exc}: not stored")
             return None
-        return np.asarray(utt.features, dtype=np.float32).reshape(utt.feature_frames, utt.feature_dim)
 
     def _store(self, utt: Utterance, text: str, source: str, confidence: float) -> str | None:
         feats = self._features(utt)
         if feats is None:
-            self.get_logger().warning(f"{utt.id} carries no usable encoder features: not stored")
             return None
         try:
             sample_id = self.samples.add(utt.speaker, feats, text, source, confidence, utterance_id=utt.id,
@@ -182,7 +191,9 @@ class PersonalizerNode(Node):
     def _on_correction(self, msg: String) -> None:
         try:
             body = json.loads(msg.data)
-            utterance_id, text = str(body["utterance_id"]), str(body["text"])
+            utterance_id, text = body["utterance_id"], body["text"]
+            if not isinstance(utterance_id, str) or not isinstance(text, str):  # str(None) would be an id
+                raise TypeError("utterance_id and text must be strings")
         except (ValueError, KeyError, TypeError) as exc:
             self.get_logger().warning(f"ignoring a malformed correction {msg.data[:200]!r}: {exc!r} "
                                       '(expected {"utterance_id": ..., "text": ...})')
@@ -226,6 +237,8 @@ class PersonalizerNode(Node):
         self.last_result = result
         if result.status != "preempted":
             self.trained_at[result.speaker] = count
+        if result.val_wer_after is not None:
+            self.val_wer_pub.publish(Float32(data=float(result.val_wer_after)))
         if result.adapter is not None:
             a = result.adapter
             self._announce(a.speaker, {"version": a.version, "path": str(a.path), "kind": a.extra.get("kind", "")})
