@@ -1,12 +1,22 @@
 """Malformed messages at the subscribers: the node logs and survives, and keeps working after."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
+import pytest
+from rclpy.parameter import Parameter
+from std_msgs.msg import String
 
 from conftest import wait_for
-from tinyalign_ros.msg import AudioChunk, Utterance
+# the tiny random LLM (and a projector for it) of the personalization tests: nodes load in a second
+from test_personalize import SPEAKER, tiny_llm, tiny_model_dir, tiny_projector_file, tokenizer  # noqa: F401
+from test_personalize import utterance as good_utterance
+from tinyalign_ros.core.llm import MAX_USER_CHARS
+from tinyalign_ros.core.projector import MAX_FEATURE_FRAMES
+from tinyalign_ros.msg import AudioChunk, Response, ResponseToken, Utterance
 from tinyalign_ros.nodes.asr_node import AsrNode
-from tinyalign_ros.nodes.common import AUDIO_QOS, EVENT_QOS
+from tinyalign_ros.nodes.common import AUDIO_QOS, EVENT_QOS, to_time_msg
 
 
 def nasty_chunks(rng: np.random.Generator) -> list[AudioChunk]:
@@ -55,3 +65,198 @@ def test_asr_node_survives_malformed_audio_and_still_transcribes(ros, speech_16k
     wait_for(lambda: len(utterances) > before and node.idle, timeout=60, what="the clean utterance")
     assert "left" in utterances[-1].transcript.lower()
     assert node.rejected_chunks >= 5
+
+
+# --------------------------------------------------------------------------- Utterance subscribers
+
+
+def nasty_utterances() -> list[Utterance]:
+    """Utterances no asr_node would send: every field of the message wrong in some way."""
+    def feats(frames: int, dim: int = 16, fill: float | None = None) -> np.ndarray:
+        values = np.random.default_rng(frames).standard_normal(frames * dim).astype(np.float32)
+        if fill is not None:
+            values[::7] = fill
+        return values
+
+    def utt(uid: str, **fields) -> Utterance:
+        base = dict(id=uid, speaker=SPEAKER, transcript="yes", confidence=0.95, features=feats(8),
+                    feature_frames=8, feature_dim=16, feature_layer=4)
+        return Utterance(**{**base, **fields})
+
+    return [
+        Utterance(),  # every field empty: no id, no text, no features
+        utt("short-values", features=feats(8)[:10]),
+        utt("long-values", features=feats(9)),
+        utt("nan", features=feats(8, fill=np.nan)),
+        utt("inf", features=feats(8, fill=np.inf)),
+        utt("-inf", features=feats(8, fill=-np.inf)),
+        utt("huge-frames", feature_frames=2**32 - 1),  # a forged count with few values
+        utt("too-many-frames", features=feats(MAX_FEATURE_FRAMES + 1), feature_frames=MAX_FEATURE_FRAMES + 1),
+        utt("zero-dim", features=np.zeros(0, np.float32), feature_dim=0),  # 8 x 0 = 0 values: "consistent"
+        utt("wrong-dim", features=feats(16), feature_dim=8),
+        utt("no-layer", feature_layer=-1),
+        utt("wrong-layer", feature_layer=2),
+        utt("absurd-layer", feature_layer=2**31 - 1),
+        utt("negative-layer", feature_layer=-2**31),
+        utt("nan-confidence", confidence=float("nan")),
+        utt("huge-confidence", confidence=3.4e38),
+        utt("huge-transcript", transcript="word " * MAX_USER_CHARS),
+        utt("odd-time", end=to_time_msg(-2.0**31), start=to_time_msg(2.0**31 - 1)),
+        utt("unknown-speaker", speaker="nobody"),
+        utt("traversal", speaker="../x"),
+        utt("deep-traversal", speaker="../../../../tmp/evil"),
+        utt("slash", speaker="a/b"),
+        utt("dot", speaker="."),
+        utt("unicode", speaker="🤖", transcript="ça va? 你好 \u202e"),
+        utt("", speaker=""),  # no id
+    ]
+
+
+@pytest.mark.parametrize("mode", ["cascade", "aligned"])
+def test_assistant_node_survives_malformed_utterances_and_still_answers(ros, mode, tiny_model_dir,
+                                                                          tiny_projector_file):
+    from tinyalign_ros.nodes.assistant_node import AssistantNode
+
+    node = ros.add(AssistantNode(namespace="tinyalign", context=ros.context, parameter_overrides=[
+        Parameter("mode", value=mode), Parameter("projector.file", value=str(tiny_projector_file)),
+        Parameter("llm.model", value=str(tiny_model_dir)), Parameter("aligned.task", value="repeat"),
+        Parameter("llm.max_new_tokens", value=4), Parameter("max_pending_utterances", value=100)]))
+    probe = ros.node("fuzzer")
+    responses: list[Response] = []
+    probe.create_subscription(Response, "response", responses.append, EVENT_QOS)
+    pub = probe.create_publisher(Utterance, "utterance", EVENT_QOS)
+    wait_for(lambda: pub.get_subscription_count() > 0 and node.response_pub.get_subscription_count() > 0,
+             what="discovery")
+
+    good = good_utterance("good")
+
+    def ask(uid: str) -> Response:
+        before = len(responses)
+        good.id = uid
+        pub.publish(good)
+        wait_for(lambda: len(responses) > before, timeout=60, what=f"the response to {uid}")
+        return responses[-1]
+
+    reference = ask("good-before")
+    assert reference.text, "the tiny LLM says something for good input (else the check below proves nothing)"
+    nasty = nasty_utterances()
+    for msg in nasty:
+        pub.publish(msg)
+    # one Response per utterance, none lost to an exception in the worker
+    wait_for(lambda: len(responses) == 1 + len(nasty) and node.idle, timeout=120, what="every malformed utterance")
+    assert node.answered == node.handled == 1 + len(nasty)
+    by_id = {r.utterance_id: r for r in responses}
+    if mode == "cascade":
+        assert by_id["huge-transcript"].text == ""  # refused (PromptTooLong), never fed to the LLM
+    else:  # features the projector cannot take get an empty answer
+        for uid in ("short-values", "nan", "huge-frames", "too-many-frames", "zero-dim", "wrong-layer"):
+            assert by_id[uid].text == "", uid
+    after = ask("good-after")
+    assert after.text == reference.text  # same input, same greedy answer: nothing left broken
+
+
+def test_personalizer_node_survives_malformed_utterances_and_corrections(ros, tmp_path, tiny_model_dir,
+                                                                       tiny_projector_file):
+    from tinyalign_ros.nodes.personalizer_node import PersonalizerNode
+
+    samples_dir = tmp_path / "store" / "samples"
+    node = ros.add(PersonalizerNode(namespace="tinyalign", context=ros.context, parameter_overrides=[
+        Parameter(k, value=v) for k, v in {
+            "llm.model": str(tiny_model_dir), "projector.file": str(tiny_projector_file),
+            "samples.dir": str(samples_dir), "adapters.dir": str(tmp_path / "store" / "adapters"),
+            "checkpoint_dir": str(tmp_path / "store" / "work"), "consent.speakers": [SPEAKER],
+            "idle_s": 3600.0, "recent_utterances": 200}.items()]))
+    probe = ros.node("fuzzer")
+    pub = probe.create_publisher(Utterance, "utterance", EVENT_QOS)
+    fix = probe.create_publisher(String, "correction", EVENT_QOS)
+    wait_for(lambda: pub.get_subscription_count() > 0 and fix.get_subscription_count() > 0, what="discovery")
+
+    nasty = nasty_utterances()
+    for msg in nasty:
+        pub.publish(msg)
+    pub.publish(good_utterance("good-1"))
+    # delivered in order: once the good one is stored, every malformed one before it was handled
+    wait_for(lambda: any(s.utterance_id == "good-1" for s in node.samples.list(SPEAKER)), timeout=30,
+             what="every malformed utterance")
+    # bad features, NaN or impossible confidences, huge text and foreign speakers make no sample; odd
+    # timestamps do not matter to a sample
+    assert node.samples.speakers() == [SPEAKER]
+    assert sorted(s.utterance_id for s in node.samples.list(SPEAKER)) == ["good-1", "odd-time"]
+
+    bad_corrections = [
+        "", "not json", "{", "[]", "null", "42", '"a string"', json.dumps({"utterance_id": "good-1"}),
+        json.dumps({"text": "hello"}), json.dumps({"utterance_id": None, "text": None}),
+        json.dumps({"utterance_id": ["good-1"], "text": {"a": 1}}),
+        json.dumps({"utterance_id": "no-such-utterance", "text": "hello"}),
+        json.dumps({"utterance_id": "good-1", "text": ""}),  # an empty label
+        json.dumps({"utterance_id": "good-1", "text": "x" * 100_000}),  # no utterance says that
+        json.dumps({"utterance_id": "nan", "text": "hello"}),  # an utterance whose features were refused
+        json.dumps({"utterance_id": "traversal", "text": "hello"}),  # a speaker id like "../x"
+        json.dumps({"utterance_id": "unknown-speaker", "text": "hello"}),
+        json.dumps({"utterance_id": "good-1", "text": "\ud800"}),  # valid JSON; a lone surrogate, not UTF-8
+    ]
+    for data in bad_corrections:
+        fix.publish(String(data=data))
+    fix.publish(String(data=json.dumps({"utterance_id": "good-1", "text": "yes indeed"})))
+    wait_for(lambda: {s.utterance_id: (s.text, s.source) for s in node.samples.list(SPEAKER)}.get("good-1")
+             == ("yes indeed", "correction"), timeout=30, what="the good correction, after every bad one")
+    assert node.samples.count(SPEAKER) == 2
+    assert sorted(p.name for p in samples_dir.iterdir()) == [SPEAKER]  # "../x" wrote nothing anywhere
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]
+    pub.publish(good_utterance("good-2"))  # and it still collects
+    wait_for(lambda: node.samples.count(SPEAKER) == 3, what="a sample after the fuzz")
+
+
+# --------------------------------------------------------------------------- tts_node
+
+
+def test_tts_node_survives_malformed_tokens_and_responses_and_still_speaks(ros):
+    from tinyalign_ros.nodes.tts_node import TtsNode
+
+    node = ros.add(TtsNode(namespace="tinyalign", context=ros.context, parameter_overrides=[
+        Parameter("engine", value="espeak-ng"), Parameter("play", value=False), Parameter("realtime", value=False),
+        Parameter("tail_s", value=0.0), Parameter("max_queued_sentences", value=4)]))
+    probe = ros.node("fuzzer")
+    tokens = probe.create_publisher(ResponseToken, "response_tokens", EVENT_QOS)
+    responses = probe.create_publisher(Response, "response", EVENT_QOS)
+    audio: list[AudioChunk] = []
+    probe.create_subscription(AudioChunk, "speech_audio", audio.append, AUDIO_QOS)
+    wait_for(lambda: tokens.get_subscription_count() and responses.get_subscription_count()
+             and node.audio_pub.get_subscription_count(), what="discovery")
+
+    huge = "word " * 40_000  # 200 kB without a sentence end: cut into ~1000 pieces, the queue bounded
+    bad_tokens = [
+        ResponseToken(), ResponseToken(final=True),  # no utterance id at all
+        ResponseToken(utterance_id="huge", index=0, text=huge),
+        ResponseToken(utterance_id="huge", index=1, text=huge, final=True),
+        ResponseToken(utterance_id="order", index=5, text="Five. "),  # out of order, repeated, huge index
+        ResponseToken(utterance_id="order", index=2, text="Two. "),
+        ResponseToken(utterance_id="order", index=2, text="Two again. "),
+        ResponseToken(utterance_id="order", index=2**32 - 1, text="Last.", final=True),
+        ResponseToken(utterance_id="order", index=0, text="After the end."),  # a token after final
+        ResponseToken(utterance_id="punct", index=0, text="?!... ,;", final=True),  # nothing speakable
+        ResponseToken(utterance_id="weird", index=0, text="\u202e ça 你好 🤖 \t\r\n", final=True),
+        *[ResponseToken(utterance_id=f"open-{i}", index=0, text="never finished") for i in range(40)],
+    ]
+    nan = float("nan")
+    bad_responses = [
+        Response(), Response(utterance_id="empty-text"),
+        Response(utterance_id="huge-response", text=huge),
+        Response(utterance_id="nan-latency", text="Hi.", latency_first_token_s=nan, latency_last_token_s=nan),
+        Response(utterance_id="inf-latency", text="Hi.", latency_first_token_s=float("inf"),
+                 latency_last_token_s=-float("inf")),
+        Response(utterance_id="order", text="Five. Two. Last."),  # a response for an already streamed answer
+        Response(utterance_id="backwards", text="Hi.", latency_first_token_s=5.0, latency_last_token_s=-5.0),
+    ]
+    for msg in bad_tokens:
+        tokens.publish(msg)
+    for msg in bad_responses:
+        responses.publish(msg)
+    # both topics delivered in order: once their last messages are in the node's records, all are
+    wait_for(lambda: "open-39" in node._seen_tokens and "backwards" in node._timing and node.idle, timeout=120,
+             what="every malformed message handled and the queues drained")
+    before, spoken = len(audio), node.sentences_spoken
+    for i, word in enumerate(["Hello", " there.", ""]):
+        tokens.publish(ResponseToken(utterance_id="good", index=i, text=word, final=not word))
+    wait_for(lambda: node.sentences_spoken == spoken + 1 and node.idle, timeout=30, what="the good answer spoken")
+    assert len(audio) > before
