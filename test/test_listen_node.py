@@ -87,6 +87,12 @@ def test_push_to_talk_passes_one_utterance_per_listen_call(ros, clips):
     assert mic.call_listen().success
     mic.say(clips["command"], starting_in_s=3.0)  # the operator starts talking after the window lapsed
     mic.settled(dropped=3, published=1)
+    refused = node.set_parameters_atomically([Parameter("listen.mode", value="wake_word"),
+                                              Parameter("listen.wake_phrase", value="?!")])
+    assert not refused.successful and "wake phrase" in refused.reason and node.listen.mode == "push_to_talk"
+    assert node.set_parameters([Parameter("listen.mode", value="continuous")])[0].successful  # at run time
+    mic.say(clips["command"])
+    mic.settled(dropped=3, published=2)
 
 
 def test_wake_phrase_is_stripped_and_alone_opens_the_next_utterance(ros, clips):

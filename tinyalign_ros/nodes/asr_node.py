@@ -65,6 +65,7 @@ class AsrNode(Node):
                                  p("listen.wake_phrase", "hey tiny").value,
                                  grace_s=self.vad_config.speech_pad_ms / 1000 + 0.1)
         self.listen_dropped = 0
+        self.add_on_set_parameters_callback(self._on_listen_parameters)
         max_pending = int(p("max_pending_utterances", 4).value)
         self.segmenter = StreamingSegmenter(self.vad_config)
         self.transcriber = WhisperTranscriber(
@@ -154,6 +155,23 @@ class AsrNode(Node):
             response.message = str(exc)
         self.get_logger().info(f"listen call: {response.message}")
         return response
+
+    def _on_listen_parameters(self, params) -> SetParametersResult:
+        """listen.* can change at run time (say, push_to_talk in a noisy room): the new gate is
+        built, and so validated, before it replaces the old one (an open window is forgotten)."""
+        new = {p.name: p.value for p in params if p.name.startswith("listen.")}
+        if not new:
+            return SetParametersResult(successful=True)
+        try:
+            gate = ListenGate(new.get("listen.mode", self.listen.mode),
+                              float(new.get("listen.timeout_s", self.listen.timeout_s)),
+                              new.get("listen.wake_phrase", self.listen.wake_phrase), grace_s=self.listen.grace_s)
+        except (TypeError, ValueError) as exc:
+            return SetParametersResult(successful=False, reason=str(exc))
+        self.listen = gate
+        self.get_logger().info(f"listen mode now {gate.mode} (timeout {gate.timeout_s:g} s, "
+                               f"wake phrase '{gate.wake_phrase}')")
+        return SetParametersResult(successful=True)
 
     # -- audio callback: cheap, never blocks on the model --------------------------------------
     def _on_speaking(self, msg: Bool) -> None:
