@@ -8,7 +8,7 @@ import pytest
 import soundfile as sf
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from rclpy.parameter import Parameter
-from std_msgs.msg import Bool, Empty
+from std_msgs.msg import Bool, Empty, Float32
 
 from conftest import wait_for
 from tinyalign_ros.core.audio import AudioError
@@ -38,6 +38,9 @@ class Driver:
         self.speaking: list[tuple[float, bool]] = []
         self.chunks: list[AudioChunk] = []
         self.diagnostics: list[DiagnosticStatus] = []
+        self.spoken_after: list[float] = []  # metrics/end_of_speech_to_audio_s
+        node.create_subscription(Float32, "metrics/end_of_speech_to_audio_s",
+                                 lambda m: self.spoken_after.append(m.data), EVENT_QOS)
         node.create_subscription(Bool, "speaking", lambda m: self.speaking.append((time.monotonic(), m.data)),
                                  LATCHED_QOS)
         node.create_subscription(AudioChunk, "speech_audio", self.chunks.append, AUDIO_QOS)
@@ -111,6 +114,8 @@ def test_streams_tokens_to_speech_from_the_first_sentence(ros):
     # latency: this node's share (first token -> first sample) and end of speech -> first sample
     assert 0 < node.last_first_token_to_audio_s < 3.0
     assert abs(node.last_end_of_speech_to_audio_s - node.last_first_token_to_audio_s - 0.4) < 0.02
+    wait_for(lambda: driver.spoken_after, timeout=5, what="the latency on metrics/end_of_speech_to_audio_s")
+    assert driver.spoken_after == [pytest.approx(node.last_end_of_speech_to_audio_s, abs=1e-5)]  # once per answer
     wait_for(lambda: any(kv.key == "end_of_speech_to_audio_s" and kv.value != "nan"
                          for s in driver.diagnostics for kv in s.values), timeout=5, what="latency on /diagnostics")
 

@@ -45,7 +45,7 @@ class GraphRun:
 
     started: float = field(default_factory=time.monotonic)
     responses: list[tuple[float, object]] = field(default_factory=list)
-    speech_audio: list[float] = field(default_factory=list)  # wall stamps of tts_node's speech_audio chunks
+    spoken_s: list[float] = field(default_factory=list)  # per answer: end of speech → its first played sample
     rss: list[tuple[float, float]] = field(default_factory=list)
     dropped: int = 0
 
@@ -55,9 +55,9 @@ def run_graph(input_file: Path, stop_after_s: float | None = None, stop_after_re
     """Play `input_file` in a loop at real time through the whole graph until a stop condition."""
     os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
     from rclpy.node import Node
+    from std_msgs.msg import Float32
 
-    from tinyalign_ros.msg import AudioChunk
-    from tinyalign_ros.nodes.common import AUDIO_QOS, from_time_msg
+    from tinyalign_ros.nodes.common import EVENT_QOS
     from tinyalign_ros.nodes.graph import NAMESPACE, EmbeddedGraph
 
     run = GraphRun()
@@ -69,10 +69,11 @@ def run_graph(input_file: Path, stop_after_s: float | None = None, stop_after_re
 
     overrides = {"mic_node": {"input_file": str(input_file), "loop": True, "playback_rate": 1.0}}
     with EmbeddedGraph(overrides=overrides, on_response=on_response) as graph:
-        # a probe, as an outside listener would be: when each block of the spoken answer was played
+        # a probe, as rqt_plot would be: tts_node's per-answer figure, measured where both ends are
+        # known exactly (the Response's end of speech, the moment its first block was played)
         probe = Node("bench_probe", namespace=NAMESPACE, context=graph.context)
-        probe.create_subscription(AudioChunk, "speech_audio",
-                                  lambda m: run.speech_audio.append(from_time_msg(m.header.stamp)), AUDIO_QOS)
+        probe.create_subscription(Float32, "metrics/end_of_speech_to_audio_s",
+                                  lambda m: run.spoken_s.append(m.data), EVENT_QOS)
         graph.executor.add_node(probe)
         run.started = time.monotonic()
         next_sample = 0.0

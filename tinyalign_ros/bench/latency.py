@@ -3,8 +3,11 @@ spoken answer, through the whole graph.
 
 The demo file (or --input) loops at real time through the embedded graph, exactly as
 `tinyalign run` would hear a microphone; token latencies are the ones each Response carries,
-the spoken one comes from the stamps of tts_node's `speech_audio` chunks (when each block was
-played, see `first_audio_latencies`).
+the spoken one is what tts_node publishes per answer on `metrics/end_of_speech_to_audio_s`
+(the Response's end of speech → the moment the answer's first audio block went to the sound
+card / `speech_audio`). tts_node measures it because only it knows which block starts which
+answer: matching `speech_audio` stamps to answers from outside fails as soon as a slow answer
+is still being spoken when the next one starts.
 """
 from __future__ import annotations
 
@@ -37,28 +40,6 @@ def encoder_rtf(samples: list[np.ndarray]) -> float:
     return compute / seconds
 
 
-def first_audio_latencies(responses: list, audio_stamps: list[float]) -> list[float | None]:
-    """End of speech → the first played sample of its spoken answer, per response (None: not
-    spoken).
-
-    A Response says when the operator stopped talking (its stamp minus `latency_last_token_s`)
-    and when its first token came; the answer's first audio block is the first `speech_audio`
-    chunk stamped at or after that first token and before the next answer's first token.
-    Answers do not overlap here: asr_node's echo gate drops what the microphone hears while the
-    robot speaks, so the next utterance (and its answer) starts only after this answer's speech.
-    """
-    stamps = np.sort(np.asarray(audio_stamps, dtype=np.float64))
-    ends = [r.header.stamp.sec + r.header.stamp.nanosec * 1e-9 - r.latency_last_token_s for r in responses]
-    firsts = [end + r.latency_first_token_s for end, r in zip(ends, responses)]
-    out: list[float | None] = []
-    for end, first in zip(ends, firsts):
-        later = [f for f in firsts if f > first]
-        i = int(np.searchsorted(stamps, first))
-        spoken = i < stamps.size and (not later or stamps[i] < min(later))
-        out.append(float(stamps[i] - end) if spoken else None)
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tinyalign bench latency", description=__doc__)
     parser.add_argument("--out", type=Path, required=True, help="folder for latency.json and latency.png")
@@ -72,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     responses = [r for _, r in run.responses if r.text]
     first = [r.latency_first_token_s for r in responses]
     last = [r.latency_last_token_s for r in responses]
-    audio_first = [a for a in first_audio_latencies(responses, run.speech_audio) if a is not None]
+    audio_first = run.spoken_s
     from tinyalign_ros.core.audio import load_audio
 
     audio = load_audio(path)

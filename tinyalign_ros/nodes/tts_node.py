@@ -15,7 +15,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 from rclpy.node import Node
-from std_msgs.msg import Bool, Empty
+from std_msgs.msg import Bool, Empty, Float32
 
 from tinyalign_ros.core.audio import AudioError, normalize
 from tinyalign_ros.core.corpus import SynthesisError
@@ -99,8 +99,9 @@ class TtsNode(Node):
 
     Latency: `first_token_to_audio_s` (this node's share: the answer's first token → its first
     audio sample) and `end_of_speech_to_audio_s` (the operator's end of speech, known from the
-    Response's `latency_last_token_s`, → the first audio sample), both logged per answer and in
-    /diagnostics.
+    Response's `latency_last_token_s`, → the first audio sample), both logged and published
+    (`metrics/first_token_to_audio_s`, `metrics/end_of_speech_to_audio_s`, Float32) per answer,
+    and in /diagnostics.
     """
 
     def __init__(self, **kwargs) -> None:
@@ -183,6 +184,9 @@ class TtsNode(Node):
         self.speaking_pub = self.create_publisher(Bool, "speaking", LATCHED_QOS)
         self.speaking_pub.publish(Bool(data=False))
         self.audio_pub = self.create_publisher(AudioChunk, "speech_audio", AUDIO_QOS) if self.publish_audio else None
+        # per answer, for rqt_plot and `tinyalign bench latency`: when the robot's voice started
+        self.latency_pubs = {name: self.create_publisher(Float32, f"metrics/{name}", EVENT_QOS)
+                             for name in ("first_token_to_audio_s", "end_of_speech_to_audio_s")}
         self.player: Worker[_Audio] = Worker("tts-play", self._play, 4 * self.max_queued,
                                              self._on_drop, self._on_error)
         self.synth_worker: Worker[_Sentence] = Worker("tts-synth", self._synthesize, self.max_queued,
@@ -498,22 +502,25 @@ class TtsNode(Node):
         self._report_latency(uid)
 
     def _report_latency(self, uid: str) -> None:
-        """Log each figure once per answer, as soon as both of its ends are known."""
+        """Log and publish (metrics/NAME) each figure once per answer, as soon as both of its ends
+        are known."""
         with self._lock:
             t = self._timing.get(uid)
             if t is None or t.first_audio is None:
                 return
-            lines = []
+            figures: dict[str, float] = {}
             if t.first_token is not None and "token" not in t.reported:
                 t.reported.add("token")
-                self.last_first_token_to_audio_s = t.first_audio - t.first_token
-                lines.append(f"first_token_to_audio_s={self.last_first_token_to_audio_s:.3f}")
+                self.last_first_token_to_audio_s = figures["first_token_to_audio_s"] = t.first_audio - t.first_token
             if t.end_of_speech is not None and "eos" not in t.reported:
                 t.reported.add("eos")
-                self.last_end_of_speech_to_audio_s = t.first_audio - t.end_of_speech
-                lines.append(f"end_of_speech_to_audio_s={self.last_end_of_speech_to_audio_s:.3f}")
-        if lines:
-            self.get_logger().info(f"{uid}: first audio sample: {' '.join(lines)}")
+                self.last_end_of_speech_to_audio_s = figures["end_of_speech_to_audio_s"] = \
+                    t.first_audio - t.end_of_speech
+        for name, value in figures.items():
+            self.latency_pubs[name].publish(Float32(data=float(value)))
+        if figures:
+            self.get_logger().info(f"{uid}: first audio sample: "
+                                   f"{' '.join(f'{k}={v:.3f}' for k, v in figures.items())}")
 
     # -- diagnostics -----------------------------------------------------------------------------
     def _diagnose(self, status: Status) -> None:
