@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from tinyalign_ros.core.llm import ChatLLM
+from tinyalign_ros.core.llm import MAX_USER_CHARS, ChatLLM, PromptTooLong
 from tinyalign_ros.core.models import ModelNotFoundError, resolve_llm
 
 
@@ -35,3 +35,9 @@ def test_unknown_model_folder_is_a_clear_error(tmp_path):
         resolve_llm(tmp_path / "nope")
     with pytest.raises(FileNotFoundError, match="no transformers model"):
         ChatLLM(tmp_path)
+
+
+def test_an_over_long_prompt_is_refused_before_tokenizing(llm):
+    assert llm.prompt_ids("x" * MAX_USER_CHARS).shape[1] > 0  # the limit itself is fine
+    with pytest.raises(PromptTooLong, match=f"more than the {MAX_USER_CHARS}"):
+        llm.prompt_ids("x" * (MAX_USER_CHARS + 1))

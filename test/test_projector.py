@@ -1,11 +1,13 @@
 """Projectors: pooling, shapes, no positional encoding in the BridgeFormer, safetensors files."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from tinyalign_ros.core.projector import (
-    KINDS, ProjectorLoadError, build_projector, load_projector, pool_frames, pooled_lengths, save_projector)
+    KINDS, MAX_FEATURE_FRAMES, FeatureMismatch, ProjectorConfig, ProjectorLoadError, build_projector, check_features,
+    load_projector, pool_frames, pooled_lengths, read_projector_config, save_projector)
 
 
 @pytest.fixture(params=KINDS)
@@ -103,3 +105,36 @@ def test_corrupt_truncated_or_mismatched_files_are_refused(tmp_path):
         load_projector(path, in_dim=384)
     with pytest.raises(ProjectorLoadError, match="encoder layer 4, but 2"):
         load_projector(path, encoder_layer=2)
+
+
+CFG = ProjectorConfig(in_dim=16, out_dim=24, hidden=32, encoder_layer=4)
+
+
+def test_check_features_returns_the_frames_x_dim_array():
+    values = np.arange(8 * 16, dtype=np.float32)
+    out = check_features(CFG, values, 8, 16, 4)
+    assert out.shape == (8, 16) and out.dtype == np.float32 and np.array_equal(out.reshape(-1), values)
+
+
+@pytest.mark.parametrize("values, frames, dim, layer, reason", [
+    (np.zeros(128), 8, 16, -1, "no encoder features"),
+    (np.zeros(0), 0, 16, 4, "no encoder features"),
+    (np.zeros(64), 8, 8, 4, "8-dim features, the projector takes 16"),
+    (np.zeros(0), 8, 0, 4, "0-dim"),  # 8 x 0 = 0 values is "consistent", and still no features
+    (np.zeros(128), 8, 16, 2, "encoder layer 2"),
+    (np.zeros(16), 2**32 - 1, 16, 4, f"more than the encoder's {MAX_FEATURE_FRAMES}"),  # before touching values
+    (np.zeros(127), 8, 16, 4, "127 feature values, not 8 x 16"),
+    (np.full(128, np.nan), 8, 16, 4, "NaN or infinite"),
+    (np.r_[np.zeros(127), -np.inf], 8, 16, 4, "NaN or infinite"),
+])
+def test_check_features_says_why_it_refuses(values, frames, dim, layer, reason):
+    with pytest.raises(FeatureMismatch, match=reason):
+        check_features(CFG, values, frames, dim, layer)
+
+
+def test_read_projector_config_reads_metadata_only(projector, tmp_path):
+    path = save_projector(projector, tmp_path / "p.safetensors")
+    assert read_projector_config(path) == projector.cfg
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(ProjectorLoadError):
+        read_projector_config(tmp_path / "junk.safetensors")

@@ -98,11 +98,15 @@ def test_correction_supersedes_teacher_but_not_the_reverse(store, clock):
     ({"features": torch.zeros(384)}, "frames, d"),
     ({"features": torch.zeros(0, 384)}, "frames, d"),
     ({"features": torch.full((3, 384), float("nan"))}, "NaN"),
+    ({"text": "word " * 500}, "at most 2000"),  # no utterance says that much: every round would fail on it
+    ({"asr_transcript": "word " * 500}, "at most 2000"),
 ])
 def test_bad_samples_refused(store, kwargs, error):
-    args = {"features": feats(), "text": "hello", "source": "enrollment", "confidence": 1.0, **kwargs}
+    args = {"features": feats(), "text": "hello", "source": "enrollment", "confidence": 1.0, "asr_transcript": "",
+            **kwargs}
     with pytest.raises(ValueError, match=error):
-        store.add("alice", args["features"], args["text"], args["source"], args["confidence"])
+        store.add("alice", args["features"], args["text"], args["source"], args["confidence"],
+                  asr_transcript=args["asr_transcript"])
     assert store.list("alice") == []
 
 
