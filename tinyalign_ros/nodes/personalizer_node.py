@@ -49,7 +49,7 @@ from std_msgs.msg import Float32, String
 from tinyalign_ros.core.adapters import AdapterStore, InvalidSpeakerId, file_sha256, validate_speaker_id
 from tinyalign_ros.core.models import data_home, resolve_llm, shipped_model
 from tinyalign_ros.core.personalize import PersonalizeConfig, PersonalizeResult, Personalizer, Progress
-from tinyalign_ros.core.projector import FeatureMismatch, check_features, read_projector_config
+from tinyalign_ros.core.projector import FeatureMismatch, ProjectorLoadError, check_features, read_projector_config
 from tinyalign_ros.core.samples import ConsentError, SampleStore
 from tinyalign_ros.msg import Utterance
 from tinyalign_ros.srv import Forget, Personalize
@@ -337,7 +337,8 @@ class PersonalizerNode(Node):
 
 
 def main(args: list[str] | None = None) -> None:
-    run_node(PersonalizerNode, args)
+    # a corrupt projector.file is refused at startup (its config is read there): one fatal line, not a traceback
+    run_node(PersonalizerNode, args, startup_errors=(ValueError, OSError, ProjectorLoadError))
 
 
 if __name__ == "__main__":
