@@ -73,9 +73,12 @@ def perspective_plots() -> tuple[dict, dict[str, list[str]]]:
 
 def test_rviz_and_rqt_views_name_only_topics_the_nodes_publish(ros, tmp_path, tiny_model_dir, tiny_projector_file):
     from tinyalign_ros.nodes.asr_node import AsrNode
+    from tinyalign_ros.nodes.tts_node import TtsNode
 
     nodes = [ros.add(AsrNode(namespace="tinyalign", context=ros.context)), assistant(ros, tiny_model_dir),
-             personalizer(ros, tmp_path, tiny_model_dir, tiny_projector_file)]
+             personalizer(ros, tmp_path, tiny_model_dir, tiny_projector_file),
+             ros.add(TtsNode(namespace="tinyalign", context=ros.context, parameter_overrides=[
+                 Parameter("engine", value="espeak-ng"), Parameter("play", value=False)]))]
     published = {pub.topic_name: pub for node in nodes for pub in node.publishers}
 
     options, markers = rviz_markers()
@@ -94,7 +97,7 @@ def test_rviz_and_rqt_views_name_only_topics_the_nodes_publish(ros, tmp_path, ti
     assert running == {"rqt_robot_monitor/RobotMonitor": [1], "rqt_plot/Plot": [1, 2, 3]}
     assert sorted(plots) == [f"plugin__rqt_plot__Plot__{i}" for i in (1, 2, 3)]
     fields = [f for topics in plots.values() for f in topics]
-    assert len(fields) == 6
+    assert len(fields) == 7
     for field in fields:  # rqt_plot names "<topic>/<field>"
         topic, name = field.rsplit("/", 1)
         assert topic in published, f"{field}: no node publishes {topic}"
