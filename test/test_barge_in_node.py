@@ -13,7 +13,7 @@ from std_msgs.msg import Bool
 
 from conftest import wait_for
 from tinyalign_ros.msg import AudioChunk, ResponseToken
-from tinyalign_ros.nodes.common import AUDIO_QOS, EVENT_QOS, LATCHED_QOS
+from tinyalign_ros.nodes.common import AUDIO_QOS, EVENT_QOS, LATCHED_QOS, to_time_msg
 from tinyalign_ros.nodes.tts_node import TtsNode
 
 SR = 16000
@@ -65,6 +65,12 @@ class Room:
         self.offset += chunk.size
         self.mic.publish(msg)
 
+    def from_another_clock(self, offset_s: float) -> None:
+        """One chunk of the robot's voice from a microphone whose clock is `offset_s` off."""
+        msg = AudioChunk(sample_rate=SR, offset=10**9, samples=np.full(1600, 0.5, np.float32))
+        msg.header.stamp = to_time_msg(self.node.get_clock().now().nanoseconds * 1e-9 + offset_s)
+        self.mic.publish(msg)
+
     def answer(self, uid: str, text: str) -> None:
         msg = ResponseToken(utterance_id=uid, index=0, text=text, final=True)
         msg.header.stamp = self.node.get_clock().now().to_msg()
@@ -81,6 +87,8 @@ def test_the_robot_talks_over_its_echo_and_stops_for_the_operator(ros, operator_
 
     room.answer("u1", "The kitchen is down the hall on your left. The living room is straight ahead.")
     wait_for(lambda: node.speaking, timeout=10, what="the robot speaking")
+    room.from_another_clock(+2.0)  # no speaker audio is known at that time: not judged, not a barge-in
+    wait_for(lambda: node.off_clock_mic_chunks == 1, timeout=5, what="the off-clock chunk skipped")
     wait_for(lambda: not node.speaking and node.idle, timeout=30, what="the robot finishing over its own echo")
     assert node.voice_barge_ins == 0 and node.sentences_spoken == 2 and node.sentences_interrupted == 0
     p50, p95 = node.detector.echo_ratios()

@@ -111,6 +111,8 @@ def test_bad_input_is_a_clear_error():
         detector.near(T0, np.full(1600, np.nan, np.float32))
     with pytest.raises(ValueError, match="sample_rate"):
         detector.far(T0, np.zeros(100, np.float32), 0)
+    with pytest.raises(ValueError, match="speaker audio contains NaN"):
+        detector.far(T0, np.full(100, np.inf, np.float32), SR)
     for kwargs, name in (({"threshold": 0}, "threshold"), ({"echo_window_s": -1.0}, "echo_window_s"),
                          ({"min_speech_ms": float("nan")}, "min_speech_ms"), ({"vad_threshold": 1.0}, "vad_threshold")):
         with pytest.raises(ValueError, match=f"double_talk.{name}"):

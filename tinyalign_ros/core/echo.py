@@ -115,6 +115,8 @@ class BargeInDetector:
         samples = np.abs(np.asarray(samples, dtype=np.float32).reshape(-1))
         if samples.size == 0:
             return
+        if not np.isfinite(samples).all():
+            raise ValueError("speaker audio contains NaN/Inf")
         per_bin = max(1, round(FAR_BIN_S * sample_rate))
         n_bins = math.ceil(samples.size / per_bin)
         padded = np.zeros(n_bins * per_bin, dtype=np.float32)

@@ -19,7 +19,7 @@ from std_msgs.msg import Bool, Empty, Float32
 
 from tinyalign_ros.core.audio import AudioError, normalize
 from tinyalign_ros.core.corpus import SynthesisError
-from tinyalign_ros.core.echo import BargeInDetector, DoubleTalkConfig
+from tinyalign_ros.core.echo import FAR_HISTORY_S, BargeInDetector, DoubleTalkConfig
 from tinyalign_ros.core.tts import ENGINES, SentenceBuffer, Synthesizer
 from tinyalign_ros.msg import AudioChunk, Response, ResponseToken
 
@@ -164,6 +164,7 @@ class TtsNode(Node):
         self.sentences_interrupted = 0
         self.barge_ins = 0
         self.voice_barge_ins = 0
+        self.off_clock_mic_chunks = 0
         self._mic_armed = False  # the detector has been reset for the speech going on now
         self.dropped_sentences = 0
         self.synthesis_errors = 0
@@ -330,7 +331,17 @@ class TtsNode(Node):
             self.get_logger().warning(f"barge-in detector skipped a microphone chunk: {exc}",
                                       throttle_duration_sec=10.0)
             return
-        event = self.detector.near(from_time_msg(msg.header.stamp), audio.samples)
+        stamp = from_time_msg(msg.header.stamp)
+        lag = self.get_clock().now().nanoseconds * 1e-9 - stamp
+        if not -self.detector.config.clock_tolerance_s <= lag <= FAR_HISTORY_S / 2:
+            # a microphone on another clock: compared with no speaker audio at all, the robot's
+            # own echo would look like a second talker, so this chunk cannot be judged
+            self.off_clock_mic_chunks += 1
+            self.get_logger().warning(f"microphone chunk stamped {-lag:+.2f} s from this node's clock: barge-in "
+                                      "by voice needs the microphone on this machine's clock; chunk skipped",
+                                      throttle_duration_sec=10.0)
+            return
+        event = self.detector.near(stamp, audio.samples)
         if event is not None and self._interrupt(
                 f"barge-in by voice (microphone at {event.ratio:.2f} x the robot's recent peak, "
                 f"threshold {self.detector.config.threshold:g})"):
@@ -538,6 +549,7 @@ class TtsNode(Node):
         status.add("barge_in_on_speech", self.barge_in_on_speech)
         if self.detector is not None:
             status.add("voice_barge_ins", self.voice_barge_ins)
+            status.add("off_clock_mic_chunks", self.off_clock_mic_chunks)
             ratios = self.detector.echo_ratios()  # with the robot talking alone: its echo gain
             status.add("echo_ratio_p50", ratios[0] if ratios else float("nan"))
             status.add("echo_ratio_p95", ratios[1] if ratios else float("nan"))
