@@ -132,3 +132,46 @@ def test_pool_and_embed_shapes():
     assert torch.linalg.norm(embed(s)).item() == pytest.approx(1.0)
     with pytest.raises(ValueError):
         pool(torch.zeros(0, 384))
+
+
+@pytest.fixture(scope="module")
+def clips() -> dict[str, list]:
+    return {name: [synthesize(t, v) for t in ENROLL + TEST] for name, v in VOICES.items() if name != "bruno"}
+
+
+def test_identifier_enrolls_on_request_then_recognizes(tmp_path, embedder, background, clips):
+    """Nothing enrolled: unknown, without an encoder pass; a requested enrollment takes the next
+    utterance whoever it sounds like; afterwards the same voice is identified (or unknown at
+    worst), the stranger never gets alice's id, and the registry survives a restart."""
+    from tinyalign_ros.core.speaker import SpeakerIdentifier
+
+    ident = SpeakerIdentifier(tmp_path / "speakers", embedder, background=background)
+    assert ident.observe(clips["alice"][0]).how == "unknown" and ident.registry is None
+    for clip in clips["alice"][:3]:
+        ident.request_enrollment("alice")
+        assert ident.pending == "alice"
+        decision = ident.observe(clip)
+        assert (decision.speaker, decision.how) == ("alice", "enrollment") and ident.pending is None
+    assert ident.speakers == ["alice"]
+    seen = [ident.observe(c) for c in clips["alice"][3:]]
+    assert all(d.speaker in ("alice", None) for d in seen) and any(d.how == "identified" for d in seen), seen
+    assert all(ident.observe(c).speaker is None for c in clips["stranger"][3:])
+    again = SpeakerIdentifier(tmp_path / "speakers", embedder)
+    assert again.speakers == ["alice"]
+    assert again.forget("alice") and again.speakers == [] and not again.forget("alice")
+
+
+def test_identifier_refuses_bad_ids_and_expires_unanswered_prompts(tmp_path, embedder, background, clips,
+                                                                    monkeypatch):
+    from tinyalign_ros.core.speaker import SpeakerIdentifier
+
+    ident = SpeakerIdentifier(tmp_path / "speakers", embedder, background=background, enroll_timeout_s=5.0)
+    with pytest.raises(InvalidSpeakerId):
+        ident.request_enrollment("../etc")
+    ident.request_enrollment("alice")
+    import time as time_module
+
+    now = time_module.monotonic()
+    monkeypatch.setattr(time_module, "monotonic", lambda: now + 6.0)
+    assert ident.pending is None
+    assert ident.observe(clips["stranger"][0]).speaker is None and ident.speakers == []

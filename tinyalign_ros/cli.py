@@ -5,7 +5,8 @@
     tinyalign synth --out DIR                         synthesize a labelled speech corpus
     tinyalign demo-audio OUT.wav                      synthesize the demo speech file
     tinyalign personalize SPEAKER [--budget-s S] [--wait]   train a speaker's adapter now, in the running graph
-    tinyalign forget SPEAKER                          delete a speaker's samples, consent and adapters
+    tinyalign forget SPEAKER                          delete a speaker's samples, consent, adapters and voiceprint
+    tinyalign enroll SPEAKER [--sentences N]          prompted enrollment: read N sentences to the running graph
     tinyalign train NAME [...]                        train a model we ship (tinyalign_ros/train/NAME.py)
     tinyalign bench NAME --out DIR [...]              a benchmark (tinyalign_ros/bench/NAME.py)
 """
@@ -119,6 +120,22 @@ def _cmd_forget(args: argparse.Namespace) -> int:
         return 2
 
 
+def _cmd_enroll(args: argparse.Namespace) -> int:
+    os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+    import random
+
+    from tinyalign_ros.core.adapters import InvalidSpeakerId
+    from tinyalign_ros.core.corpus import load_sentences
+    from tinyalign_ros.nodes.client import ServiceUnavailable, enroll
+
+    texts = args.text or [s.text for s in random.Random(args.seed).sample(load_sentences(), args.sentences)]
+    try:
+        return enroll(args.speaker, texts, args.timeout, args.utterance_timeout)
+    except (ServiceUnavailable, InvalidSpeakerId) as exc:
+        print(f"tinyalign enroll: {exc}", file=sys.stderr)
+        return 2
+
+
 def _cmd_setup_models(args: argparse.Namespace) -> int:
     from tinyalign_ros.core.llm import convert_gguf
 
@@ -197,6 +214,15 @@ def main(argv: list[str] | None = None) -> int:
     forg.add_argument("speaker")
     forg.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the service")
     forg.set_defaults(func=_cmd_forget)
+    enr = sub.add_parser("enroll", help="prompted enrollment of a speaker in the running graph (voiceprint, "
+                                        "consent, labelled samples)")
+    enr.add_argument("speaker", help="speaker id to enroll (letters, digits, - and _)")
+    enr.add_argument("--sentences", type=int, default=5, help="how many sentences to read (from data/)")
+    enr.add_argument("--text", action="append", help="a sentence to read (repeatable; replaces --sentences)")
+    enr.add_argument("--seed", type=int, default=None, help="seed of the sentence choice (default: random)")
+    enr.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the graph")
+    enr.add_argument("--utterance-timeout", type=float, default=60.0, help="seconds to wait for each sentence")
+    enr.set_defaults(func=_cmd_enroll)
     sub.add_parser("setup-models", help="convert the packaged LLM for fast loading").set_defaults(
         func=_cmd_setup_models)
     demo = sub.add_parser("demo-audio", help="synthesize the demo speech file")

@@ -298,3 +298,79 @@ def open_registry(root: str | Path, embedder: SpeakerEmbedder, threshold: float 
     root = Path(root)
     background = None if (root / SpeakerRegistry.HEADER).is_file() else embedder.background()
     return SpeakerRegistry(root, layer=embedder.layer, pooling=pooling, threshold=threshold, background=background)
+
+
+@dataclass(frozen=True)
+class SpeakerDecision:
+    speaker: str | None  # enrolled speaker the utterance is attributed to; None = unknown
+    score: float  # cosine to the closest enrolled speaker (-1: nobody enrolled; 1: an enrollment utterance)
+    how: str  # "enrollment" (the speaker was asked to speak), "identified", "unknown"
+
+
+class SpeakerIdentifier:
+    """asr_node's speaker recognition: attribute each utterance to an enrolled speaker, or enroll.
+
+    Enrollment is prompted: `request_enrollment(speaker)` says the next utterance is that
+    speaker's (the robot asked them to read a sentence), so it is attributed to them without
+    scoring and its statistics are added to their centroid, which is re-enrolled at once from
+    every utterance this session collected (a new enrollment session replaces an older
+    voiceprint: people's voices and microphones change). A request expires after `enroll_timeout_s` so a
+    prompt nobody answered cannot take a later stranger's utterance.
+
+    The registry is opened only when a folder already holds one, or at the first enrollment (a
+    new registry synthesizes its background once, about a minute on a small CPU, in the caller's
+    worker thread): a robot that never enrolls anybody pays nothing.
+    """
+
+    def __init__(self, root: str | Path, embedder: SpeakerEmbedder, threshold: float = DEFAULT_THRESHOLD,
+                 enroll_timeout_s: float = 60.0, background: Background | None = None) -> None:
+        self.root, self.embedder, self.threshold = Path(root), embedder, float(threshold)
+        self.enroll_timeout_s = float(enroll_timeout_s)
+        self._background = background
+        self._pending: tuple[str, float] | None = None  # (speaker, deadline on time.monotonic())
+        self._collected: dict[str, list[torch.Tensor]] = {}
+        self.registry: SpeakerRegistry | None = None
+        if (self.root / SpeakerRegistry.HEADER).is_file():
+            self.registry = SpeakerRegistry(self.root, layer=embedder.layer, threshold=threshold)
+
+    @property
+    def speakers(self) -> list[str]:
+        return self.registry.speakers() if self.registry else []
+
+    @property
+    def pending(self) -> str | None:
+        import time
+
+        if self._pending and time.monotonic() > self._pending[1]:
+            self._pending = None
+        return self._pending[0] if self._pending else None
+
+    def request_enrollment(self, speaker: str) -> None:
+        """The next utterance (within the timeout) is `speaker`'s; raises InvalidSpeakerId."""
+        import time
+
+        self._pending = (validate_speaker_id(speaker), time.monotonic() + self.enroll_timeout_s)
+
+    def forget(self, speaker: str) -> bool:
+        self._collected.pop(speaker, None)
+        if self.pending == speaker:
+            self._pending = None
+        return bool(self.registry and self.registry.remove(speaker))
+
+    def observe(self, samples_16k: np.ndarray) -> SpeakerDecision:
+        """Who said this utterance: a pending enrollment's speaker, the closest enrolled one, or nobody."""
+        speaker = self.pending
+        if speaker is None and not self.speakers:
+            return SpeakerDecision(None, -1.0, "unknown")  # nothing to compare with: skip the encoder pass
+        stats = self.embedder.stats(samples_16k)
+        if speaker is not None:
+            self._pending = None
+            if self.registry is None:
+                background = self._background or self.embedder.background()
+                self.registry = SpeakerRegistry(self.root, layer=self.embedder.layer, threshold=self.threshold,
+                                                background=background)
+            self._collected.setdefault(speaker, []).append(stats)
+            self.registry.enroll(speaker, self._collected[speaker])
+            return SpeakerDecision(speaker, 1.0, "enrollment")
+        found = self.registry.identify(stats)
+        return SpeakerDecision(found.speaker, found.score, "identified" if found.speaker else "unknown")

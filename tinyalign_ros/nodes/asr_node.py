@@ -1,6 +1,7 @@
 """asr_node: /tinyalign/audio → VAD segments → /tinyalign/utterance (+ /tinyalign/transcript)."""
 from __future__ import annotations
 
+import json
 import threading
 import time
 from dataclasses import dataclass
@@ -18,7 +19,8 @@ from tinyalign_ros.core.audio import SAMPLE_RATE, AudioError, normalize
 from tinyalign_ros.core.early_exit import ExitHeads, ExitPolicy, encode_utterance, load_heads
 from tinyalign_ros.core.encoder import load_whisper_encoder
 from tinyalign_ros.core.listen import ListenGate, Verdict
-from tinyalign_ros.core.models import shipped_model
+from tinyalign_ros.core.models import data_home, shipped_model
+from tinyalign_ros.core.speaker import SpeakerEmbedder, SpeakerIdentifier, SpeakerRegistryError
 from tinyalign_ros.core.vad import Segment, StreamingSegmenter, VadConfig
 from tinyalign_ros.msg import AudioChunk, Utterance
 
@@ -80,6 +82,9 @@ class AsrNode(Node):
         self._apply_exit_params(p("exit.mode", "confidence").value, float(p("exit.threshold", 0.9).value),
                                 int(p("exit.max_layer", 0).value))
         self.heads = self._load_heads(p("exit.heads_file", "").value)
+        self.speaker_id = self._speaker_identifier(
+            bool(p("speaker_id.enabled", True).value), p("speaker_id.dir", "").value,
+            float(p("speaker_id.threshold", 0.68).value), float(p("speaker_id.enroll_timeout_s", 60.0).value))
         if self.transcriber_name not in TRANSCRIBERS:
             raise ValueError(f"transcriber must be one of {TRANSCRIBERS}, got '{self.transcriber_name}'")
         if self.transcriber_name == "exit_head" and self.heads is None:
@@ -97,6 +102,8 @@ class AsrNode(Node):
         self.create_subscription(AudioChunk, "audio", self._on_audio, AUDIO_QOS)
         self.create_subscription(Bool, "speaking", self._on_speaking, LATCHED_QOS)
         self.create_service(Trigger, "listen", self._on_listen)
+        self.create_subscription(String, "enroll", self._on_enroll, EVENT_QOS)
+        self.create_subscription(String, "speaker_forgotten", self._on_speaker_forgotten, EVENT_QOS)
         self.robot_speaking = False
         self._gate_until = 0.0  # wall time until which audio is still the robot's own echo
         self.gated_chunks = 0
@@ -111,6 +118,7 @@ class AsrNode(Node):
         self.chunk_rate = RateMeter()
         self.last_rtf = 0.0
         self.last_layer = -1
+        self.last_speaker_score = -1.0
         self.boost = RobotBoost(self, self.encoder.n_layers if self.encoder else None,
                                 self.encoder.d_model if self.encoder else None, self.pad_to_30s,
                                 boosts_transcript=self.transcriber_name == "exit_head")
@@ -128,6 +136,47 @@ class AsrNode(Node):
             self.get_logger().warning(f"no trained exit heads ({file}): the encoder always runs to full depth")
             return None
         return load_heads(file)  # a named but corrupt or missing file is an error, not a silent fallback
+
+    def _speaker_identifier(self, enabled: bool, folder: str, threshold: float,
+                            timeout_s: float) -> SpeakerIdentifier | None:
+        if not enabled or self.encoder is None:
+            return None
+        return SpeakerIdentifier(folder or data_home() / "speakers", SpeakerEmbedder(self.encoder), threshold,
+                                 timeout_s)  # a corrupt registry is a startup error, not a silent reset
+
+    # -- speakers -----------------------------------------------------------------------------
+    def _on_enroll(self, msg: String) -> None:
+        """`{"speaker": id, "text": sentence}`: the next utterance is that speaker reading it."""
+        try:
+            speaker = json.loads(msg.data)["speaker"]
+            if not isinstance(speaker, str):
+                raise TypeError("speaker must be a string")
+            if self.speaker_id is None:
+                raise ValueError("speaker_id is disabled (or the encoder is)")
+            self.speaker_id.request_enrollment(speaker)
+        except (ValueError, KeyError, TypeError) as exc:  # InvalidSpeakerId is a ValueError
+            self.get_logger().warning(f"enrollment request {msg.data[:200]!r} ignored: {exc}")
+            return
+        self.get_logger().info(f"enrollment: the next utterance is {speaker}'s")
+
+    def _on_speaker_forgotten(self, msg: String) -> None:
+        if self.speaker_id is not None and self.speaker_id.forget(msg.data):
+            self.get_logger().info(f"voiceprint of {msg.data} deleted")
+
+    def _speaker_of(self, samples: np.ndarray) -> str:
+        """The enrolled speaker of an utterance, else the `speaker` parameter ("" = unknown)."""
+        if self.speaker_id is None:
+            return self.speaker
+        try:
+            decision = self.speaker_id.observe(samples)
+        except (SpeakerRegistryError, ValueError, OSError) as exc:
+            self.get_logger().error(f"speaker recognition failed: {exc}", throttle_duration_sec=10.0)
+            return self.speaker
+        self.last_speaker_score = decision.score
+        if decision.how == "enrollment":
+            self.get_logger().info(f"enrolled an utterance of {decision.speaker} "
+                                   f"({len(self.speaker_id.speakers)} speakers known)")
+        return decision.speaker or self.speaker
 
     def _apply_exit_params(self, mode: str, threshold: float, max_layer: int) -> None:
         """Validate all three first (ExitPolicy checks on assignment), then switch atomically."""
@@ -269,7 +318,7 @@ class AsrNode(Node):
         msg.header.stamp = self.get_clock().now().to_msg()
         msg.header.frame_id = "mic"
         msg.id = f"{self.get_name()}-{self._count:06d}"
-        msg.speaker = self.speaker
+        msg.speaker = self._speaker_of(seg.samples)
         msg.start = to_time_msg(job.wall_offset + seg.start_s)
         msg.end = to_time_msg(job.wall_offset + seg.end_s)
         msg.stream_start_s = seg.start_s
@@ -318,6 +367,8 @@ class AsrNode(Node):
         status.add("exit_layer", self.last_layer)
         status.add("exit_policy", f"{self.policy.mode} threshold={self.policy.threshold} max_layer={self.policy.max_layer}")
         status.add("transcriber", self.transcriber_name)
+        status.add("enrolled_speakers", ", ".join(self.speaker_id.speakers) if self.speaker_id else "disabled")
+        status.add("last_speaker_score", self.last_speaker_score)
         status.add("listen_mode", self.listen.mode)
         status.add("listen_window_open", self.listen.is_open(self.get_clock().now().nanoseconds * 1e-9))
         status.add("not_addressed_utterances", self.listen_dropped)

@@ -2,7 +2,8 @@
 
 `tinyalign personalize SPEAKER` and `tinyalign forget SPEAKER` call personalizer_node's services
 exactly as `ros2 service call /tinyalign/personalize tinyalign_ros/srv/Personalize ...` would, from
-another process on the same ROS 2 domain (the pip-wheel install has no `ros2` command). With
+another process on the same ROS 2 domain (the pip-wheel install has no `ros2` command);
+`tinyalign enroll SPEAKER` prompts the speaker sentence by sentence over the `enroll` topic. With
 `--wait`, personalize follows the round on `personalize/progress` and ends with its outcome from
 `personalize/result`, so a script can tell "saved" from "rejected by the gate".
 """
@@ -117,5 +118,43 @@ def forget(speaker: str, timeout: float = 10.0, emit: Callable[[str], None] = pr
         response = client.call(Forget, "forget", Forget.Request(speaker=speaker), timeout)
         emit(response.message)
         return 0 if response.success else 1
+    finally:
+        client.close()
+
+
+def enroll(speaker: str, sentences: list[str], timeout: float = 10.0, utterance_timeout: float = 60.0,
+           emit: Callable[[str], None] = print) -> int:
+    """Prompted enrollment: ask the speaker to read each sentence, one utterance each.
+
+    Each prompt goes out on `enroll` (asr_node attributes the next utterance to the speaker and
+    adds it to their voiceprint; personalizer_node records consent and labels it with the
+    sentence), then this waits for that utterance on `utterance` before the next prompt.
+    Exit code 0 when every sentence was heard.
+    """
+    from tinyalign_ros.core.adapters import validate_speaker_id
+    from tinyalign_ros.msg import Utterance
+
+    validate_speaker_id(speaker)
+    client = _Client("enroll_client")
+    try:
+        heard: list[Utterance] = []
+        pub = client.node.create_publisher(String, "enroll", EVENT_QOS)
+        client.node.create_subscription(
+            Utterance, "utterance", lambda u: heard.append(u) if u.speaker == speaker else None, EVENT_QOS)
+        if not client.spin_until(lambda: pub.get_subscription_count() > 0, timeout):
+            raise ServiceUnavailable(f"nobody listens on /{NAMESPACE}/enroll after {timeout:.0f} s: is the graph "
+                                     "running (tinyalign run / ros2 launch) on this ROS_DOMAIN_ID?")
+        missed = 0
+        for i, sentence in enumerate(sentences, 1):
+            before = len(heard)
+            pub.publish(String(data=json.dumps({"speaker": speaker, "text": sentence})))
+            emit(f"[{i}/{len(sentences)}] please say: {sentence}")
+            if client.spin_until(lambda: len(heard) > before, utterance_timeout):
+                emit(f"          heard: {heard[-1].transcript}")
+            else:
+                missed += 1
+                emit(f"          nothing heard within {utterance_timeout:.0f} s")
+        emit(f"{speaker}: {len(sentences) - missed} of {len(sentences)} enrollment utterances recorded")
+        return 0 if not missed else 1
     finally:
         client.close()

@@ -11,13 +11,18 @@ adapters). What this node adds:
   `{"utterance_id": "asr-000042", "text": "bring me the red cup"}`: two fields that an operator
   types with `ros2 topic pub`, with no interface package to build or version; a malformed one is
   logged and ignored.
+- enrollment: an `enroll` message (std_msgs/String JSON `{"speaker": id, "text": sentence}`,
+  sent by `tinyalign enroll`) records the speaker's consent and makes the sentence the label of
+  their next utterance ("enrollment" label); asr_node, on the same topic, attributes that
+  utterance to the speaker and adds it to their voiceprint.
 - idle detection: no utterance for `idle_s` seconds -> a round for a speaker with at least
   `train.min_samples` samples and `train.min_new_samples` new ones since their last finished
   round (or an interrupted round to resume). Any utterance preempts a running round at once
   (the round checkpoints and resumes at the next idle period).
 - services: `personalize` (speaker, budget_s) answers at once, accepted or refused and why;
   `forget` stops that speaker's round and deletes samples, consent record, adapters and
-  checkpoints (a parameter-granted consent is withdrawn too until the node restarts).
+  checkpoints (a parameter-granted consent is withdrawn too until the node restarts), and
+  announces it on `speaker_forgotten` so asr_node deletes the voiceprint.
 - topics: `personalize/progress` (std_msgs/String JSON: speaker, phase, step, loss, ETA),
   `personalize/result` (std_msgs/String JSON: each round's outcome — saved, rejected by the gate,
   preempted, failed — with the validation WERs and the new version; `tinyalign personalize --wait`
@@ -97,6 +102,7 @@ class PersonalizerNode(Node):
         # speaker gets one round, which the gate makes harmless)
         self.trained_at: dict[str, int] = {}
         self.recent: OrderedDict[str, Utterance] = OrderedDict()
+        self.enrolling: dict[str, str] = {}  # speaker -> the sentence they were just asked to read
         self.lock = threading.Lock()
         self.last_speech = time.monotonic()
         self.last_progress: Progress | None = None
@@ -110,6 +116,8 @@ class PersonalizerNode(Node):
         self.adapter_pub = self.create_publisher(String, "adapter", LATCHED_QOS)
         self.create_subscription(Utterance, "utterance", self._on_utterance, EVENT_QOS)
         self.create_subscription(String, "correction", self._on_correction, EVENT_QOS)
+        self.create_subscription(String, "enroll", self._on_enroll, EVENT_QOS)
+        self.forgotten_pub = self.create_publisher(String, "speaker_forgotten", EVENT_QOS)
         self.create_service(Personalize, "personalize", self._on_personalize)
         self.create_service(Forget, "forget", self._on_forget)
         self.create_timer(1.0, self._on_timer)
@@ -185,8 +193,32 @@ class PersonalizerNode(Node):
         self.recent[utt.id] = utt
         while len(self.recent) > self.recent_max:
             self.recent.popitem(last=False)
-        if utt.speaker in self.consented and utt.transcript.strip() and utt.confidence >= self.min_confidence:
+        prompt = self.enrolling.pop(utt.speaker, None)
+        if prompt:  # asr_node attributed this utterance to the speaker asked to read `prompt`
+            if self._store(utt, prompt, "enrollment", 1.0):
+                self.get_logger().info(f"{utt.id}: enrollment sample of {utt.speaker} ('{prompt}')")
+        elif utt.speaker in self.consented and utt.transcript.strip() and utt.confidence >= self.min_confidence:
             self._store(utt, utt.transcript, "teacher", float(utt.confidence))
+
+    def _on_enroll(self, msg: String) -> None:
+        """`{"speaker": id, "text": sentence}` (tinyalign enroll): enrolling is consenting, and the
+        sentence the speaker reads is the label of their next utterance (no text: consent only)."""
+        try:
+            body = json.loads(msg.data)
+            speaker, text = body["speaker"], body.get("text", "")
+            if not isinstance(speaker, str) or not isinstance(text, str):
+                raise TypeError("speaker and text must be strings")
+            validate_speaker_id(speaker)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:  # InvalidSpeakerId is a ValueError
+            self.get_logger().warning(f"ignoring a malformed enrollment {msg.data[:200]!r}: {exc!r}")
+            return
+        if speaker not in self.consented:
+            self.samples.grant_consent(speaker, how="enrollment")
+            self.consented.add(speaker)
+            self.sample_counts.setdefault(speaker, self.samples.count(speaker))
+            self.get_logger().info(f"{speaker} enrolled: consent recorded")
+        if text.strip():
+            self.enrolling[speaker] = text.strip()
 
     def _on_correction(self, msg: String) -> None:
         try:
@@ -296,7 +328,9 @@ class PersonalizerNode(Node):
         self.trained_at.pop(speaker, None)
         for utt_id in [k for k, u in self.recent.items() if u.speaker == speaker]:
             del self.recent[utt_id]
+        self.enrolling.pop(speaker, None)
         self._announce(speaker, None)
+        self.forgotten_pub.publish(String(data=speaker))  # asr_node deletes the voiceprint
         response.success = True
         response.message = (f"forgot {speaker}: {count} samples, consent and adapters deleted"
                             if had_samples or had_adapters else f"nothing was stored for {speaker}")

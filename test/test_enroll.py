@@ -1,0 +1,109 @@
+"""Prompted enrollment over real rclpy: `tinyalign enroll`'s client, asr_node's speaker recognition
+and personalizer_node's consent and labels, then forget removing the voiceprint too."""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from conftest import wait_for
+from tinyalign_ros.core.corpus import Voice, synthesize
+from tinyalign_ros.msg import AudioChunk, Utterance
+from tinyalign_ros.nodes.common import AUDIO_QOS, EVENT_QOS
+
+ALICE = Voice("alice", "espeak", "en-gb+f2")
+STRANGER = Voice("stranger", "festival", "kal_diphone")
+PROMPTS = ["Turn on the lights in the living room.", "Please open the door for me."]
+
+
+@pytest.fixture
+def graph(ros, tmp_path):
+    """asr_node + personalizer_node on a voiceprint registry whose background is already made
+    (a new one synthesizes ~50 clips once; a few voices do for a test)."""
+    from rclpy.parameter import Parameter
+
+    from tinyalign_ros.core.encoder import load_whisper_encoder
+    from tinyalign_ros.core.speaker import SpeakerEmbedder, SpeakerRegistry
+    from tinyalign_ros.nodes.asr_node import AsrNode
+    from tinyalign_ros.nodes.personalizer_node import PersonalizerNode
+
+    embedder = SpeakerEmbedder(load_whisper_encoder())
+    bg_voices = [Voice(f"bg{i}", "espeak", m) for i, m in enumerate(("en-us+m3", "en-029+f4", "en-gb-scotland+m1"))]
+    SpeakerRegistry(tmp_path / "speakers", background=embedder.background(bg_voices))
+    asr = ros.add(AsrNode(namespace="tinyalign", context=ros.context, parameter_overrides=[
+        Parameter("speaker_id.dir", value=str(tmp_path / "speakers")), Parameter("echo_gate", value=False)]))
+    pers = ros.add(PersonalizerNode(namespace="tinyalign", context=ros.context, parameter_overrides=[
+        Parameter("samples.dir", value=str(tmp_path / "samples")),
+        Parameter("adapters.dir", value=str(tmp_path / "adapters")),
+        Parameter("checkpoint_dir", value=str(tmp_path / "ckpt")), Parameter("idle_s", value=3600.0)]))
+    probe = ros.node("probe")
+    utterances: list[Utterance] = []
+    probe.create_subscription(Utterance, "utterance", utterances.append, EVENT_QOS)
+    pub = probe.create_publisher(AudioChunk, "audio", AUDIO_QOS)
+    wait_for(lambda: pub.get_subscription_count() > 0 and asr.utterance_pub.get_subscription_count() >= 2,
+             what="discovery")
+    offset = 0
+
+    def say(samples: np.ndarray) -> None:
+        nonlocal offset
+        silence = np.zeros(8000, np.float32)
+        audio = np.concatenate([silence, samples, silence, silence]).astype(np.float32)
+        for i in range(0, len(audio), 1600):
+            msg = AudioChunk(sample_rate=16000, offset=offset)
+            msg.header.stamp = probe.get_clock().now().to_msg()
+            part = audio[i:i + 1600]
+            msg.samples = part
+            pub.publish(msg)
+            offset += part.size
+
+    return asr, pers, say, utterances
+
+
+def test_enrollment_labels_consents_and_makes_the_voice_recognizable(graph):
+    from tinyalign_ros.nodes.client import enroll, forget
+
+    asr, pers, say, utterances = graph
+    clips = [synthesize(t, ALICE) for t in PROMPTS]
+    result: list[int] = []
+    lines: list[str] = []
+    worker = threading.Thread(target=lambda: result.append(enroll("alice", PROMPTS, utterance_timeout=60,
+                                                                  emit=lines.append)))
+    worker.start()
+    for clip in clips:  # alice reads each prompt once it is out
+        wait_for(lambda: asr.speaker_id.pending == "alice", 30, "the enrollment prompt")
+        say(clip)
+        wait_for(lambda: asr.speaker_id.pending is None, 60, "the enrollment utterance")
+    worker.join(timeout=90)
+    assert result == [0], lines
+    assert sum("please say:" in line for line in lines) == 2 and "2 of 2" in lines[-1]
+    assert asr.speaker_id.speakers == ["alice"]
+    wait_for(lambda: pers.samples.count("alice") == 2, 10, "the enrollment samples")
+    infos = pers.samples.list("alice")
+    assert sorted(i.text for i in infos) == sorted(PROMPTS) and {i.source for i in infos} == {"enrollment"}
+    assert pers.samples.has_consent("alice")
+
+    n = len(utterances)
+    say(clips[0])  # unprompted: recognized by the voiceprint
+    say(synthesize(PROMPTS[0], STRANGER))  # another person: never alice
+    wait_for(lambda: len(utterances) >= n + 2, 60, "two unprompted utterances")
+    assert [u.speaker for u in utterances[n:n + 2]] == ["alice", ""]
+    assert pers.samples.count("alice") == 2  # unprompted speech of a consenting speaker is kept only above
+    # min_confidence (0.9 by default) as a teacher label, never with the prompt's text
+
+    assert forget("alice", emit=lines.append) == 0
+    wait_for(lambda: asr.speaker_id.speakers == [], 10, "the voiceprint deletion")
+    assert pers.samples.count("alice") == 0 and not pers.samples.has_consent("alice")
+
+
+def test_malformed_enrollments_are_ignored(graph):
+    from std_msgs.msg import String
+
+    asr, pers, _, _ = graph
+    pub = asr.create_publisher(String, "enroll", EVENT_QOS)
+    wait_for(lambda: pub.get_subscription_count() >= 2, what="discovery")
+    for bad in ("not json", '{"text": "no speaker"}', '{"speaker": "../etc"}', '{"speaker": 3, "text": 4}', "[]"):
+        pub.publish(String(data=bad))
+    pub.publish(String(data='{"speaker": "bob"}'))  # consent only, no prompt
+    wait_for(lambda: "bob" in pers.consented, 10, "the good enrollment")
+    assert pers.consented == {"bob"} and asr.speaker_id.pending == "bob" and not pers.enrolling
