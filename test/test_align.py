@@ -95,6 +95,51 @@ def test_loss_is_finite_and_reaches_only_the_projector(aligned):
     assert all(p.grad is None for p in aligned.model.parameters())
 
 
+def test_embedding_ctc_trains_the_projector_toward_the_words_without_the_llm(aligned):
+    """The cheap phase: gradients reach the projector, blank and scale but never the frozen
+    table; a few steps lower the CTC loss; and greedy decoding of the CTC logits then reads the
+    target word pieces, i.e. the audio tokens point at the transcript's own input embeddings."""
+    from tinyalign_ros.core.align import EmbeddingCTC
+
+    table = aligned.model.get_input_embeddings().weight
+    ctc = EmbeddingCTC(table)
+    feats, lengths = torch.randn(2, 24, 16), torch.tensor([24, 16])
+    targets = [aligned.target_ids("turn left")[:-1], aligned.target_ids("stop")[:-1]]
+    params = list(aligned.projector.parameters()) + list(ctc.parameters())
+    opt = torch.optim.Adam(params, lr=1e-2)
+    losses = []
+    for _ in range(60):
+        tokens, n = aligned.projector(feats, lengths)
+        loss = ctc(tokens, n, targets)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert table.grad is None and not ctc.table.requires_grad
+    assert all(p.grad is not None for p in params)
+    assert losses[-1] < 0.5 * losses[0], losses[::10]
+    with torch.no_grad():
+        tokens, n = aligned.projector(feats, lengths)
+        words = torch.nn.functional.normalize(tokens, dim=-1) @ torch.nn.functional.normalize(table, dim=-1).T
+        best = torch.cat([ctc.blank(tokens), ctc.log_scale.exp() * words], -1).argmax(-1)
+    for row, k, target in zip(best, n, targets):  # greedy CTC: collapse repeats, drop blanks (class 0)
+        ids = [int(i) - 1 for j, i in enumerate(row[:k]) if i != 0 and (j == 0 or i != row[j - 1])]
+        assert ids == target
+
+
+def test_embedding_ctc_over_a_vocab_subset_scores_only_those_pieces(aligned):
+    from tinyalign_ros.core.align import EmbeddingCTC
+
+    table = aligned.model.get_input_embeddings().weight
+    left, stop = aligned.target_ids("turn left")[:-1], aligned.target_ids("stop")[:-1]
+    full, sub = EmbeddingCTC(table), EmbeddingCTC(table, vocab=left + stop)
+    assert sub.table.shape[0] == len(set(left + stop))
+    tokens, n = aligned.projector(torch.randn(1, 24, 16), torch.tensor([24]))
+    assert torch.isfinite(sub(tokens, n, [left])) and sub(tokens, n, [left]) < full(tokens, n, [left])
+    with pytest.raises(ValueError, match="outside the objective's vocab"):
+        sub(tokens, n, [aligned.target_ids("bring me tea")[:-1]])
+
+
 def test_batched_generation_equals_one_by_one_and_stream_matches(aligned):
     feats = [torch.randn(30, 16), torch.randn(9, 16), torch.randn(17, 16)]
     batched = aligned.transcribe(feats)

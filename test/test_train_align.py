@@ -43,19 +43,22 @@ def test_hybrid_training_marks_the_projector_and_skips_clips_without_transcript(
                     "--eval-only", "--hidden", "64"])
 
 
-def test_bench_align_measures_the_three_modes_side_by_side(tiny_corpus, tmp_path):  # noqa: F811
+def test_bench_align_measures_the_modes_side_by_side(tiny_corpus, tmp_path):  # noqa: F811
     rc = bench.main(["--corpus", str(tiny_corpus), "--out", str(tmp_path), "--minutes", "0.03", "--batch", "2",
                      "--val-n", "1", "--val-every-s", "0.5", "--metrics", str(tmp_path / "none.json")])
     assert rc == 0
     result = json.loads((tmp_path / "align.json").read_text())
     modes = result["modes"]
-    assert list(modes) == ["projector", "lora", "e2e"]
-    params = [modes[m]["trainable_params"] for m in ("projector", "lora", "e2e")]
+    assert list(modes) == ["projector", "lora", "end_to_end", "projector_ctc"]
+    params = [modes[m]["trainable_params"] for m in ("projector", "lora", "end_to_end")]
     assert params[0] < params[1] < params[2]
     assert params[2] > 130e6  # the whole LLM and encoder train end to end
     for r in modes.values():
-        assert r["steps"] >= 1 and r["median_step_s"] > 0 and r["peak_rss_mb"] > 0
+        assert r["steps"] >= 1 and r["median_step_s"] > 0 and r["peak_mem_mb"] > 0
         assert r["curve"][0]["train_s"] == 0 and r["curve"][-1]["train_s"] > 0
+    ctc = modes["projector_ctc"]  # both phases ran: embedding-CTC steps, then LLM-loss steps
+    assert ctc["ctc_steps"] >= 1 and ctc["steps"] > ctc["ctc_steps"] and ctc["ctc_median_step_s"] > 0
+    assert ctc["trainable_params"] == params[0] + 577 + 1  # the projector + blank logit (576 + bias) + scale
     worst = max(min(c["val_loss"] for c in r["curve"]) for r in modes.values())
     assert result["target_val_loss"] == worst
     assert any(r["time_to_target_s"] is not None for r in modes.values())

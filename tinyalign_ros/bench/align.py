@@ -6,7 +6,10 @@ Three ways to align speech into the LLM, on the same data order, batch, prompt a
 - `projector` (ours, Tiny-Align): only the projector trains; encoder features are cached; LLM frozen;
 - `lora`: LoRA (peft, rank 8 on every linear layer of the LLM) + the projector; features cached;
 - `e2e` (the conventional alignment): encoder, projector and LLM all train, so the encoder runs
-  on the log-mel of every clip at every step.
+  on the log-mel of every clip at every step;
+- `ctc` (ours, less LLM backward): like `projector`, but the first `--ctc-fraction` of the budget
+  trains with `core.align.EmbeddingCTC` (CTC against the frozen LLM's input-embedding table, no
+  LLM pass at all), the rest with the LLM loss; its time counts in full.
 Each mode runs in its own process, one after the other (two torch processes on two cores slow
 each other several times), for the same wall-clock budget, from the same random projector.
 Validation is the teacher-forced loss on fixed validation clips, measured every --val-every-s and
@@ -32,7 +35,9 @@ import torch
 
 from tinyalign_ros.core.metrics import write_result
 
-MODES = ("projector", "lora", "e2e")
+MODES = ("projector", "lora", "e2e", "ctc")
+# the result's names for them (DESIGN.md section 6 fixes `projector`, `lora`, `end_to_end`)
+RESULT_NAMES = {"projector": "projector", "lora": "lora", "e2e": "end_to_end", "ctc": "projector_ctc"}
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -46,6 +51,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--lr", type=float, default=1e-3, help="projector learning rate")
     ap.add_argument("--llm-lr", type=float, default=5e-5, help="learning rate of LLM/encoder/LoRA weights")
+    ap.add_argument("--ctc-fraction", type=float, default=0.5,
+                    help="ctc mode: share of the budget spent on the embedding-CTC phase")
     ap.add_argument("--val-n", type=int, default=16, help="validation clips")
     ap.add_argument("--val-every-s", type=float, default=30.0)
     ap.add_argument("--threads", type=int, default=2)
@@ -79,6 +86,14 @@ class Mode:
         self.aligned = AlignedLLM.from_chat(chat, projector, AlignPrompt())
         model = chat.model
         groups = [{"params": list(projector.parameters()), "lr": args.lr}]
+        self.ctc = None
+        if name == "ctc":
+            from tinyalign_ros.core.align import EmbeddingCTC
+
+            torch.set_flush_denormal(True)  # DESIGN §4 suspects denormals slowed this softmax backward over time
+            vocab = {i for text in self.train.texts for i in self.aligned.target_ids(text)[:-1]}
+            self.ctc = EmbeddingCTC(model.get_input_embeddings().weight, vocab)
+            groups.append({"params": list(self.ctc.parameters()), "lr": args.lr})
         if name == "lora":
             from peft import LoraConfig, inject_adapter_in_model
 
@@ -108,9 +123,13 @@ class Mode:
                  for i in idx]
         return torch.nn.utils.rnn.pad_sequence(feats, batch_first=True), torch.tensor([f.shape[0] for f in feats])
 
-    def loss(self, split, idx: list[int]) -> torch.Tensor:
+    def loss(self, split, idx: list[int], ctc_phase: bool = False) -> torch.Tensor:
         feats, lengths = self.features(split, idx)
-        return self.aligned.loss(feats, lengths, [self.aligned.target_ids(split.texts[i]) for i in idx])
+        targets = [self.aligned.target_ids(split.texts[i]) for i in idx]
+        if ctc_phase:
+            tokens, n_tokens = self.aligned.projector(feats, lengths)
+            return self.ctc(tokens, n_tokens, [t[:-1] for t in targets])  # the words, not <|im_end|>
+        return self.aligned.loss(feats, lengths, targets)
 
     def val_loss(self, idx: list[int], batch: int) -> float:
         with torch.no_grad():
@@ -129,7 +148,8 @@ def run_mode(name: str, args: argparse.Namespace) -> dict:
     val_idx = sorted(random.Random(args.seed + 1).sample(range(len(mode.val)), min(args.val_n, len(mode.val))))
     curve = [{"train_s": 0.0, "step": 0, "val_loss": mode.val_loss(val_idx, args.batch)}]
     trained = last_val = 0.0
-    step_times: list[float] = []
+    step_times: list[float] = []  # LLM-loss steps (all of them but the ctc mode's first phase)
+    ctc_times: list[float] = []
     step = pos = 0
     logging.info("%s: %.1fM trainable parameters, val loss %.3f", name, mode.trainable / 1e6, curve[0]["val_loss"])
     while trained < args.minutes * 60:
@@ -138,13 +158,14 @@ def run_mode(name: str, args: argparse.Namespace) -> dict:
         idx = order[pos:pos + args.batch]
         pos += args.batch
         t0 = time.perf_counter()
-        loss = mode.loss(mode.train, idx)
+        ctc_phase = mode.ctc is not None and trained < args.ctc_fraction * args.minutes * 60
+        loss = mode.loss(mode.train, idx, ctc_phase)
         mode.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(mode.params, 1.0)
         mode.opt.step()
         dt = time.perf_counter() - t0
-        step_times.append(dt)
+        (ctc_times if ctc_phase else step_times).append(dt)
         trained += dt
         step += 1
         if trained - last_val >= args.val_every_s:
@@ -154,11 +175,16 @@ def run_mode(name: str, args: argparse.Namespace) -> dict:
             last_val = trained
     curve.append({"train_s": round(trained, 1), "step": step, "val_loss": mode.val_loss(val_idx, args.batch)})
     step_times.sort()
-    median = step_times[len(step_times) // 2]
-    return {"mode": name, "trainable_params": mode.trainable, "steps": step, "train_s": trained,
+    median = step_times[len(step_times) // 2] if step_times else 0.0
+    extra = {}
+    if ctc_times:
+        ctc_times.sort()
+        extra = {"ctc_steps": len(ctc_times), "ctc_median_step_s": ctc_times[len(ctc_times) // 2],
+                 "ctc_fraction": args.ctc_fraction}
+    return {"mode": name, "trainable_params": mode.trainable, "steps": step, "train_s": trained, **extra,
             "median_step_s": median, "epoch_s": median * len(mode.train) / args.batch,
             "n_train": len(mode.train), "setup_s": setup_s,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "curve": curve}
+            "peak_mem_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "curve": curve}
 
 
 def time_to(curve: list[dict], target: float) -> float | None:
@@ -182,7 +208,7 @@ def plot(result: dict, path: Path) -> None:
     bx.bar(names, [result["modes"][n]["median_step_s"] for n in names], color="tab:blue")
     bx.set(ylabel="median step time (s)", title="Cost per step (bars) and peak memory")
     for i, n in enumerate(names):
-        bx.annotate(f"{result['modes'][n]['peak_rss_mb'] / 1024:.1f} GB", (i, result["modes"][n]["median_step_s"]),
+        bx.annotate(f"{result['modes'][n]['peak_mem_mb'] / 1024:.1f} GB", (i, result["modes"][n]["median_step_s"]),
                     ha="center", va="bottom")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -208,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
                "--child", name, "--result", str(child)]
         logging.info("mode %s: %s", name, " ".join(cmd[2:]))
         subprocess.run(cmd, check=True)
-        results[name] = json.loads(child.read_text())
+        results[RESULT_NAMES[name]] = json.loads(child.read_text())
         child.unlink()
     target = max(min(c["val_loss"] for c in r["curve"]) for r in results.values())
     for r in results.values():
@@ -228,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         result["real"] = {k: (m.get("real") or {}).get(k) for k in ("aligned_wer", "cascade_wer", "n_words", "n_clips")}
     write_result(args.out, "align", result)
     plot(result, args.out / "align.png")
-    print(json.dumps({n: {k: r.get(k) for k in ("median_step_s", "peak_rss_mb", "time_to_target_s", "trainable_params")}
+    print(json.dumps({n: {k: r.get(k) for k in ("median_step_s", "peak_mem_mb", "time_to_target_s", "trainable_params")}
                       for n, r in results.items()}, indent=1))
     return 0
 
