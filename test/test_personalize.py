@@ -433,7 +433,9 @@ def test_bench_personalize_writes_json_and_png_on_a_tiny_config(tmp_path, monkey
     assert bench.main(["--out", str(tmp_path), "--llm", str(tiny_model_dir), "--projector", str(tiny_projector_file),
                        "--n", "4,8", "--test", "4", "--kinds", "lora,full", "--max-steps", "2", "--threads", "1"]) == 0
     record = json.loads((tmp_path / "personalize.json").read_text())
-    assert len(record["runs"]) == 2 * 2 * 2 and (tmp_path / "personalize.png").stat().st_size > 0
-    run = record["runs"][0]
-    assert run["gate"] in ("saved", "rejected") and run["steps"] == 2 and run["peak_rss_mb"] > 0
-    assert {"test_wer_before", "test_wer_after", "train_s", "git_commit"} <= set(run) | set(record)
+    assert len(record["voices"]) == 2 * 2 * 2 and (tmp_path / "personalize.png").stat().st_size > 0
+    run = record["voices"][0]
+    assert run["gate"] in ("saved", "rejected") and run["steps"] == 2 and run["peak_mem_mb"] > 0
+    # DESIGN §6's names; the cascade heard "yes" for "yes": its WER on the same test set is 0
+    assert {"voice", "real", "n_train", "wer_before", "wer_after", "cascade_wer", "train_s"} <= set(run)
+    assert run["real"] is False and run["cascade_wer"] == 0.0 and "git_commit" in record

@@ -69,18 +69,17 @@ def voice_sets(corpus: Path, encoder, layer: int, hybrid: bool, real: bool) -> d
         for i, r in enumerate(fs.rows):
             if r["speaker"] in atypical and (not hybrid or r["path"] in asr):
                 out.setdefault(r["speaker"], []).append((fs.get(i), r["text"], asr.get(r["path"], ("",))[0]))
-    if real:
-        whisper = None
-        if hybrid:
-            from tinyalign_ros.core.asr import WhisperTranscriber
-
-            whisper = WhisperTranscriber(threads=2)
+    if real:  # the cascade's transcripts are the yardstick (cascade_wer) and the hybrid prompt's input
+        from tinyalign_ros.core.asr import WhisperTranscriber
         from tinyalign_ros.core.audio import load_audio
 
-        out["real-pocketsphinx"] = [
-            (encode_file(encoder, path, layer).float(), text,
-             whisper.transcribe(load_audio(path)).text if whisper else "") for path, text in real_speech_clips()]
+        whisper = WhisperTranscriber(threads=2)
+        out[REAL_VOICE] = [(encode_file(encoder, path, layer).float(), text, whisper.transcribe(load_audio(path)).text)
+                           for path, text in real_speech_clips()]
     return out
+
+
+REAL_VOICE = "real-pocketsphinx"
 
 
 def heldout_wer(aligned, projector, items: Sequence[tuple], hybrid: bool, batch: int = 8) -> float:
@@ -137,7 +136,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         n_test = min(args.test, len(items) // 2)
         test, pool = items[-n_test:], items[:-n_test]
         before = heldout_wer(aligned, base, test, hybrid)
-        print(f"{voice}: {len(pool)} utterances to personalize on, {n_test} test; base WER {before:.3f}", flush=True)
+        heard = [c[2] for c in test]
+        cascade = wer([c[1] for c in test], heard) if all(heard) else None  # faster-whisper on the same test set
+        print(f"{voice}: {len(pool)} utterances to personalize on, {n_test} test; base WER {before:.3f}"
+              + (f", cascade {cascade:.3f}" if cascade is not None else ""), flush=True)
         for n in ns:
             if n > len(pool):
                 continue
@@ -157,15 +159,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                     adapter = adapters.load_latest("bench")
                     after = heldout_wer(aligned, apply_adapter(base, adapter) if adapter else base, test, hybrid)
                     aligned.projector = base
-                runs.append({"voice": voice, "n": n, "kind": kind, "test_n": n_test, "test_wer_before": before,
-                             "test_wer_after": after, "gate": result.status, "val_wer_before": result.val_wer_before,
+                runs.append({"voice": voice, "real": voice == REAL_VOICE, "n_train": n, "kind": kind,
+                             "test_n": n_test, "wer_before": before, "wer_after": after, "cascade_wer": cascade,
+                             "gate": result.status, "val_wer_before": result.val_wer_before,
                              "val_wer_after": result.val_wer_after, "steps": result.steps,
                              "train_s": round(result.train_s, 1), "wall_s": round(wall, 1),
-                             "peak_rss_mb": round(rss.peak)})
+                             "peak_mem_mb": round(rss.peak)})
                 print(f"  N={n} {kind}: {result.status} after {result.steps} steps ({result.train_s:.0f} s); "
                       f"test WER {before:.3f} -> {after:.3f}; peak RSS {rss.peak:.0f} MB", flush=True)
     figures = {"projector": str(projector_file), "hybrid": hybrid, "budget_s": args.budget_s,
-               "max_steps": args.max_steps, "threads": args.threads, "runs": runs}
+               "max_steps": args.max_steps, "threads": args.threads, "voices": runs}
     out = write_result(args.out, "personalize", figures)
     _plot(runs, args.out / "personalize.png")
     with (args.out / "personalize.csv").open("w", newline="") as f:
@@ -186,11 +189,13 @@ def _plot(runs: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, max(1, len(voices)), figsize=(4 * max(1, len(voices)), 3.5), squeeze=False)
     for ax, voice in zip(axes[0], voices):
         mine = [r for r in runs if r["voice"] == voice]
-        ns = sorted({r["n"] for r in mine})
+        ns = sorted({r["n_train"] for r in mine})
         if mine:
-            ax.plot(ns, [mine[0]["test_wer_before"]] * len(ns), "k--", label="base")
+            ax.plot(ns, [mine[0]["wer_before"]] * len(ns), "k--", label="base")
+            if mine[0]["cascade_wer"] is not None:
+                ax.plot(ns, [mine[0]["cascade_wer"]] * len(ns), ":", color="grey", label="cascade")
         for kind in sorted({r["kind"] for r in mine}):
-            pts = sorted((r["n"], r["test_wer_after"]) for r in mine if r["kind"] == kind)
+            pts = sorted((r["n_train"], r["wer_after"]) for r in mine if r["kind"] == kind)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=kind)
         ax.set_title(voice, fontsize=8)
         ax.set_xlabel("personalization utterances N")
