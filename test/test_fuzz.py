@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 from rclpy.parameter import Parameter
-from std_msgs.msg import String
+from std_msgs.msg import Float32, String
 
 from conftest import wait_for
 # the tiny random LLM (and a projector for it) of the personalization tests: nodes load in a second
@@ -221,6 +221,9 @@ def test_tts_node_survives_malformed_tokens_and_responses_and_still_speaks(ros):
     responses = probe.create_publisher(Response, "response", EVENT_QOS)
     audio: list[AudioChunk] = []
     probe.create_subscription(AudioChunk, "speech_audio", audio.append, AUDIO_QOS)
+    latencies: list[float] = []  # the zero stamps below must not become 1.8e9 s "latencies" on rqt_plot
+    for name in ("end_of_speech_to_audio_s", "first_token_to_audio_s"):
+        probe.create_subscription(Float32, f"metrics/{name}", lambda m: latencies.append(m.data), EVENT_QOS)
     wait_for(lambda: tokens.get_subscription_count() and responses.get_subscription_count()
              and node.audio_pub.get_subscription_count(), what="discovery")
 
@@ -260,3 +263,4 @@ def test_tts_node_survives_malformed_tokens_and_responses_and_still_speaks(ros):
         tokens.publish(ResponseToken(utterance_id="good", index=i, text=word, final=not word))
     wait_for(lambda: node.sentences_spoken == spoken + 1 and node.idle, timeout=30, what="the good answer spoken")
     assert len(audio) > before
+    assert all(0.0 <= v < 600.0 for v in latencies), latencies

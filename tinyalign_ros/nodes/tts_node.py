@@ -48,6 +48,9 @@ def find_output_device(device: str) -> int | None:
     raise AudioError(f"no output audio device '{device}'; available output devices: {listing}")
 
 
+MAX_PLAUSIBLE_LATENCY_S = 600.0  # beyond this a "latency" comes from a zero or foreign-clock stamp
+
+
 @dataclass
 class _Sentence:
     generation: int
@@ -527,7 +530,12 @@ class TtsNode(Node):
                 t.reported.add("eos")
                 self.last_end_of_speech_to_audio_s = figures["end_of_speech_to_audio_s"] = \
                     t.first_audio - t.end_of_speech
-        for name, value in figures.items():
+        for name, value in list(figures.items()):
+            if not 0.0 <= value < MAX_PLAUSIBLE_LATENCY_S:  # an unset (zero) or foreign-clock stamp upstream
+                self.get_logger().warning(f"{uid}: {name} = {value:.1f} s is not a latency (bad stamp upstream): "
+                                          "not published", throttle_duration_sec=5.0)
+                del figures[name]
+                continue
             self.latency_pubs[name].publish(Float32(data=float(value)))
         if figures:
             self.get_logger().info(f"{uid}: first audio sample: "
@@ -574,7 +582,8 @@ class TtsNode(Node):
 
     def _on_drop(self, item) -> None:
         self.dropped_sentences += 1
-        self.get_logger().warning(f"{item.utterance_id}: speech queue full, dropped {item.text[:60]!r}")
+        self.get_logger().warning(f"{item.utterance_id}: speech queue full, dropped {item.text[:60]!r}",
+                                  throttle_duration_sec=5.0)  # one huge answer is thousands of sentences
 
     def _on_error(self, item, exc: BaseException) -> None:
         self.get_logger().error(f"{item.utterance_id}: speaking {item.text[:60]!r} failed: {exc!r}")
