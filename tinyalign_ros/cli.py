@@ -98,42 +98,40 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_personalize(args: argparse.Namespace) -> int:
+def _graph_client(command: str, call) -> int:
+    """Run a client of the running graph (nodes/client.py); a graph that is not there, or a bad
+    speaker id, is one line on stderr and exit code 2."""
     os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
-    from tinyalign_ros.nodes.client import ServiceUnavailable, personalize
+    from tinyalign_ros.core.adapters import InvalidSpeakerId
+    from tinyalign_ros.nodes.client import ServiceUnavailable
 
     try:
-        return personalize(args.speaker, args.budget_s, args.wait, args.timeout)
-    except ServiceUnavailable as exc:
-        print(f"tinyalign personalize: {exc}", file=sys.stderr)
+        return call()
+    except (ServiceUnavailable, InvalidSpeakerId) as exc:
+        print(f"tinyalign {command}: {exc}", file=sys.stderr)
         return 2
+
+
+def _cmd_personalize(args: argparse.Namespace) -> int:
+    from tinyalign_ros.nodes.client import personalize
+
+    return _graph_client("personalize", lambda: personalize(args.speaker, args.budget_s, args.wait, args.timeout))
 
 
 def _cmd_forget(args: argparse.Namespace) -> int:
-    os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
-    from tinyalign_ros.nodes.client import ServiceUnavailable, forget
+    from tinyalign_ros.nodes.client import forget
 
-    try:
-        return forget(args.speaker, args.timeout)
-    except ServiceUnavailable as exc:
-        print(f"tinyalign forget: {exc}", file=sys.stderr)
-        return 2
+    return _graph_client("forget", lambda: forget(args.speaker, args.timeout))
 
 
 def _cmd_enroll(args: argparse.Namespace) -> int:
-    os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
     import random
 
-    from tinyalign_ros.core.adapters import InvalidSpeakerId
     from tinyalign_ros.core.corpus import load_sentences
-    from tinyalign_ros.nodes.client import ServiceUnavailable, enroll
+    from tinyalign_ros.nodes.client import enroll
 
     texts = args.text or [s.text for s in random.Random(args.seed).sample(load_sentences(), args.sentences)]
-    try:
-        return enroll(args.speaker, texts, args.timeout, args.utterance_timeout)
-    except (ServiceUnavailable, InvalidSpeakerId) as exc:
-        print(f"tinyalign enroll: {exc}", file=sys.stderr)
-        return 2
+    return _graph_client("enroll", lambda: enroll(args.speaker, texts, args.timeout, args.utterance_timeout))
 
 
 def _cmd_setup_models(args: argparse.Namespace) -> int:
