@@ -5,8 +5,9 @@ in `CORPUS/manifest.csv`: never seen by the base projector), and for the real re
 `align.real_speech_clips()` taken as one more "speaker":
 
 - the voice's utterances are split once (seeded): the last `--test` are the test set, the first
-  N (N in `--n`, default 10, 25, 50) are what the speaker "said to the robot" (stored as
-  consented samples with the text as a correction label and the cascade transcript beside it);
+  N (N in `--n`, default 10, 25, 50; `--real-n` for the 10 real clips) are what the speaker
+  "said to the robot" (stored as consented samples with the text as a correction label and the
+  cascade transcript beside it);
 - one `Personalizer` round per adapter kind (`--kinds`, default lora and full) on those N, with
   the round's own held-out gate, from the base projector (`--projector`);
 - the ASR-LLM WER (greedy "repeat what was said") on the test set before (base projector) and
@@ -98,6 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--projector", type=Path, default=None, help="base projector (default: the shipped one)")
     ap.add_argument("--llm", default="", help="transformers model folder (default: SmolLM2 conversion)")
     ap.add_argument("--n", default="10,25,50", help="comma-separated numbers of personalization utterances")
+    ap.add_argument("--real-n", default="5", help="the same for the real recordings (only 10 clips ship)")
     ap.add_argument("--test", type=int, default=25, help="test utterances per voice (the last ones)")
     ap.add_argument("--kinds", default="lora,full", help="adapter kinds to compare")
     ap.add_argument("--voices", default="", help="comma-separated speaker ids (default: every held-out atypical one)")
@@ -128,6 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.voices:
         sets = {v: sets[v] for v in args.voices.split(",")}
     ns = sorted(int(n) for n in args.n.split(","))
+    real_ns = sorted(int(n) for n in args.real_n.split(","))
     base_sha = file_sha256(projector_file)
     runs = []
     for voice, items in sets.items():
@@ -140,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cascade = wer([c[1] for c in test], heard) if all(heard) else None  # faster-whisper on the same test set
         print(f"{voice}: {len(pool)} utterances to personalize on, {n_test} test; base WER {before:.3f}"
               + (f", cascade {cascade:.3f}" if cascade is not None else ""), flush=True)
-        for n in ns:
+        for n in real_ns if voice == REAL_VOICE else ns:
             if n > len(pool):
                 continue
             for kind in args.kinds.split(","):
