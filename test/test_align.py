@@ -239,3 +239,29 @@ def test_generation_from_embeds_streams_text_with_the_real_llm(smollm2, real_fea
                                    max_new_tokens=6)
     pieces = list(aligned.stream(real_features.get(0)))
     assert pieces and "".join(pieces).strip()
+
+
+def test_anchor_keeps_small_corrections_and_falls_back_on_rewrites():
+    from tinyalign_ros.core.align import anchor_to_transcript
+
+    heard = "bring me the red cop from the kitchen"
+    assert anchor_to_transcript("Bring me the red cup from the kitchen.", heard, 0.2) == (
+        "Bring me the red cup from the kitchen.", True)  # 1 of 8 words: a correction
+    assert anchor_to_transcript("How do I make a cup of coffee?", heard, 0.2) == (heard, False)  # a rewrite
+    assert anchor_to_transcript("", heard, 0.2) == (heard, False)
+    assert anchor_to_transcript("Ten of clubs.", "10 of clubs", 0.0) == ("Ten of clubs.", True)  # normalized text
+    assert anchor_to_transcript("anything", "", 0.2) == ("anything", True)  # nothing to anchor to
+
+
+def test_transcribe_anchors_hybrid_outputs_only_when_asked(tokenizer, tiny_llm):
+    torch.manual_seed(1)
+    proj = build_projector("mlp", in_dim=16, out_dim=64, stack=4, hidden=32)
+    feats = [torch.randn(12, 16)]
+    heard = ["turn left at the door"]
+    raw = AlignedLLM(tiny_llm, tokenizer, proj, AlignPrompt(transcript=True), max_new_tokens=6).transcribe(feats,
+                                                                                                       None, heard)
+    anchored = AlignedLLM(tiny_llm, tokenizer, proj, AlignPrompt(transcript=True), max_new_tokens=6,
+                          max_change=0.2).transcribe(feats, None, heard)
+    assert raw[0] != heard[0] and anchored == heard  # a random projector's babble is not a small correction
+    audio_only = AlignedLLM(tiny_llm, tokenizer, proj, max_new_tokens=6, max_change=0.2)
+    assert audio_only.transcribe(feats) == audio_only.transcribe(feats, None, None)  # nothing to anchor to

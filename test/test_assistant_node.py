@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 from rclpy.parameter import Parameter
 
 from conftest import wait_for
@@ -81,6 +82,36 @@ def test_aligned_mode_answers_from_features_and_refuses_mismatched_ones(ros, tmp
     streamed = [t for t in tokens if t.utterance_id == "good" and not t.final]
     assert "".join(t.text for t in streamed).strip() == good.text
     assert node.handled == 4
+
+
+@pytest.mark.parametrize("max_change", [0.2, -1.0])
+def test_hybrid_projector_output_is_anchored_to_the_asr_transcript(ros, tmp_path, max_change):
+    """An untrained hybrid projector's output rewrites the transcript: anchored (the default),
+    the ASR transcript stands; with the anchor off (-1) the raw output is the response."""
+    import torch
+
+    from tinyalign_ros.core.projector import build_projector, save_projector
+
+    torch.manual_seed(0)
+    path = save_projector(build_projector("mlp", in_dim=384, out_dim=576, hidden=64, encoder_layer=4),
+                          tmp_path / "p.safetensors", extra={"prompt": "hybrid", "inject": "true"})
+    node = ros.add(AssistantNode(namespace="tinyalign", context=ros.context, parameter_overrides=[
+        Parameter("mode", value="aligned"), Parameter("projector.file", value=str(path)),
+        Parameter("aligned.task", value="repeat"), Parameter("llm.max_new_tokens", value=6),
+        Parameter("aligned.max_change", value=max_change)]))
+    assert node.aligned.prompt.transcript  # the metadata made it a hybrid
+    probe = ros.node("probe")
+    responses: list[Response] = []
+    probe.create_subscription(Response, "response", responses.append, EVENT_QOS)
+    pub = probe.create_publisher(Utterance, "utterance", EVENT_QOS)
+    wait_for(lambda: pub.get_subscription_count() > 0 and node.response_pub.get_subscription_count() > 0,
+             what="discovery")
+    pub.publish(_features_utterance("u", 60, 384, 4, time.time()))
+    wait_for(lambda: responses, timeout=60, what="the response")
+    if max_change >= 0:
+        assert responses[0].text == responses[0].transcript == "turn on the light"
+    else:
+        assert responses[0].text and responses[0].text != "turn on the light"
 
 
 def test_aligned_mode_with_a_corrupt_projector_fails_clearly(ros, tmp_path):

@@ -37,6 +37,7 @@ from rclpy.node import Node
 from std_msgs.msg import Float32, String
 from visualization_msgs.msg import Marker
 
+from tinyalign_ros.core.align import DEFAULT_MAX_CHANGE, anchor_to_transcript
 from tinyalign_ros.core.llm import DEFAULT_SYSTEM_PROMPT, ChatLLM, PromptTooLong
 from tinyalign_ros.core.models import resolve_llm, shipped_model
 from tinyalign_ros.core.projector import FeatureMismatch, check_features
@@ -74,6 +75,8 @@ class AssistantNode(Node):
         # declared in every mode, so the YAML documents one fixed set of parameters
         self.task = p("aligned.task", "answer").value
         self.inject = bool(p("aligned.inject_instruction", True).value)
+        max_change = float(p("aligned.max_change", DEFAULT_MAX_CHANGE).value)
+        self.max_change = max_change if max_change >= 0 else None
         self.projector_file = p("projector.file", "").value or str(shipped_model("projector.safetensors"))
         self.aligned = None
         if self.mode == "aligned":
@@ -109,7 +112,7 @@ class AssistantNode(Node):
         projector = load_projector(self.projector_file, out_dim=hidden)  # ProjectorLoadError says why
         hybrid = read_projector_metadata(self.projector_file).get("prompt") == "hybrid"
         self.aligned = AlignedLLM.from_chat(self.llm, projector, AlignPrompt(inject=inject, transcript=hybrid),
-                                            max_new_tokens=self.llm.max_new_tokens)
+                                            max_new_tokens=self.llm.max_new_tokens, max_change=self.max_change)
         # `direct`: the audio stands where the operator's words would be, under the robot's prompt
         self.direct_prompt = AlignPrompt(system=self.llm.system_prompt, instruction="The operator says:",
                                          prompt="Answer the operator.", inject=inject, transcript=hybrid)
@@ -202,8 +205,13 @@ class AssistantNode(Node):
         if self.task == "direct":
             return self.aligned.stream(feats, self.direct_prompt, utt.transcript)
         heard = "".join(self.aligned.stream(feats, transcript=utt.transcript)).strip()
+        note = ""
+        if self.aligned.prompt.transcript and self.max_change is not None:
+            raw = heard
+            heard, kept = anchor_to_transcript(raw, utt.transcript, self.max_change)
+            note = "" if kept else f", anchored: '{raw}' changed too much of it"
         response.transcript = heard
-        self.get_logger().info(f"{utt.id}: aligned transcript '{heard}' (ASR: '{utt.transcript}')")
+        self.get_logger().info(f"{utt.id}: aligned transcript '{heard}' (ASR: '{utt.transcript}'{note})")
         if self.task == "repeat" or not heard:
             return iter([heard] if heard else [])
         return self.llm.stream(heard)

@@ -52,6 +52,7 @@ from rclpy.parameter import Parameter
 from std_msgs.msg import Float32, String
 
 from tinyalign_ros.core.adapters import AdapterStore, InvalidSpeakerId, file_sha256, validate_speaker_id
+from tinyalign_ros.core.align import DEFAULT_MAX_CHANGE
 from tinyalign_ros.core.models import data_home, resolve_llm, shipped_model
 from tinyalign_ros.core.personalize import PersonalizeConfig, PersonalizeResult, Personalizer, Progress
 from tinyalign_ros.core.projector import FeatureMismatch, ProjectorLoadError, check_features, read_projector_config
@@ -88,11 +89,14 @@ class PersonalizerNode(Node):
             threads=int(p("train.threads", 1).value), nice=int(p("train.nice", 10).value))
         projector_file = p("projector.file", "").value or str(shipped_model("projector.safetensors"))
         inject = bool(p("aligned.inject_instruction", True).value)
+        max_change = float(p("aligned.max_change", DEFAULT_MAX_CHANGE).value)
         llm_dir = resolve_llm(p("llm.model", "").value)
         base_sha = file_sha256(projector_file)  # also checks that the file is there, at startup
         self.projector_cfg = read_projector_config(projector_file)  # samples must fit it (the LLM loads later)
-        self.personalizer = Personalizer(lambda: self._load_aligned(llm_dir, projector_file, inject), self.samples,
-                                         self.adapters, checkpoints, base_sha, config)
+        def load():  # the frozen LLM is loaded by the first round only
+            return self._load_aligned(llm_dir, projector_file, inject, max_change)
+
+        self.personalizer = Personalizer(load, self.samples, self.adapters, checkpoints, base_sha, config)
 
         for speaker in consent:
             self.samples.grant_consent(validate_speaker_id(speaker), how="parameter")
@@ -127,7 +131,7 @@ class PersonalizerNode(Node):
                                f"{', '.join(sorted(self.consented)) or 'none'}, idle after {self.idle_s:.0f} s)")
 
     @staticmethod
-    def _load_aligned(llm_dir: Path, projector_file: str, inject: bool):
+    def _load_aligned(llm_dir: Path, projector_file: str, inject: bool, max_change: float):
         """The frozen LLM + base projector with the prompt assistant_node uses for this projector
         (called by the first training round: a node without consented speakers stays small)."""
         from tinyalign_ros.core.align import AlignedLLM, AlignPrompt
@@ -137,7 +141,8 @@ class PersonalizerNode(Node):
         chat = ChatLLM(llm_dir)
         projector = load_projector(projector_file, out_dim=chat.model.get_input_embeddings().embedding_dim)
         hybrid = read_projector_metadata(projector_file).get("prompt") == "hybrid"
-        return AlignedLLM.from_chat(chat, projector, AlignPrompt(inject=inject, transcript=hybrid))
+        return AlignedLLM.from_chat(chat, projector, AlignPrompt(inject=inject, transcript=hybrid),
+                                    max_change=max_change if max_change >= 0 else None)
 
     # -- adapters --------------------------------------------------------------------------------
     def _adapter_table(self) -> dict[str, dict]:

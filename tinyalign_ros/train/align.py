@@ -38,6 +38,9 @@ def parse_args(argv: list[str] | None):
     ap.add_argument("--hybrid", action="store_true",
                     help="hybrid prompt: the cascade ASR's transcript follows the audio tokens (reads "
                          "CORPUS/asr.csv; clips without a transcript there are left out)")
+    ap.add_argument("--max-change", type=float, default=None,
+                    help="hybrid: anchor the output to the ASR transcript (core.align.anchor_to_transcript; "
+                         "default DEFAULT_MAX_CHANGE, -1 = report only the raw output)")
     ap.add_argument("--transcribe", action="store_true",
                     help="with --hybrid: first transcribe the clips missing from CORPUS/asr.csv (~0.6 s/clip)")
     ap.add_argument("--no-test", action="store_true", help="skip the final test-split and real-speech WER")
@@ -67,6 +70,7 @@ def model_card(m: dict, corpus: Path) -> str:
     """The projector's model card (markdown) from the metrics summary."""
     cfg = m.get("config", {})
     real = m.get("real", {})
+    anchor = m.get("anchor") or {}
     val = m.get("val", [])
     lines = [
         "# Base projector (Tiny-Align)",
@@ -99,7 +103,13 @@ def model_card(m: dict, corpus: Path) -> str:
         f"| {_pct((m.get('intent') or {}).get('aligned_accuracy'))} | {_pct((m.get('intent') or {}).get('cascade_accuracy'))} |",
         f"| WER, **real speech** (pocketsphinx-testdata, {real.get('n_clips')} clips, {real.get('n_words')} words) "
         f"| {_pct(real.get('aligned_wer'))} | {_pct(real.get('cascade_wer'))} |",
+        *([f"| unanchored hybrid output (no `max_change`): test / real speech | "
+           f"{_pct(anchor.get('test_wer_unanchored'))} / {_pct(anchor.get('real_wer_unanchored'))} | |"] if anchor else []),
         "",
+        *([f"The aligned figures are the default path: the hybrid output **anchored** to the ASR transcript "
+           f"(`aligned.max_change` {anchor.get('max_change')}: kept where it changes at most that share of the "
+           f"transcript's words, else the transcript stands; kept on {100 * anchor.get('test_kept_share', 0):.0f}% "
+           "of the test clips; `core.align.anchor_to_transcript`).", ""] if anchor else []),
         "Validation WER during training: " + ", ".join(f"step {v['step']}: {_pct(v['val_wer'])}" for v in val),
         "",
         ("**Limits.** Trained on synthesized speech of a few hundred sentences only: on real human speech the "
@@ -144,12 +154,27 @@ def evaluate_all(aligned, test, encoder, layer: int, prompt, args, seed: int) ->
     from tinyalign_ros.core.intent import IntentMatcher
     from tinyalign_ros.core.metrics import wer
 
+    from tinyalign_ros.core.align import DEFAULT_MAX_CHANGE, anchor_to_transcript
+
+    max_change = DEFAULT_MAX_CHANGE if args.max_change is None else args.max_change
+    anchored = prompt.transcript and max_change >= 0
+
+    def anchor(hyps: list[str], heard: list[str]) -> list[str]:
+        """The default aligned path: hybrid outputs anchored to the transcripts (raw ones kept apart)."""
+        return [anchor_to_transcript(h, c, max_change)[0] for h, c in zip(hyps, heard)] if anchored else hyps
+
     out: dict = {}
     if args.max_test and args.max_test < len(test):
         test = test.subset(sorted(random.Random(seed).sample(range(len(test)), args.max_test)))
     out["n_test"] = len(test)
     t0 = time.perf_counter()
-    out["test_wer"], pairs = evaluate(aligned, test)
+    aligned.max_change = None  # raw outputs; anchored below from the same generations
+    raw_wer, raw = evaluate(aligned, test)
+    pairs = list(zip(test.texts, anchor([h for _, h in raw], test.transcripts))) if anchored else raw
+    if anchored:
+        out["anchor"] = {"max_change": max_change, "test_wer_unanchored": raw_wer,
+                         "test_kept_share": sum(a == h for (_, a), (_, h) in zip(pairs, raw)) / max(len(raw), 1)}
+    out["test_wer"] = wer(test.texts, [h for _, h in pairs])
     out["test_examples"] = pairs[:10]
     intents = [r.get("intent", "") for r in test.rows]
     matcher = IntentMatcher((r["text"], r["intent"]) for r in read_manifest(args.corpus) if r["split"] == "train")
@@ -159,8 +184,9 @@ def evaluate_all(aligned, test, encoder, layer: int, prompt, args, seed: int) ->
                      "aligned_agreement": matcher.agreement([h for _, h in pairs], test.texts, intents)}
     out["test_eval_s"] = time.perf_counter() - t0
     aligned.set_prompt(replace(prompt, inject=not prompt.inject))
-    out["instruction_injection"] = {"trained_with": prompt.inject,
-                                    f"test_wer_{'without' if prompt.inject else 'with'}": evaluate(aligned, test)[0]}
+    other = [h for _, h in evaluate(aligned, test)[1]]
+    out["instruction_injection"] = {"trained_with": prompt.inject, f"test_wer_{'without' if prompt.inject else 'with'}":
+                                    wer(test.texts, anchor(other, test.transcripts) if anchored else other)}
     aligned.set_prompt(prompt)
     clips = real_speech_clips()
     refs = [t for _, t in clips]
@@ -178,6 +204,9 @@ def evaluate_all(aligned, test, encoder, layer: int, prompt, args, seed: int) ->
         out["intent"]["cascade_accuracy"] = matcher.accuracy(test.transcripts, intents)
         out["intent"]["cascade_agreement"] = matcher.agreement(test.transcripts, test.texts, intents)
     hyps = aligned.transcribe(feats, 60, casc if prompt.transcript else None)
+    if anchored:
+        out["anchor"]["real_wer_unanchored"] = wer(refs, hyps)
+        hyps = anchor(hyps, casc)
     out["real"] = {"aligned_wer": wer(refs, hyps), "n_clips": len(clips), "n_words": sum(len(t.split()) for t in refs),
                    "examples": [[t, h] for t, h in zip(refs, hyps)]}
     if casc is not None:
