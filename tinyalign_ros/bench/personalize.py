@@ -15,7 +15,8 @@ in `CORPUS/manifest.csv`: never seen by the base projector), and for the real re
   training time and the peak RSS while the round ran (sampled every 50 ms).
 
 The hybrid prompt is used when the projector's metadata says so, with the cascade transcripts
-of `CORPUS/asr.csv` (and faster-whisper's for the real clips). Writes DIR/personalize.json and
+of `CORPUS/asr.csv` (and faster-whisper's for the real clips), and its outputs are anchored to
+them (`--max-change`) as assistant_node and the personalizer's gate do. Writes DIR/personalize.json and
 DIR/personalize.png (WER before/after against N per voice and kind).
 """
 from __future__ import annotations
@@ -104,6 +105,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--kinds", default="lora,full", help="adapter kinds to compare")
     ap.add_argument("--voices", default="", help="comma-separated speaker ids (default: every held-out atypical one)")
     ap.add_argument("--no-real", action="store_true", help="skip the real recordings")
+    ap.add_argument("--max-change", type=float, default=None,
+                    help="hybrid: anchor outputs to the ASR transcript as assistant_node does "
+                         "(default core.align.DEFAULT_MAX_CHANGE; -1 = raw outputs)")
     ap.add_argument("--budget-s", type=float, default=120.0, help="training seconds per round")
     ap.add_argument("--max-steps", type=int, default=200)
     ap.add_argument("--threads", type=int, default=2)
@@ -111,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from tinyalign_ros.core.adapters import AdapterStore, file_sha256
-    from tinyalign_ros.core.align import AlignedLLM, AlignPrompt
+    from tinyalign_ros.core.align import DEFAULT_MAX_CHANGE, AlignedLLM, AlignPrompt
     from tinyalign_ros.core.encoder import load_whisper_encoder
     from tinyalign_ros.core.llm import ChatLLM
     from tinyalign_ros.core.models import resolve_llm, shipped_model
@@ -124,7 +128,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     hybrid = read_projector_metadata(projector_file).get("prompt") == "hybrid"
     chat = ChatLLM(resolve_llm(args.llm), threads=args.threads)
     base = load_projector(projector_file, out_dim=chat.model.get_input_embeddings().embedding_dim)
-    aligned = AlignedLLM.from_chat(chat, base, AlignPrompt(transcript=hybrid))
+    max_change = DEFAULT_MAX_CHANGE if args.max_change is None else args.max_change
+    aligned = AlignedLLM.from_chat(chat, base, AlignPrompt(transcript=hybrid),
+                                   max_change=max_change if max_change >= 0 else None)
     encoder = load_whisper_encoder()
     sets = voice_sets(args.corpus, encoder, base.cfg.encoder_layer, hybrid, not args.no_real)
     if args.voices:
@@ -170,7 +176,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "peak_mem_mb": round(rss.peak)})
                 print(f"  N={n} {kind}: {result.status} after {result.steps} steps ({result.train_s:.0f} s); "
                       f"test WER {before:.3f} -> {after:.3f}; peak RSS {rss.peak:.0f} MB", flush=True)
-    figures = {"projector": str(projector_file), "hybrid": hybrid, "budget_s": args.budget_s,
+    figures = {"projector": str(projector_file), "hybrid": hybrid, "max_change": aligned.max_change,
+               "budget_s": args.budget_s,
                "max_steps": args.max_steps, "threads": args.threads, "voices": runs}
     out = write_result(args.out, "personalize", figures)
     _plot(runs, args.out / "personalize.png")
