@@ -366,6 +366,9 @@ class SpeakerIdentifier:
         if speaker is not None:
             self._pending = None
             if self.registry is None:
+                if self._background is None:
+                    log.warning("first enrollment: making the voiceprint background in %s from synthesized "
+                                "speech (once, about a minute; utterances wait meanwhile)", self.root)
                 background = self._background or self.embedder.background()
                 self.registry = SpeakerRegistry(self.root, layer=self.embedder.layer, threshold=self.threshold,
                                                 background=background)
