@@ -10,7 +10,6 @@ another process on the same ROS 2 domain (the pip-wheel install has no `ros2` co
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Callable
 
@@ -72,8 +71,7 @@ def personalize(speaker: str, budget_s: float = 0.0, wait: bool = False, timeout
 
     client = _Client("personalize_client")
     try:
-        outcome: dict = {}
-        lock = threading.Lock()
+        outcome: dict = {}  # callbacks run in spin_until, on this thread: no lock needed
         if wait:  # subscribe before the call, so the first progress message is not missed
             def on_progress(msg: String) -> None:
                 p = json.loads(msg.data)
@@ -86,8 +84,7 @@ def personalize(speaker: str, budget_s: float = 0.0, wait: bool = False, timeout
             def on_result(msg: String) -> None:
                 r = json.loads(msg.data)
                 if r.get("speaker") == speaker and r.get("status") in FINAL_STATUSES:
-                    with lock:
-                        outcome.update(r)
+                    outcome.update(r)
 
             client.node.create_subscription(String, "personalize/progress", on_progress, EVENT_QOS)
             client.node.create_subscription(String, "personalize/result", on_result, EVENT_QOS)
