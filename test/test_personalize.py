@@ -3,7 +3,6 @@ services and topics, and the assistant's hot-swap of a new adapter."""
 from __future__ import annotations
 
 import json
-import threading
 import time
 
 import pytest
@@ -367,7 +366,8 @@ def test_assistant_hot_swaps_a_new_adapter_for_the_next_utterance_of_that_speake
     probe.create_subscription(Response, "response", lambda r: responses.__setitem__(r.utterance_id, r), EVENT_QOS)
     pub = probe.create_publisher(Utterance, "utterance", EVENT_QOS)
     announce = probe.create_publisher(String, "adapter", LATCHED_QOS)
-    wait_for(lambda: pub.get_subscription_count() > 0 and announce.get_subscription_count() > 0, what="discovery")
+    wait_for(lambda: pub.get_subscription_count() > 0 and announce.get_subscription_count() > 0, timeout=60,
+             what="discovery")
 
     def ask(uid: str, speaker: str) -> str:
         m = utterance("same-audio", speaker=speaker)
@@ -380,7 +380,7 @@ def test_assistant_hot_swaps_a_new_adapter_for_the_next_utterance_of_that_speake
     table = {SPEAKER: {"version": info.version, "path": str(info.path), "kind": "full"},
              "bob": {"version": foreign.version, "path": str(foreign.path), "kind": "full"}}
     announce.publish(String(data=json.dumps({"speaker": SPEAKER, "adapters": table})))
-    wait_for(lambda: node.adapter_versions.get(SPEAKER) == 1, what="adapter loaded")
+    wait_for(lambda: node.adapter_versions.get(SPEAKER) == 1, timeout=60, what="adapter loaded")
     assert "bob" not in node.adapter_versions  # trained on another base projector: refused
     assert ask("after", SPEAKER) == expect["adapted"]
     assert ask("other-speaker", "bob") == expect["base"] and ask("unknown", "") == expect["base"]
@@ -390,7 +390,7 @@ def test_assistant_hot_swaps_a_new_adapter_for_the_next_utterance_of_that_speake
     assert values["adapter_version.alice"] == "1" and values["answered"] == "4" and values["mode"] == "aligned"
 
     announce.publish(String(data=json.dumps({"speaker": SPEAKER, "adapters": {}})))  # forgotten
-    wait_for(lambda: not node.adapter_versions, what="adapter withdrawn")
+    wait_for(lambda: not node.adapter_versions, timeout=60, what="adapter withdrawn")
     assert ask("forgotten", SPEAKER) == expect["base"]
 
 

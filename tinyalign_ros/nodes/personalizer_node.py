@@ -93,6 +93,7 @@ class PersonalizerNode(Node):
         llm_dir = resolve_llm(p("llm.model", "").value)
         base_sha = file_sha256(projector_file)  # also checks that the file is there, at startup
         self.projector_cfg = read_projector_config(projector_file)  # samples must fit it (the LLM loads later)
+
         def load():  # the frozen LLM is loaded by the first round only
             return self._load_aligned(llm_dir, projector_file, inject, max_change)
 
