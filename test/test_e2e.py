@@ -61,3 +61,16 @@ def test_embedded_graph_declares_exactly_the_yaml_parameters(tmp_path):
             declared = set(graph.nodes[name]._parameters) - {"use_sim_time", "start_type_description_service"}
             documented = flatten(config[f"/{NAMESPACE}/{name}"]["ros__parameters"])
             assert declared == documented, name
+
+
+def test_the_graph_listener_keeps_only_recent_utterances(ros):
+    """`tinyalign run` runs for hours: its listener must not keep every Utterance (with features)."""
+    from tinyalign_ros.msg import Response, Utterance
+    from tinyalign_ros.nodes.graph import Listener
+
+    listener = ros.add(Listener(ros.context, None, None, keep=8))
+    for i in range(50):
+        listener._utterance(Utterance(id=f"u{i}", features=np.zeros(1000, np.float32)))
+        listener._response(Response(utterance_id=f"u{i}"))
+    assert list(listener.utterances) == [f"u{i}" for i in range(42, 50)] and len(listener.responses) == 8
+    assert listener.n_responses == 50

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -73,24 +74,38 @@ def _node_class(name: str) -> type[Node]:
 
 
 class Listener(Node):
-    """Collects utterances and responses by utterance id, for the console and for tests."""
+    """Keeps the most recent utterances and responses by utterance id, for the console and tests.
+
+    Bounded (`keep` of each), because a graph runs for hours and every Utterance carries its
+    encoder features (~200 kB for a 2.5 s utterance): keeping them all was the steady memory creep
+    the soak benchmark showed. `n_responses` counts every response ever received.
+    """
 
     def __init__(self, context: Context, on_utterance: Callable[[Utterance], None] | None,
-                 on_response: Callable[[Response], None] | None) -> None:
+                 on_response: Callable[[Response], None] | None, keep: int = 64) -> None:
         super().__init__("run_listener", namespace=NAMESPACE, context=context)
-        self.utterances: dict[str, Utterance] = {}
-        self.responses: dict[str, Response] = {}
+        self.keep = keep
+        self.utterances: OrderedDict[str, Utterance] = OrderedDict()
+        self.responses: OrderedDict[str, Response] = OrderedDict()
+        self.n_responses = 0
         self._on_utterance, self._on_response = on_utterance, on_response
         self.create_subscription(Utterance, "utterance", self._utterance, EVENT_QOS)
         self.create_subscription(Response, "response", self._response, EVENT_QOS)
 
+    def _remember(self, table: OrderedDict, key: str, msg) -> None:
+        table[key] = msg
+        table.move_to_end(key)
+        while len(table) > self.keep:
+            table.popitem(last=False)
+
     def _utterance(self, msg: Utterance) -> None:
-        self.utterances[msg.id] = msg
+        self._remember(self.utterances, msg.id, msg)
         if self._on_utterance:
             self._on_utterance(msg)
 
     def _response(self, msg: Response) -> None:
-        self.responses[msg.utterance_id] = msg
+        self.n_responses += 1
+        self._remember(self.responses, msg.utterance_id, msg)
         if self._on_response:
             self._on_response(msg)
 
@@ -140,7 +155,7 @@ class EmbeddedGraph:
         return (
             mic.finished.is_set() and asr.stream_ended.is_set() and asr.idle
             and assistant.handled >= asr.published and assistant.idle
-            and len(self.listener.responses) >= assistant.answered and tts.idle
+            and self.listener.n_responses >= assistant.answered and tts.idle
         )
 
     def wait_file_done(self, timeout: float) -> bool:
