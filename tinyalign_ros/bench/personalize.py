@@ -128,9 +128,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     hybrid = read_projector_metadata(projector_file).get("prompt") == "hybrid"
     chat = ChatLLM(resolve_llm(args.llm), threads=args.threads)
     base = load_projector(projector_file, out_dim=chat.model.get_input_embeddings().embedding_dim)
-    max_change = DEFAULT_MAX_CHANGE if args.max_change is None else args.max_change
     aligned = AlignedLLM.from_chat(chat, base, AlignPrompt(transcript=hybrid),
-                                   max_change=max_change if max_change >= 0 else None)
+                                   max_change=DEFAULT_MAX_CHANGE if args.max_change is None else args.max_change)
     encoder = load_whisper_encoder()
     sets = voice_sets(args.corpus, encoder, base.cfg.encoder_layer, hybrid, not args.no_real)
     if args.voices:

@@ -158,8 +158,8 @@ class AlignedLLM:
         self.tokenizer = tokenizer
         self.projector = projector
         self.max_new_tokens = max_new_tokens
-        # hybrid prompt: `transcribe` anchors its outputs to the ASR transcripts (None = raw outputs)
-        self.max_change = max_change
+        # hybrid prompt: outputs are anchored to the ASR transcripts (`anchor`; None or < 0 = raw outputs)
+        self.max_change = max_change if max_change is not None and max_change >= 0 else None
         self.eos_id = tokenizer.eos_token_id
         self.set_prompt(prompt or AlignPrompt())
 
@@ -224,9 +224,15 @@ class AlignedLLM:
         b = self.batch(padded, lengths, None, "left", transcripts=transcripts)
         out = self._generate(b, max_new_tokens or self.max_new_tokens)
         texts = [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in out]
-        if self.prompt.transcript and transcripts is not None and self.max_change is not None:
-            texts = [anchor_to_transcript(t, heard, self.max_change)[0] for t, heard in zip(texts, transcripts)]
+        if transcripts is not None:
+            texts = [self.anchor(t, heard)[0] for t, heard in zip(texts, transcripts)]
         return texts
+
+    def anchor(self, text: str, transcript: str) -> tuple[str, bool]:
+        """(text, kept): `anchor_to_transcript` with a hybrid prompt and `max_change` set, else as is."""
+        if not self.prompt.transcript or self.max_change is None:
+            return text, True
+        return anchor_to_transcript(text, transcript, self.max_change)
 
     def stream(self, features: torch.Tensor, prompt: AlignPrompt | None = None,
                transcript: str = "") -> Iterator[str]:

@@ -37,7 +37,7 @@ from rclpy.node import Node
 from std_msgs.msg import Float32, String
 from visualization_msgs.msg import Marker
 
-from tinyalign_ros.core.align import DEFAULT_MAX_CHANGE, anchor_to_transcript
+from tinyalign_ros.core.align import DEFAULT_MAX_CHANGE
 from tinyalign_ros.core.llm import DEFAULT_SYSTEM_PROMPT, ChatLLM, PromptTooLong
 from tinyalign_ros.core.models import resolve_llm, shipped_model
 from tinyalign_ros.core.projector import FeatureMismatch, check_features
@@ -75,8 +75,7 @@ class AssistantNode(Node):
         # declared in every mode, so the YAML documents one fixed set of parameters
         self.task = p("aligned.task", "answer").value
         self.inject = bool(p("aligned.inject_instruction", True).value)
-        max_change = float(p("aligned.max_change", DEFAULT_MAX_CHANGE).value)
-        self.max_change = max_change if max_change >= 0 else None
+        self.max_change = float(p("aligned.max_change", DEFAULT_MAX_CHANGE).value)
         self.projector_file = p("projector.file", "").value or str(shipped_model("projector.safetensors"))
         self.aligned = None
         if self.mode == "aligned":
@@ -205,11 +204,9 @@ class AssistantNode(Node):
         if self.task == "direct":
             return self.aligned.stream(feats, self.direct_prompt, utt.transcript)
         heard = "".join(self.aligned.stream(feats, transcript=utt.transcript)).strip()
-        note = ""
-        if self.aligned.prompt.transcript and self.max_change is not None:
-            raw = heard
-            heard, kept = anchor_to_transcript(raw, utt.transcript, self.max_change)
-            note = "" if kept else f", anchored: '{raw}' changed too much of it"
+        raw = heard
+        heard, kept = self.aligned.anchor(raw, utt.transcript)
+        note = "" if kept else f", anchored: '{raw}' changed too much of it"
         response.transcript = heard
         self.get_logger().info(f"{utt.id}: aligned transcript '{heard}' (ASR: '{utt.transcript}'{note})")
         if self.task == "repeat" or not heard:

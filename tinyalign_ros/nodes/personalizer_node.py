@@ -143,7 +143,7 @@ class PersonalizerNode(Node):
         projector = load_projector(projector_file, out_dim=chat.model.get_input_embeddings().embedding_dim)
         hybrid = read_projector_metadata(projector_file).get("prompt") == "hybrid"
         return AlignedLLM.from_chat(chat, projector, AlignPrompt(inject=inject, transcript=hybrid),
-                                    max_change=max_change if max_change >= 0 else None)
+                                    max_change=max_change)
 
     # -- adapters --------------------------------------------------------------------------------
     def _adapter_table(self) -> dict[str, dict]:
