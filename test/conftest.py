@@ -20,12 +20,15 @@ os.environ.setdefault("ROS_DOMAIN_ID", str(10 + os.getpid() % 90))
 REPO = Path(__file__).resolve().parents[1]
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
-    """Poll until `predicate` holds: DDS discovery takes 0.1-3 s, so never a fixed sleep."""
+def wait_for(predicate: Callable[[], bool], timeout: float = 20.0, what: str = "condition",
+             state: Callable[[], object] | None = None) -> None:
+    """Poll until `predicate` holds: DDS discovery takes 0.1-3 s, so never a fixed sleep.
+    `state` says what the graph was doing when it timed out (a rare failure must explain itself)."""
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}"
+                                 + (f"; state: {state()}" if state else ""))
         time.sleep(0.02)
 
 

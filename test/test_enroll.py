@@ -70,10 +70,18 @@ def test_enrollment_labels_consents_and_makes_the_voice_recognizable(graph):
     worker = threading.Thread(target=lambda: result.append(enroll("alice", PROMPTS, utterance_timeout=60,
                                                                   emit=lines.append)))
     worker.start()
-    for clip in clips:  # alice reads each prompt once it is out
-        wait_for(lambda: asr.speaker_id.pending == "alice", 30, "the enrollment prompt")
+
+
+    def state() -> dict:
+        return {"client": lines, "pending": asr.speaker_id.pending, "chunks": asr.chunks_received,
+                "in_speech": asr.segmenter.in_speech, "asr_queue": asr.worker.depth, "published": asr.published,
+                "dropped": asr.dropped_utterances, "utterances": [(u.transcript, u.speaker) for u in utterances]}
+
+    for i, clip in enumerate(clips, 1):  # alice reads each prompt once the client has shown it
+        wait_for(lambda: sum("please say:" in line for line in lines) == i and asr.speaker_id.pending == "alice",
+                 30, f"enrollment prompt {i}", state)
         say(clip)
-        wait_for(lambda: asr.speaker_id.pending is None, 60, "the enrollment utterance")
+        wait_for(lambda: sum("heard:" in line for line in lines) == i, 60, f"enrollment utterance {i}", state)
     worker.join(timeout=90)
     assert result == [0], lines
     assert sum("please say:" in line for line in lines) == 2 and "2 of 2" in lines[-1]
