@@ -35,6 +35,7 @@ import datetime as dt
 import json
 import logging
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -339,16 +340,12 @@ class SpeakerIdentifier:
 
     @property
     def pending(self) -> str | None:
-        import time
-
         if self._pending and time.monotonic() > self._pending[1]:
             self._pending = None
         return self._pending[0] if self._pending else None
 
     def request_enrollment(self, speaker: str) -> None:
         """The next utterance (within the timeout) is `speaker`'s; raises InvalidSpeakerId."""
-        import time
-
         self._pending = (validate_speaker_id(speaker), time.monotonic() + self.enroll_timeout_s)
 
     def forget(self, speaker: str) -> bool:
