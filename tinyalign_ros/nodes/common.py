@@ -12,6 +12,8 @@ from rclpy.node import Node
 from visualization_msgs.msg import Marker
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 
+from tinyalign_ros.core import heap
+
 # Audio is reliable rather than sensor-data best-effort: one lost chunk is a hole in a word.
 # The depth bounds memory (100 chunks of 0.1 s = 10 s of audio buffered).
 AUDIO_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=100, reliability=ReliabilityPolicy.RELIABLE)
@@ -115,6 +117,7 @@ def run_node(node_class: type[Node], args: list[str] | None = None,
     device: ValueError/OSError and their subclasses) is one fatal log line and exit code 1,
     not a traceback.
     """
+    heap.configure()
     rclpy.init(args=args)
     node = None
     try:

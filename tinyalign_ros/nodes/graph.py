@@ -29,6 +29,7 @@ from rclpy.executors import MultiThreadedExecutor
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 
+from tinyalign_ros.core import heap
 from tinyalign_ros.msg import Response, Utterance
 
 from .common import EVENT_QOS
@@ -121,6 +122,7 @@ class EmbeddedGraph:
         self.config = Path(config) if config else default_config()
         if not self.config.is_file():
             raise FileNotFoundError(f"parameter file not found: {self.config}")
+        heap.configure()  # one process for the whole graph: before any model loads
         self.context = Context()
         rclpy.init(context=self.context, args=["--ros-args", "--params-file", str(self.config)])
         self.executor = MultiThreadedExecutor(num_threads=threads, context=self.context)

@@ -1,0 +1,45 @@
+"""core.heap: large buffers keep their own mapping, so freeing them leaves no holes in the heap."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tinyalign_ros.core import heap
+
+pytestmark = pytest.mark.skipif(heap.heap_mb() is None, reason="needs glibc (mallinfo2, mallopt)")
+
+# In a fresh process: a busy one may serve the blocks from holes it already has, whatever the threshold.
+PROBE = """
+import json, sys
+from tinyalign_ros.core import heap
+if sys.argv[1] == "configure":
+    assert heap.configure()
+big = [bytearray(b"x" * 4_000_000) for _ in range(10)]  # mapped; freeing them raises an unpinned
+del big  # threshold to 4 MB, so the 500 kB blocks below then land in the heap
+before = heap.heap_mb()
+blocks = [bytearray(b"x" * 500_000) for _ in range(200)]
+during = heap.heap_mb()
+del blocks
+print(json.dumps([before, during, heap.heap_mb()]))
+"""
+
+
+def _probe(mode: str) -> list[dict]:
+    out = subprocess.run([sys.executable, "-c", PROBE, mode], check=True, capture_output=True, text=True)
+    return json.loads(out.stdout)
+
+
+def test_configure_keeps_large_blocks_out_of_the_heap_after_large_frees():
+    before, during, after = _probe("configure")
+    assert during["mapped"] - before["mapped"] > 90  # ~95 MB: every block has its own mapping
+    assert during["in_use"] - before["in_use"] < 5  # and none of it is in the heap
+    assert after["mapped"] - before["mapped"] < 5  # unmapped on free: given back to the OS
+
+
+def test_without_configure_glibc_moves_them_into_the_heap():
+    """What configure() is for: the same blocks, unpinned, become heap memory that leaves holes."""
+    before, during, _ = _probe("default")
+    assert during["in_use"] - before["in_use"] > 90
