@@ -9,13 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-
-def rss_mb() -> float:
-    """Current resident memory of this process (the whole embedded graph)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+from tinyalign_ros.core.heap import heap_mb, rss_mb
 
 
 def peak_rss_mb() -> float:
@@ -47,6 +41,7 @@ class GraphRun:
     responses: list[tuple[float, object]] = field(default_factory=list)
     spoken_s: list[float] = field(default_factory=list)  # per answer: end of speech → its first played sample
     rss: list[tuple[float, float]] = field(default_factory=list)
+    heap_in_use: list[float] = field(default_factory=list)  # live malloc bytes (MB) at each rss sample
     dropped: int = 0
 
 
@@ -81,6 +76,7 @@ def run_graph(input_file: Path, stop_after_s: float | None = None, stop_after_re
             elapsed = time.monotonic() - run.started
             if elapsed >= next_sample:
                 run.rss.append((round(elapsed, 1), round(rss_mb(), 1)))
+                run.heap_in_use.append((heap_mb() or {"in_use": float("nan")})["in_use"])
                 next_sample += sample_every_s
             if stop_after_s is not None and elapsed >= stop_after_s:
                 break

@@ -32,26 +32,22 @@ from typing import Sequence
 
 import torch
 
+from tinyalign_ros.core.heap import rss_mb
 from tinyalign_ros.core.metrics import wer, write_result
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096 / 2**20
 
 
 class PeakRss:
     """Peak resident memory of this process while the `with` block runs (sampled)."""
 
     def __enter__(self) -> "PeakRss":
-        self.peak, self._stop = _rss_mb(), threading.Event()
+        self.peak, self._stop = rss_mb(), threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
         return self
 
     def _sample(self) -> None:
         while not self._stop.wait(0.05):
-            self.peak = max(self.peak, _rss_mb())
+            self.peak = max(self.peak, rss_mb())
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()

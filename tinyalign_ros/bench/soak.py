@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
         "duration_s": args.duration,
         "rss_mb": [mb for _, mb in run.rss],
         "rss_t_s": [t for t, _ in run.rss],
+        "heap_in_use_mb": run.heap_in_use,  # flat while rss grows: fragmentation, not a leak
         "latency_s": [round(r.latency_first_token_s, 3) for _, r in answered],
         "latency_t_s": [round(t, 1) for t, _ in answered],
         "dropped_utterances": run.dropped,
@@ -41,8 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     import matplotlib.pyplot as plt
 
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
-    top.plot(figures["rss_t_s"], figures["rss_mb"])
-    top.set_ylabel("resident memory (MB)")
+    top.plot(figures["rss_t_s"], figures["rss_mb"], label="resident (RSS)")
+    top.plot(figures["rss_t_s"], figures["heap_in_use_mb"], label="malloc heap in use")
+    top.legend(loc="center right", fontsize=8)
+    top.set_ylabel("memory (MB)")
     top.set_title(f"soak: {args.duration:.0f} s real-time speech, {run.dropped} dropped utterances")
     bottom.plot(figures["latency_t_s"], figures["latency_s"], "o-", markersize=3)
     bottom.set_ylabel("first token after\nend of speech (s)")
