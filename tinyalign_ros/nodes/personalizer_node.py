@@ -43,7 +43,7 @@ import json
 import math
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +73,8 @@ class PersonalizerNode(Node):
         # typed without a default value: rclpy would infer an empty list as a byte array
         consent = p("consent.speakers", Parameter.Type.STRING_ARRAY).value or []
         self.recent_max = int(p("recent_utterances", 64).value)
+        # as asr_node's speaker_id.enroll_timeout_s: a prompt nobody answered in time labels nothing
+        self.enroll_timeout_s = float(p("enroll_timeout_s", 60.0).value)
         home = data_home()
         self.samples = SampleStore(p("samples.dir", "").value or home / "samples",
                                    max_samples=int(p("samples.max_per_speaker", 500).value),
@@ -107,7 +109,10 @@ class PersonalizerNode(Node):
         # speaker gets one round, which the gate makes harmless)
         self.trained_at: dict[str, int] = {}
         self.recent: OrderedDict[str, Utterance] = OrderedDict()
-        self.enrolling: dict[str, str] = {}  # speaker -> the sentence they were just asked to read
+        # speaker -> the sentences they were asked to read, oldest first, with when they were asked.
+        # A queue, not the latest prompt: `enroll` and `utterance` are separate topics, so the next
+        # prompt can be taken before the utterance that answered the previous one.
+        self.enrolling: dict[str, deque[tuple[str, float]]] = {}
         self.lock = threading.Lock()
         self.last_speech = time.monotonic()
         self.last_progress: Progress | None = None
@@ -199,7 +204,7 @@ class PersonalizerNode(Node):
         self.recent[utt.id] = utt
         while len(self.recent) > self.recent_max:
             self.recent.popitem(last=False)
-        prompt = self.enrolling.pop(utt.speaker, None)
+        prompt = self._next_prompt(utt.speaker)
         if prompt:  # asr_node attributed this utterance to the speaker asked to read `prompt`
             if self._store(utt, prompt, "enrollment", 1.0):
                 self.get_logger().info(f"{utt.id}: enrollment sample of {utt.speaker} ('{prompt}')")
@@ -224,7 +229,20 @@ class PersonalizerNode(Node):
             self.sample_counts.setdefault(speaker, self.samples.count(speaker))
             self.get_logger().info(f"{speaker} enrolled: consent recorded")
         if text.strip():
-            self.enrolling[speaker] = text.strip()
+            self.enrolling.setdefault(speaker, deque(maxlen=16)).append((text.strip(), time.monotonic()))
+
+    def _next_prompt(self, speaker: str) -> str | None:
+        """The oldest prompt of `speaker` still within enroll_timeout_s (older ones were missed)."""
+        queue = self.enrolling.get(speaker)
+        while queue:
+            text, asked = queue.popleft()
+            if time.monotonic() - asked <= self.enroll_timeout_s:
+                break
+        else:
+            text = None
+        if not queue:
+            self.enrolling.pop(speaker, None)
+        return text
 
     def _on_correction(self, msg: String) -> None:
         try:
