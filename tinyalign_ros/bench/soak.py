@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
         "duration_s": args.duration,
         "rss_mb": [mb for _, mb in run.rss],
         "rss_t_s": [t for t, _ in run.rss],
-        "heap_in_use_mb": run.heap_in_use,  # flat while rss grows: fragmentation, not a leak
+        "heap_in_use_mb": run.heap_in_use,  # live malloc heap: a leak grows it, fragmentation does not
         "latency_s": [round(r.latency_first_token_s, 3) for _, r in answered],
         "latency_t_s": [round(t, 1) for t, _ in answered],
         "dropped_utterances": run.dropped,

@@ -4,7 +4,7 @@ Why this exists: every utterance allocates tensors of its own length (features, 
 logits). glibc serves blocks above its mmap threshold with their own mapping, returned to the
 OS on free, but it *raises* that threshold (up to 32 MB) each time such a block is freed, so
 after warm-up the tensors come from the per-thread heaps instead and leave holes there that stay
-resident. `tinyalign bench soak` measured it with mallinfo2: over 15 minutes the heap's live bytes
+resident. The soak graph (`tinyalign bench soak`'s) measured with mallinfo2: over 15 minutes the heap's live bytes
 (`uordblks`) stayed flat at ~355 MB while its free-but-kept bytes (`fordblks`) grew from 145 to 227
 MB, and RSS with them. `configure` pins the threshold (setting it explicitly turns the raising
 off, mallopt(3)). No library wraps these glibc calls; on another libc they are no-ops that say so.
@@ -41,8 +41,8 @@ def configure() -> bool:
     """Pin glibc's mmap threshold so large buffers never settle in the heap; call once per process
     before the models load (every node executable and the embedded graph do). False off glibc.
 
-    Measured over 10 min of the soak graph: the heap's free-but-kept bytes stay at 10-30 MB instead
-    of growing to 150-230 MB.
+    Measured over 10 min of the soak graph (with a malloc_trim on idle workers also running then):
+    the heap's free-but-kept bytes stayed at 10-30 MB instead of growing to 150-230 MB.
     """
     libc = _libc()
     return bool(libc and libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
