@@ -2,10 +2,12 @@
 and personalizer_node's consent and labels, then forget removing the voiceprint too."""
 from __future__ import annotations
 
+import json
 import threading
 
 import numpy as np
 import pytest
+from std_msgs.msg import String
 
 from conftest import wait_for
 from tinyalign_ros.core.corpus import Voice, synthesize
@@ -71,7 +73,6 @@ def test_enrollment_labels_consents_and_makes_the_voice_recognizable(graph):
                                                                   emit=lines.append)))
     worker.start()
 
-
     def state() -> dict:
         return {"client": lines, "pending": asr.speaker_id.pending, "chunks": asr.chunks_received,
                 "in_speech": asr.segmenter.in_speech, "asr_queue": asr.worker.depth, "published": asr.published,
@@ -105,8 +106,6 @@ def test_enrollment_labels_consents_and_makes_the_voice_recognizable(graph):
 
 
 def test_malformed_enrollments_are_ignored(graph):
-    from std_msgs.msg import String
-
     asr, pers, _, _ = graph
     pub = asr.create_publisher(String, "enroll", EVENT_QOS)
     wait_for(lambda: pub.get_subscription_count() >= 2, what="discovery")
@@ -115,3 +114,25 @@ def test_malformed_enrollments_are_ignored(graph):
     pub.publish(String(data='{"speaker": "bob"}'))  # consent only, no prompt
     wait_for(lambda: "bob" in pers.consented, 10, "the good enrollment")
     assert pers.consented == {"bob"} and asr.speaker_id.pending == "bob" and not pers.enrolling
+
+
+def test_a_prompt_taken_before_the_previous_prompts_utterance_labels_nothing_wrong(graph):
+    """`enroll` and `utterance` are separate topics: the client's next prompt can reach
+    personalizer_node before the utterance that answered the previous one. Each utterance still
+    gets its own prompt's sentence, oldest first."""
+    _, pers, _, _ = graph
+    prompts = pers.create_publisher(String, "enroll", EVENT_QOS)
+    speech = pers.create_publisher(Utterance, "utterance", EVENT_QOS)
+    wait_for(lambda: prompts.get_subscription_count() >= 2 and speech.get_subscription_count() >= 2,
+             what="discovery")
+    for text in PROMPTS:
+        prompts.publish(String(data=json.dumps({"speaker": "carol", "text": text})))
+    wait_for(lambda: len(pers.enrolling.get("carol", ())) == 2, 10, "both prompts")
+    for i in range(2):
+        speech.publish(Utterance(id=f"carol-{i}", speaker="carol", transcript="whatever was heard",
+                                 features=np.zeros(20 * 384, np.float32), feature_frames=20, feature_dim=384,
+                                 feature_layer=4))
+    wait_for(lambda: pers.samples.count("carol") == 2, 10, "the enrollment samples")
+    assert {i.utterance_id: i.text for i in pers.samples.list("carol")} == {"carol-0": PROMPTS[0],
+                                                                            "carol-1": PROMPTS[1]}
+    assert not pers.enrolling

@@ -233,13 +233,11 @@ class PersonalizerNode(Node):
 
     def _next_prompt(self, speaker: str) -> str | None:
         """The oldest prompt of `speaker` still within enroll_timeout_s (older ones were missed)."""
-        queue = self.enrolling.get(speaker)
-        while queue:
-            text, asked = queue.popleft()
-            if time.monotonic() - asked <= self.enroll_timeout_s:
-                break
-        else:
-            text = None
+        queue = self.enrolling.get(speaker, deque())
+        now = time.monotonic()
+        while queue and now - queue[0][1] > self.enroll_timeout_s:
+            queue.popleft()
+        text = queue.popleft()[0] if queue else None
         if not queue:
             self.enrolling.pop(speaker, None)
         return text
