@@ -13,11 +13,13 @@ from std_msgs.msg import Bool
 
 from conftest import wait_for
 from tinyalign_ros.msg import AudioChunk, ResponseToken
-from tinyalign_ros.nodes.common import AUDIO_QOS, EVENT_QOS, LATCHED_QOS, to_time_msg
+from tinyalign_ros.nodes.common import AUDIO_QOS, EVENT_QOS, LATCHED_QOS, from_time_msg, to_time_msg
 from tinyalign_ros.nodes.tts_node import TtsNode
 
 SR = 16000
 ECHO_GAIN = 0.3
+ECHO_DELAY_S = 0.03  # speaker to microphone through the room
+MIC_LATENCY_S = 0.05  # a chunk is cut this long after its last sample (the echo arrives over DDS)
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +30,11 @@ def operator_voice() -> np.ndarray:
 
 
 class Room:
-    """A live microphone in 100 ms chunks (stamped when published) hearing the robot's speech_audio
-    at ECHO_GAIN, plus whatever the operator says into it."""
+    """A live microphone as a sound card delivers one: 100 ms chunks cut from a sample timeline
+    that runs on wall time, each stamped with the time of its first sample however late the timer
+    cutting it fires (a loaded CPU skips timer ticks; a sound card does not skip samples). On that
+    timeline the robot's speech_audio lands ECHO_DELAY_S after its own stamp, at ECHO_GAIN, plus
+    whatever the operator says into it."""
 
     def __init__(self, ros) -> None:
         self.node = ros.node("room")
@@ -39,36 +44,49 @@ class Room:
         self.node.create_subscription(Bool, "speaking", lambda m: self.speaking.append(m.data), LATCHED_QOS)
         self.node.create_subscription(AudioChunk, "speech_audio", self._hear, AUDIO_QOS)
         self._lock = threading.Lock()
-        self._echo = np.zeros(0, np.float32)
-        self._voice = np.zeros(0, np.float32)
+        self._start = self._now()  # wall time of timeline sample 0
+        self._ahead = np.zeros(0, np.float32)  # the timeline from sample `offset` on
         self.offset = 0
-        self.node.create_timer(0.1, self._capture)
+        self.node.create_timer(0.02, self._capture)
+
+    def _now(self) -> float:
+        return self.node.get_clock().now().nanoseconds * 1e-9
+
+    def _add(self, t: float, samples: np.ndarray) -> None:
+        """Mix `samples` into the timeline from wall time `t` on (what falls before the next chunk is lost)."""
+        with self._lock:
+            i = round((t - self._start) * SR) - self.offset
+            samples = samples[max(0, -i):]
+            i = max(0, i)
+            if i + samples.size > self._ahead.size:
+                self._ahead = np.concatenate([self._ahead, np.zeros(i + samples.size - self._ahead.size, np.float32)])
+            self._ahead[i:i + samples.size] += samples
 
     def _hear(self, msg: AudioChunk) -> None:
         assert msg.sample_rate == SR
-        with self._lock:
-            self._echo = np.concatenate([self._echo, ECHO_GAIN * np.asarray(msg.samples, np.float32)])
+        self._add(from_time_msg(msg.header.stamp) + ECHO_DELAY_S, ECHO_GAIN * np.asarray(msg.samples, np.float32))
 
     def say(self, clip: np.ndarray) -> None:
-        with self._lock:
-            self._voice = clip.copy()
+        self._add(self._now(), clip.astype(np.float32))
 
     def _capture(self) -> None:
-        chunk = np.zeros(1600, np.float32)
-        with self._lock:
-            for name in ("_echo", "_voice"):
-                part = getattr(self, name)[:1600]
-                chunk[:part.size] += part
-                setattr(self, name, getattr(self, name)[1600:])
-        msg = AudioChunk(sample_rate=SR, offset=self.offset, samples=chunk)
-        msg.header.stamp = self.node.get_clock().now().to_msg()
-        self.offset += chunk.size
-        self.mic.publish(msg)
+        """Publish every chunk whose samples are all in the past, and whose echo has had time to
+        arrive over DDS (MIC_LATENCY_S)."""
+        while (self._now() - MIC_LATENCY_S - self._start) * SR >= self.offset + 1600:
+            with self._lock:
+                chunk = np.zeros(1600, np.float32)
+                part = self._ahead[:1600]
+                chunk[:part.size] = part
+                self._ahead = self._ahead[1600:]
+                msg = AudioChunk(sample_rate=SR, offset=self.offset, samples=chunk)
+                msg.header.stamp = to_time_msg(self._start + self.offset / SR)
+                self.offset += chunk.size
+            self.mic.publish(msg)
 
     def from_another_clock(self, offset_s: float) -> None:
         """One chunk of the robot's voice from a microphone whose clock is `offset_s` off."""
         msg = AudioChunk(sample_rate=SR, offset=10**9, samples=np.full(1600, 0.5, np.float32))
-        msg.header.stamp = to_time_msg(self.node.get_clock().now().nanoseconds * 1e-9 + offset_s)
+        msg.header.stamp = to_time_msg(self._now() + offset_s)
         self.mic.publish(msg)
 
     def answer(self, uid: str, text: str) -> None:
