@@ -62,6 +62,7 @@ class Mic:
 
     def settled(self, dropped: int, published: int) -> None:
         wait_for(lambda: self.node.listen_dropped == dropped and self.node.published == published
+                 and len(self.utterances) == published  # counted at publish, received a moment later
                  and self.node.idle and not self.node.segmenter.in_speech, timeout=60,
                  what=f"{dropped} utterances kept back and {published} passed on")
 
