@@ -161,12 +161,27 @@ def test_split_is_deterministic_disjoint_and_stable(tmp_path, clock):
     assert {s.id for s in store.split("bob", 0.25)[1]}.isdisjoint({s.id for s in held})
 
 
+def test_sample_ids_are_named_by_time_and_content(tmp_path, store, clock):
+    """The same data recorded at the same time gets the same id in any store (so a test's split is
+    the same on every run); different data in the same microsecond gets its own."""
+    other = SampleStore(tmp_path / "other", clock=clock)
+    other.grant_consent("alice")
+    a = store.add("alice", feats(value=1.0), "turn left", "enrollment")
+    assert other.add("alice", feats(value=1.0), "turn left", "enrollment") == a
+    b = store.add("alice", feats(value=2.0), "turn left", "enrollment")  # same microsecond, other audio
+    c = store.add("alice", feats(value=1.0), "turn right", "enrollment")  # same audio, other label
+    assert len({a, b, c}) == 3 and len(store.list("alice")) == 3
+    assert store.add("alice", feats(), "go", "correction", utterance_id="u1") == \
+        store.add("alice", feats(), "go", "correction", utterance_id="u1")  # the same label again
+    assert [s.text for s in store.list("alice") if s.utterance_id == "u1"] == ["go"]  # replaced itself: kept
+
+
 def test_split_small_store_holds_out_at_least_one(store, clock):
     add(store, clock, 1)
     assert [len(x) for x in store.split("alice", 0.2)] == [1, 0]  # a single sample trains
     add(store, clock, 2)
     train, held = store.split("alice", 0.2)
-    assert len(held) >= 1 and len(train) >= 1 and len(held) + len(train) == 3  # ids are random: 1 or 2 held
+    assert len(held) >= 1 and len(train) >= 1 and len(held) + len(train) == 3  # 1 or 2 held, as the ids hash
     assert store.split("alice", 0.0)[1] == []
 
 

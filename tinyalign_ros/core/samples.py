@@ -32,7 +32,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import secrets
 import shutil
 import time
 from dataclasses import dataclass
@@ -177,14 +176,19 @@ class SampleStore:
             return None
 
         created = self.clock() if created is None else float(created)
-        sample_id = f"{int(created * 1e6):017d}-{secrets.token_hex(4)}"
         f16 = features.detach().cpu().float().clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16).contiguous()
+        # time-ordered, and named by its content: two samples added in the same microsecond differ,
+        # and the same data gives the same id (so the held-out split does not change between runs)
+        content = hashlib.sha256(f"{speaker}\0{source}\0{utterance_id}\0{text}\0".encode())
+        content.update(f16.view(torch.int16).numpy().tobytes())
+        sample_id = f"{int(created * 1e6):017d}-{content.hexdigest()[:8]}"
         metadata = {"format": SAMPLE_FORMAT, "speaker": speaker, "text": text, "source": source,
                     "confidence": repr(confidence), "created": repr(created), "utterance_id": str(utterance_id),
                     "layer": str(int(layer)), "asr_transcript": asr_transcript}
         atomic_write_bytes(folder / f"{sample_id}.safetensors", save_safetensors({"features": f16}, metadata=metadata))
         for old in previous:  # the new label supersedes the old one (written first: never zero copies)
-            self._remove(speaker, old.id)
+            if old.id != sample_id:
+                self._remove(speaker, old.id)
         self._enforce_bounds(speaker)
         return sample_id
 
