@@ -198,9 +198,11 @@ def test_personalizer_node_survives_malformed_utterances_and_corrections(ros, tm
     for data in bad_corrections:
         fix.publish(String(data=data))
     fix.publish(String(data=json.dumps({"utterance_id": "good-1", "text": "yes indeed"})))
+    # the correction's sample is written before the label it supersedes is removed (never zero
+    # copies), so for a moment both are there: wait for the end of the swap too
     wait_for(lambda: {s.utterance_id: (s.text, s.source) for s in node.samples.list(SPEAKER)}.get("good-1")
-             == ("yes indeed", "correction"), timeout=30, what="the good correction, after every bad one")
-    assert node.samples.count(SPEAKER) == 2
+             == ("yes indeed", "correction") and node.samples.count(SPEAKER) == 2, timeout=30,
+             what="the good correction, after every bad one")
     assert sorted(p.name for p in samples_dir.iterdir()) == [SPEAKER]  # "../x" wrote nothing anywhere
     assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]
     pub.publish(good_utterance("good-2"))  # and it still collects
