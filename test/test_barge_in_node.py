@@ -66,8 +66,11 @@ class Room:
         assert msg.sample_rate == SR
         self._add(from_time_msg(msg.header.stamp) + ECHO_DELAY_S, ECHO_GAIN * np.asarray(msg.samples, np.float32))
 
-    def say(self, clip: np.ndarray) -> None:
-        self._add(self._now(), clip.astype(np.float32))
+    def say(self, clip: np.ndarray) -> float:
+        """The operator speaks `clip` into the microphone from now on; returns that time."""
+        t = self._now()
+        self._add(t, clip.astype(np.float32))
+        return t
 
     def _capture(self) -> None:
         """Publish every chunk whose samples are all in the past, and whose echo has had time to
@@ -112,14 +115,16 @@ def test_the_robot_talks_over_its_echo_and_stops_for_the_operator(ros, operator_
     p50, p95 = node.detector.echo_ratios()
     assert p95 < node.detector.config.threshold and p95 > 0.5 * ECHO_GAIN  # it did hear its echo
 
-    room.answer("u2", "The bathroom is upstairs, second door on the right. Ask me again if you get lost.")
+    # a long first sentence (~8 s): however late a loaded CPU gets to the microphone chunks, the
+    # operator's voice is judged while that sentence plays
+    room.answer("u2", "The bathroom is upstairs, second door on the right, just past the linen closet and the "
+                      "little window over the garden. Ask me again if you get lost.")
     wait_for(lambda: node.speaking, timeout=10, what="the robot speaking again")
     time.sleep(1.0)  # the operator cuts in a second into the answer (a moment, not a condition)
-    room.say(operator_voice)
-    cut_in = time.monotonic()
-    wait_for(lambda: not node.speaking, timeout=5, what="the robot to stop for the operator")
-    stopped_after = time.monotonic() - cut_in
-    wait_for(lambda: node.voice_barge_ins == 1 and node.sentences_interrupted == 1 and node.idle, timeout=5,
+    cut_in = room.say(operator_voice)
+    wait_for(lambda: node.voice_barge_ins == 1 and node.sentences_interrupted == 1 and node.idle, timeout=10,
              what="the barge-in counted and the sentence cut short")
-    assert node.sentences_spoken == 2  # the rest of the answer was dropped
-    assert stopped_after < 1.0  # ~0.2 s of detection plus the 100 ms chunks and DDS on a loaded CPU
+    assert not node.speaking and node.sentences_spoken == 2  # the rest of the answer was dropped
+    # decided on the microphone's timeline (not the wall clock of a loaded test machine): within
+    # the clip's leading silence plus min_speech_ms of voice
+    assert 0 < node.last_voice_barge_in.at - cut_in < 1.0

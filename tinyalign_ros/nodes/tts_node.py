@@ -19,7 +19,7 @@ from std_msgs.msg import Bool, Empty, Float32
 
 from tinyalign_ros.core.audio import AudioError, normalize
 from tinyalign_ros.core.corpus import SynthesisError
-from tinyalign_ros.core.echo import FAR_HISTORY_S, BargeInDetector, DoubleTalkConfig
+from tinyalign_ros.core.echo import FAR_HISTORY_S, BargeIn, BargeInDetector, DoubleTalkConfig
 from tinyalign_ros.core.tts import ENGINES, SentenceBuffer, Synthesizer
 from tinyalign_ros.msg import AudioChunk, Response, ResponseToken
 
@@ -167,6 +167,7 @@ class TtsNode(Node):
         self.sentences_interrupted = 0
         self.barge_ins = 0
         self.voice_barge_ins = 0
+        self.last_voice_barge_in: BargeIn | None = None  # when (microphone time) and how loud
         self.off_clock_mic_chunks = 0
         self._mic_armed = False  # the detector has been reset for the speech going on now
         self.dropped_sentences = 0
@@ -349,6 +350,7 @@ class TtsNode(Node):
                 f"barge-in by voice (microphone at {event.ratio:.2f} x the robot's recent peak, "
                 f"threshold {self.detector.config.threshold:g})"):
             self.voice_barge_ins += 1
+            self.last_voice_barge_in = event
 
     def _interrupt(self, reason: str) -> bool:
         """Stop speaking now and drop everything queued; True if there was something to stop."""
