@@ -9,12 +9,24 @@ def test_run_graph_loops_the_file_and_samples_memory(demo_file):
     run = run_graph(path, stop_after_responses=len(segments) + 1, sample_every_s=1.0, log=lambda _: None)
     assert len(run.responses) >= len(segments) + 1  # the file looped at least once
     assert run.rss and all(mb > 100 for _, mb in run.rss)  # the models are resident
+    assert len(run.memory) == len(run.rss) and all(m["rss_file"] > 100 for m in run.memory)  # weights mapped from disk
+    assert all(m["rss_anon"] + m["rss_file"] <= m["rss"] + 1 for m in run.memory)
     assert run.dropped == 0
     responses = [r for _, r in run.responses if r.text]
     assert len(run.spoken_s) >= len(responses) - 1  # every answer was spoken (the last may not have started)
     # the voice starts after the first token (and after synthesizing the first sentence)
     first_tokens = sorted(r.latency_first_token_s for r in responses)
     assert min(run.spoken_s) > first_tokens[0] and max(run.spoken_s) < 10.0
+
+
+def test_soak_growth_is_the_slope_after_the_warmup():
+    from tinyalign_ros.bench.soak import growth_per_min
+
+    warm_then_flat = [(t, 500.0 + (300.0 if t >= 60 else 5.0 * t)) for t in range(0, 600, 5)]
+    assert growth_per_min(warm_then_flat) == 0.0
+    creeping = [(t, 800.0 + 2.0 * t / 60) for t in range(0, 600, 5)]
+    assert growth_per_min(creeping) == 2.0
+    assert growth_per_min([(0.0, 1.0), (5.0, 1.0)]) is None
 
 
 def test_percentiles():

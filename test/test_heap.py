@@ -43,3 +43,10 @@ def test_without_configure_glibc_moves_them_into_the_heap():
     """What configure() is for: the same blocks, unpinned, become heap memory that leaves holes."""
     before, during, _ = _probe("default")
     assert during["in_use"] - before["in_use"] > 90
+
+
+def test_memory_snapshot_splits_resident_memory():
+    m = heap.memory_mb()
+    assert set(m) == {"rss", "rss_anon", "rss_file", "heap_in_use", "heap_free", "heap_mapped"}
+    assert 0 < m["rss_anon"] <= m["rss"] and 0 < m["rss_file"] <= m["rss"]
+    assert m["heap_in_use"] > 0  # glibc here (the fallback is NaN)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tinyalign_ros.core.heap import heap_mb, rss_mb
+from tinyalign_ros.core.heap import memory_mb, rss_mb
 
 
 def peak_rss_mb() -> float:
@@ -41,7 +41,7 @@ class GraphRun:
     responses: list[tuple[float, object]] = field(default_factory=list)
     spoken_s: list[float] = field(default_factory=list)  # per answer: end of speech → its first played sample
     rss: list[tuple[float, float]] = field(default_factory=list)
-    heap_in_use: list[float] = field(default_factory=list)  # live malloc bytes (MB) at each rss sample
+    memory: list[dict[str, float]] = field(default_factory=list)  # core.heap.memory_mb at each rss sample
     dropped: int = 0
 
 
@@ -75,8 +75,8 @@ def run_graph(input_file: Path, stop_after_s: float | None = None, stop_after_re
         while True:
             elapsed = time.monotonic() - run.started
             if elapsed >= next_sample:
-                run.rss.append((round(elapsed, 1), round(rss_mb(), 1)))
-                run.heap_in_use.append((heap_mb() or {"in_use": float("nan")})["in_use"])
+                run.memory.append(memory_mb())
+                run.rss.append((round(elapsed, 1), run.memory[-1]["rss"]))
                 next_sample += sample_every_s
             if stop_after_s is not None and elapsed >= stop_after_s:
                 break

@@ -8,9 +8,26 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import numpy as np
+
 from tinyalign_ros.core.metrics import write_result
 
 from ._graph import demo_input, run_graph
+
+
+WARMUP_FRACTION = 1 / 3  # the first third loads lazily (caches, DDS histories fill): not counted in the growth
+
+
+def growth_per_min(samples: list[tuple[float, float]]) -> float | None:
+    """Least-squares slope (MB per minute) of memory samples (t_s, mb) after the warm-up; None if too few."""
+    if not samples:
+        return None
+    end = samples[-1][0]
+    kept = [(t, mb) for t, mb in samples if t >= WARMUP_FRACTION * end]
+    if len(kept) < 3:
+        return None
+    t, mb = np.array(kept).T
+    return round(float(np.polyfit(t / 60.0, mb, 1)[0]), 2)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,9 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     answered = [(t, r) for t, r in run.responses if r.text]
     figures = {
         "duration_s": args.duration,
-        "rss_mb": [mb for _, mb in run.rss],
         "rss_t_s": [t for t, _ in run.rss],
-        "heap_in_use_mb": run.heap_in_use,  # live malloc heap: a leak grows it, fragmentation does not
+        # rss_mb, rss_anon_mb, rss_file_mb, heap_in_use_mb, heap_free_mb, heap_mapped_mb (core.heap.memory_mb):
+        # a leak grows heap_in_use or heap_mapped, fragmentation grows heap_free
+        **{f"{key}_mb": [m[key] for m in run.memory] for key in (run.memory[0] if run.memory else ())},
+        "rss_growth_mb_per_min_after_warmup": growth_per_min(run.rss),
         "latency_s": [round(r.latency_first_token_s, 3) for _, r in answered],
         "latency_t_s": [round(t, 1) for t, _ in answered],
         "dropped_utterances": run.dropped,
@@ -42,8 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     import matplotlib.pyplot as plt
 
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
-    top.plot(figures["rss_t_s"], figures["rss_mb"], label="resident (RSS)")
-    top.plot(figures["rss_t_s"], figures["heap_in_use_mb"], label="malloc heap in use")
+    for key, label in (("rss_mb", "resident (RSS)"), ("rss_anon_mb", "anonymous (RSS - files)"),
+                       ("heap_in_use_mb", "malloc heap in use"), ("heap_mapped_mb", "malloc mapped blocks")):
+        if key in figures:
+            top.plot(figures["rss_t_s"], figures[key], label=label)
     top.legend(loc="center right", fontsize=8)
     top.set_ylabel("memory (MB)")
     top.set_title(f"soak: {args.duration:.0f} s real-time speech, {run.dropped} dropped utterances")

@@ -60,9 +60,27 @@ def heap_mb() -> dict[str, float] | None:
             "mapped": round(info.hblkhd / 2**20, 1)}
 
 
+def _status_mb(*fields: str) -> list[float]:
+    """Fields of /proc/self/status in MB (NaN where the kernel has no such field)."""
+    found = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name in fields:  # "VmRSS:\t 123456 kB"
+            found[name] = int(value.split()[0]) / 1024
+    return [found.get(f, float("nan")) for f in fields]
+
+
 def rss_mb() -> float:
     """Current resident memory of this process."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    return _status_mb("VmRSS")[0]
+
+
+def memory_mb() -> dict[str, float]:
+    """Where this process's memory is, in MB: resident in all (`rss`), file-backed (`rss_file`:
+    model weights mapped from disk, flat once loaded), anonymous (`rss_anon`), and malloc's view
+    of the anonymous part (`heap_in_use`, `heap_free`, `heap_mapped`, see heap_mb; NaN off glibc).
+    A growing `rss_anon` with a flat `heap_in_use` + `heap_mapped` is fragmentation, not a leak."""
+    rss, anon, file = _status_mb("VmRSS", "RssAnon", "RssFile")
+    heap = heap_mb() or {}
+    return {"rss": round(rss, 1), "rss_anon": round(anon, 1), "rss_file": round(file, 1),
+            **{f"heap_{k}": heap.get(k, float("nan")) for k in ("in_use", "free", "mapped")}}
