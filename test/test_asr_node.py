@@ -81,18 +81,20 @@ def random_heads_file(tmp_path):
     return path
 
 
-def test_exit_layer_follows_its_parameter_at_run_time(ros, random_heads_file, speech_16k):
+def test_exit_layer_follows_its_parameter_at_run_time(ros, random_heads_file, speech_16k, tmp_path):
     from rclpy.parameter import Parameter
+    from std_msgs.msg import String
 
     node = ros.add(AsrNode(namespace="tinyalign", context=ros.context, parameter_overrides=[
-        Parameter("exit.heads_file", value=str(random_heads_file)),
+        Parameter("exit.heads_file", value=str(random_heads_file)), Parameter("speaker_id.dir", value=str(tmp_path / "speakers")),
         Parameter("exit.mode", value="budget"), Parameter("exit.max_layer", value=4)]))
     probe = ros.node("probe")
     utterances: list[Utterance] = []
     probe.create_subscription(Utterance, "utterance", utterances.append, EVENT_QOS)
     pub = probe.create_publisher(AudioChunk, "audio", AUDIO_QOS)
-    wait_for(lambda: pub.get_subscription_count() > 0 and node.utterance_pub.get_subscription_count() > 0,
-             what="discovery")
+    enroll = probe.create_publisher(String, "enroll", EVENT_QOS)
+    wait_for(lambda: pub.get_subscription_count() > 0 and node.utterance_pub.get_subscription_count() > 0
+             and enroll.get_subscription_count() > 0, what="discovery")
     offset = 0
 
     def say() -> Utterance:
@@ -113,6 +115,12 @@ def test_exit_layer_follows_its_parameter_at_run_time(ros, random_heads_file, sp
     assert abs(first.feature_frames - len(speech_16k) / 320) < 60  # 50 frames/s, plus VAD padding
 
     assert node.set_parameters([Parameter("exit.max_layer", value=2)])[0].successful
+    assert say().feature_layer == 2
+    # an enrollment sample trains the projector, which reads the last layer: full depth for it only
+    enroll.publish(String(data='{"speaker": "alice", "text": "hello"}'))
+    wait_for(lambda: node.speaker_id.pending == "alice", what="the enrollment request")
+    enrolled = say()
+    assert (enrolled.speaker, enrolled.feature_layer) == ("alice", 4)
     assert say().feature_layer == 2
     refused = node.set_parameters([Parameter("exit.mode", value="sometimes")])[0]
     assert not refused.successful and "mode" in refused.reason

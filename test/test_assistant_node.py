@@ -47,7 +47,7 @@ def _features_utterance(uid: str, frames: int, dim: int, layer: int, end: float)
                      features=feats.reshape(-1), feature_frames=frames, feature_dim=dim, feature_layer=layer)
 
 
-def test_aligned_mode_answers_from_features_and_refuses_mismatched_ones(ros, tmp_path):
+def test_aligned_mode_answers_from_features_refuses_malformed_ones_and_early_exits_go_cascade(ros, tmp_path):
     import torch
 
     from tinyalign_ros.core.projector import build_projector, save_projector
@@ -77,7 +77,10 @@ def test_aligned_mode_answers_from_features_and_refuses_mismatched_ones(ros, tmp
     good = by_id["good"]
     assert good.mode == "aligned" and good.text and good.transcript == good.text  # repeat task
     assert 0 < good.latency_first_token_s <= good.latency_last_token_s < 60
-    assert [by_id[k].text for k in ("wrong-dim", "wrong-layer", "no-features")] == ["", "", ""]
+    assert [by_id[k].text for k in ("wrong-dim", "no-features")] == ["", ""]
+    early = by_id["wrong-layer"]  # an early exit: answered from its transcript, as the cascade would
+    assert (early.mode, early.transcript) == ("cascade", "turn on the light") and early.text
+    assert node.early_exits == 1
     wait_for(lambda: sum(t.final for t in tokens) == 4, what="final token messages")
     streamed = [t for t in tokens if t.utterance_id == "good" and not t.final]
     assert "".join(t.text for t in streamed).strip() == good.text

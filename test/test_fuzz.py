@@ -148,9 +148,10 @@ def test_assistant_node_survives_malformed_utterances_and_still_answers(ros, mod
     by_id = {r.utterance_id: r for r in responses}
     if mode == "cascade":
         assert by_id["huge-transcript"].text == ""  # refused (PromptTooLong), never fed to the LLM
-    else:  # features the projector cannot take get an empty answer
-        for uid in ("short-values", "nan", "huge-frames", "too-many-frames", "zero-dim", "wrong-layer"):
+    else:  # features the projector cannot take get an empty answer; another layer's (an early exit) the cascade's
+        for uid in ("short-values", "nan", "huge-frames", "too-many-frames", "zero-dim"):
             assert by_id[uid].text == "", uid
+        assert [by_id[uid].mode for uid in ("wrong-layer", "absurd-layer")] == ["cascade", "cascade"]
     after = ask("good-after")
     assert after.text == reference.text  # same input, same greedy answer: nothing left broken
 

@@ -53,6 +53,11 @@ class FeatureMismatch(ValueError):
     """Features a projector cannot take (wrong shape, layer or values); the message says why."""
 
 
+class LayerMismatch(FeatureMismatch):
+    """Well-formed features of another encoder layer: asr_node exited early (core.early_exit), a
+    normal event, unlike the malformed features FeatureMismatch otherwise means."""
+
+
 @dataclass(frozen=True)
 class ProjectorConfig:
     kind: str = "mlp"
@@ -94,7 +99,7 @@ def check_features(cfg: ProjectorConfig, values: Sequence[float] | np.ndarray, f
     if dim != cfg.in_dim:
         raise FeatureMismatch(f"has {dim}-dim features, the projector takes {cfg.in_dim}")
     if layer != cfg.encoder_layer:
-        raise FeatureMismatch(f"has features of encoder layer {layer}, the projector was trained on layer "
+        raise LayerMismatch(f"has features of encoder layer {layer}, the projector was trained on layer "
                               f"{cfg.encoder_layer} (set asr_node's exit policy so it runs to that layer)")
     if frames > MAX_FEATURE_FRAMES:
         raise FeatureMismatch(f"has {frames} frames, more than the encoder's {MAX_FEATURE_FRAMES} (30 s of audio)")

@@ -36,6 +36,7 @@ class _Job:
 
 
 TRANSCRIBERS = ("whisper", "exit_head")
+FULL_DEPTH = ExitPolicy(mode="budget", max_layer=None)  # the last exit head, whatever the parameters say
 EXIT_HEADS_FILE = "exit_heads.safetensors"
 
 
@@ -46,7 +47,9 @@ class AsrNode(Node):
     the models work; finished segments wait in a bounded queue (oldest dropped when full).
     Each utterance goes through our PyTorch Whisper encoder with early exits (its features, of
     the layer it exited at, go to the aligned assistant and the personalizer); the transcript
-    comes from faster-whisper (`transcriber: whisper`) or from the exit head (`exit_head`).
+    comes from faster-whisper (`transcriber: whisper`) or from the exit head (`exit_head`). An
+    utterance that answers an enrollment prompt always runs the full depth: it becomes a
+    training sample of its speaker's projector, which reads the last layer.
     """
 
     def __init__(self, **kwargs) -> None:
@@ -298,7 +301,9 @@ class AsrNode(Node):
         started = time.monotonic()
         encoded = None
         if self.encoder is not None:
-            encoded = encode_utterance(self.encoder, self.heads, self.policy, seg.samples, self.pad_to_30s)
+            enrolling = self.speaker_id is not None and self.speaker_id.pending is not None
+            policy = FULL_DEPTH if enrolling else self.policy
+            encoded = encode_utterance(self.encoder, self.heads, policy, seg.samples, self.pad_to_30s)
         # the hints that are here now (never waited for); the Utterance keeps the unfused features
         # the projector was trained on, the fused ones only feed the boost head (core/boost.py)
         boosted = self.boost.fuse(encoded.features, encoded.layer, seg.start_s, seg.end_s) if encoded else None

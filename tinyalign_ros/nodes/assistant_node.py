@@ -10,9 +10,11 @@ projector never sees text. `aligned.task` says what it does:
 - `repeat`: the aligned transcript itself is the response (to watch the ASR-LLM at work);
 - `direct`: the audio tokens go straight into the robot's chat prompt and the answer streams
   from them (the projector was not trained for this task: expect weaker answers).
-Features of another width or encoder layer than the projector's, of an impossible shape or with
-NaN/Inf values (core.projector.check_features) are refused with a logged error (the utterance
-gets an empty response), never a crash.
+Features of another width than the projector's, of an impossible shape or with NaN/Inf values
+(core.projector.check_features) are refused with a logged error (the utterance gets an empty
+response), never a crash. Features of another encoder *layer* are asr_node's early exit at work
+(the input was easy, or the robot busy): that utterance is answered from its transcript, as in
+cascade mode, and its Response says `mode: cascade`.
 
 For people watching: a latched rviz text Marker of the last answer (`response_marker`) and the
 latencies of each answer as Float32 topics for rqt_plot (`metrics/latency_first_token_s`,
@@ -40,7 +42,7 @@ from visualization_msgs.msg import Marker
 from tinyalign_ros.core.align import DEFAULT_MAX_CHANGE
 from tinyalign_ros.core.llm import DEFAULT_SYSTEM_PROMPT, ChatLLM, PromptTooLong
 from tinyalign_ros.core.models import resolve_llm, shipped_model
-from tinyalign_ros.core.projector import FeatureMismatch, check_features
+from tinyalign_ros.core.projector import FeatureMismatch, LayerMismatch, check_features
 from tinyalign_ros.msg import Response, ResponseToken, Utterance
 
 from .common import EVENT_QOS, LATCHED_QOS, Worker, from_time_msg, run_node, text_marker
@@ -94,6 +96,7 @@ class AssistantNode(Node):
         self.answered = 0
         self.handled = 0  # answered + dropped + failed: lets a runner know every utterance is done
         self.dropped = 0
+        self.early_exits = 0  # aligned mode: utterances answered from the transcript (features of an early exit)
         self.last_latency_s = float("nan")  # end of speech -> last token of the last answer
         self._setup_adapters()
         Updater(self).add("assistant", self._diagnose)
@@ -178,6 +181,8 @@ class AssistantNode(Node):
         status.add("queue_depth", self.worker.depth)
         status.add("answered", self.answered)
         status.add("dropped", self.dropped)
+        if self.mode == "aligned":
+            status.add("answered_from_transcript_after_early_exit", self.early_exits)
         status.add("last_latency_s", self.last_latency_s)
         for speaker, version in sorted(self.adapter_versions.items()):
             status.add(f"adapter_version.{speaker}", version)
@@ -187,18 +192,35 @@ class AssistantNode(Node):
             status.summary(OK, f"{self.mode} mode")
 
     def _features(self, utt: Utterance) -> torch.Tensor | None:
-        """The utterance's features as (frames, dim), or None (logged) when they do not fit the projector."""
+        """The utterance's features as (frames, dim), or None (logged) when they do not fit the projector;
+        LayerMismatch (an early exit) is left to the caller."""
         try:
             features = check_features(self.aligned.projector.cfg, utt.features, utt.feature_frames,
                                       utt.feature_dim, utt.feature_layer)
+        except LayerMismatch:
+            raise
         except FeatureMismatch as exc:
             self.get_logger().error(f"{utt.id} {exc}: not answered")
             return None
         return torch.from_numpy(features)
 
-    def _aligned_stream(self, utt: Utterance, response: Response):
-        """Text pieces of the aligned answer (an empty iterator when the features are refused)."""
-        feats = self._features(utt)
+    def _cascade_stream(self, utt: Utterance) -> Iterator[str] | None:
+        """The chat LLM's answer to the transcript, or None for an empty or unsure one."""
+        if utt.transcript.strip() and utt.confidence >= self.min_confidence:
+            return self.llm.stream(utt.transcript)
+        return None
+
+    def _aligned_stream(self, utt: Utterance, response: Response) -> Iterator[str] | None:
+        """Text pieces of the aligned answer (an empty iterator when the features are refused; the
+        cascade's answer for features of an early exit)."""
+        try:
+            feats = self._features(utt)
+        except LayerMismatch:
+            self.early_exits += 1
+            self.get_logger().info(f"{utt.id}: encoder exited at layer {utt.feature_layer}, the projector reads "
+                                   f"layer {self.aligned.projector.cfg.encoder_layer}: answered from the transcript")
+            response.mode = "cascade"
+            return self._cascade_stream(utt)
         if feats is None:
             return iter(())
         if self.task == "direct":
@@ -226,9 +248,7 @@ class AssistantNode(Node):
         if self.mode == "aligned":
             self._use_projector_of(utt.speaker)
             return self._aligned_stream(utt, response)
-        if utt.transcript.strip() and utt.confidence >= self.min_confidence:
-            return self.llm.stream(utt.transcript)
-        return None
+        return self._cascade_stream(utt)
 
     def _answer(self, utt: Utterance) -> None:
         end_of_speech = from_time_msg(utt.end)

@@ -55,7 +55,8 @@ from tinyalign_ros.core.adapters import AdapterStore, InvalidSpeakerId, file_sha
 from tinyalign_ros.core.align import DEFAULT_MAX_CHANGE
 from tinyalign_ros.core.models import data_home, resolve_llm, shipped_model
 from tinyalign_ros.core.personalize import PersonalizeConfig, PersonalizeResult, Personalizer, Progress
-from tinyalign_ros.core.projector import FeatureMismatch, ProjectorLoadError, check_features, read_projector_config
+from tinyalign_ros.core.projector import (FeatureMismatch, LayerMismatch, ProjectorLoadError, check_features,
+                                         read_projector_config)
 from tinyalign_ros.core.samples import ConsentError, SampleStore
 from tinyalign_ros.msg import Utterance
 from tinyalign_ros.srv import Forget, Personalize
@@ -178,6 +179,9 @@ class PersonalizerNode(Node):
         try:
             return check_features(self.projector_cfg, utt.features, utt.feature_frames, utt.feature_dim,
                                   utt.feature_layer)
+        except LayerMismatch as exc:  # an early exit: normal, not trainable (enrollment runs full depth)
+            self.get_logger().info(f"{utt.id} {exc}: not stored", throttle_duration_sec=30.0)
+            return None
         except FeatureMismatch as exc:
             self.get_logger().warning(f"{utt.id} {exc}: not stored")
             return None
