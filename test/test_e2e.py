@@ -68,9 +68,13 @@ def test_the_graph_listener_keeps_only_recent_utterances(ros):
     from tinyalign_ros.msg import Response, Utterance
     from tinyalign_ros.nodes.graph import Listener
 
-    listener = ros.add(Listener(ros.context, None, None, keep=8))
+    seen: list[int] = []
+    listener = ros.add(Listener(ros.context, lambda u: seen.append(len(u.features)), None, keep=8))
     for i in range(50):
-        listener._utterance(Utterance(id=f"u{i}", features=np.zeros(1000, np.float32)))
+        listener._utterance(Utterance(id=f"u{i}", features=np.zeros(1000, np.float32), feature_frames=1,
+                                      feature_dim=1000))
         listener._response(Response(utterance_id=f"u{i}"))
     assert list(listener.utterances) == [f"u{i}" for i in range(42, 50)] and len(listener.responses) == 8
+    assert seen == [1000] * 50  # the callback sees the whole message; the table keeps it without features
+    assert all(len(u.features) == 0 and u.feature_dim == 1000 for u in listener.utterances.values())
     assert listener.n_responses == 50

@@ -77,9 +77,10 @@ def _node_class(name: str) -> type[Node]:
 class Listener(Node):
     """Keeps the most recent utterances and responses by utterance id, for the console and tests.
 
-    Bounded (`keep` of each), because a graph runs for hours and every Utterance carries its
-    encoder features (~200 kB for a 2.5 s utterance): keeping them all cost the soak benchmark
-    +46 MB in 20 min. `n_responses` counts every response ever received.
+    Bounded (`keep` of each), because a graph runs for hours; and an utterance is kept without
+    its encoder features (~150 kB for a 2 s utterance, seen by `on_utterance` first), which no
+    reader of the table needs: keeping them all cost the soak benchmark +46 MB in 20 min, and 64
+    of them would still be ~10 MB. `n_responses` counts every response ever received.
     """
 
     def __init__(self, context: Context, on_utterance: Callable[[Utterance], None] | None,
@@ -100,9 +101,10 @@ class Listener(Node):
             table.popitem(last=False)
 
     def _utterance(self, msg: Utterance) -> None:
-        self._remember(self.utterances, msg.id, msg)
         if self._on_utterance:
             self._on_utterance(msg)
+        msg.features = []  # feature_frames/dim/layer still say what it carried
+        self._remember(self.utterances, msg.id, msg)
 
     def _response(self, msg: Response) -> None:
         self.n_responses += 1
