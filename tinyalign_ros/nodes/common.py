@@ -1,9 +1,11 @@
-"""What every tinyalign node shares: QoS profiles, time conversions, a bounded work queue."""
+"""What every tinyalign node shares: QoS profiles, time conversions, a bounded work queue and
+bounded memories of recent utterances."""
 from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
 from typing import Generic, TypeVar
 
 import rclpy
@@ -27,8 +29,9 @@ LATCHED_QOS = QoSProfile(
 
 
 def to_time_msg(seconds: float) -> Time:
-    sec = int(seconds // 1)
-    return Time(sec=sec, nanosec=int(round((seconds - sec) * 1e9)) % 1_000_000_000)
+    # rounded once, in nanoseconds: rounding the fraction alone turned 2.9999999999 s into 2 s
+    sec, nanosec = divmod(round(seconds * 1e9), 1_000_000_000)
+    return Time(sec=int(sec), nanosec=int(nanosec))
 
 
 def from_time_msg(t: Time) -> float:
@@ -36,6 +39,18 @@ def from_time_msg(t: Time) -> float:
 
 
 T = TypeVar("T")
+K = TypeVar("K", bound=Hashable)
+
+
+def remember(table: OrderedDict[K, T], key: K, value: T, limit: int) -> T:
+    """Put `key` newest in an insertion-ordered table, forgetting the oldest past `limit`: what a
+    node recalls about recent utterances (ids it cancelled, timings, messages) must stay bounded
+    in a process that runs for hours."""
+    table[key] = value
+    table.move_to_end(key)
+    while len(table) > limit:
+        table.popitem(last=False)
+    return value
 
 
 class Worker(Generic[T]):

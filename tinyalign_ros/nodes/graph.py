@@ -32,7 +32,7 @@ from rclpy.parameter import Parameter
 from tinyalign_ros.core import heap
 from tinyalign_ros.msg import Response, Utterance
 
-from .common import EVENT_QOS
+from .common import EVENT_QOS, remember
 
 NAMESPACE = "tinyalign"
 # booster_node last: nodes start in reverse order, so it subscribes to the audio before mic_node plays
@@ -94,21 +94,15 @@ class Listener(Node):
         self.create_subscription(Utterance, "utterance", self._utterance, EVENT_QOS)
         self.create_subscription(Response, "response", self._response, EVENT_QOS)
 
-    def _remember(self, table: OrderedDict, key: str, msg) -> None:
-        table[key] = msg
-        table.move_to_end(key)
-        while len(table) > self.keep:
-            table.popitem(last=False)
-
     def _utterance(self, msg: Utterance) -> None:
         if self._on_utterance:
             self._on_utterance(msg)
         msg.features = []  # feature_frames/dim/layer still say what it carried
-        self._remember(self.utterances, msg.id, msg)
+        remember(self.utterances, msg.id, msg, self.keep)
 
     def _response(self, msg: Response) -> None:
         self.n_responses += 1
-        self._remember(self.responses, msg.utterance_id, msg)
+        remember(self.responses, msg.utterance_id, msg, self.keep)
         if self._on_response:
             self._on_response(msg)
 

@@ -61,7 +61,7 @@ from tinyalign_ros.core.samples import ConsentError, SampleStore
 from tinyalign_ros.msg import Utterance
 from tinyalign_ros.srv import Forget, Personalize
 
-from .common import EVENT_QOS, LATCHED_QOS, run_node
+from .common import EVENT_QOS, LATCHED_QOS, remember, run_node
 from .diagnostics import OK, WARN, Status, Updater
 
 
@@ -205,9 +205,7 @@ class PersonalizerNode(Node):
         if self.personalizer.busy:
             self.personalizer.stop(timeout=0)  # the round checkpoints by itself within a second
             self.get_logger().info(f"speech ({utt.id}): pausing the training of {self.personalizer.speaker}")
-        self.recent[utt.id] = utt
-        while len(self.recent) > self.recent_max:
-            self.recent.popitem(last=False)
+        remember(self.recent, utt.id, utt, self.recent_max)
         prompt = self._next_prompt(utt.speaker)
         if prompt:  # asr_node attributed this utterance to the speaker asked to read `prompt`
             if self._store(utt, prompt, "enrollment", 1.0):

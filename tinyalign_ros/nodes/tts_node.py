@@ -23,7 +23,7 @@ from tinyalign_ros.core.echo import FAR_HISTORY_S, BargeIn, BargeInDetector, Dou
 from tinyalign_ros.core.tts import ENGINES, SentenceBuffer, Synthesizer
 from tinyalign_ros.msg import AudioChunk, Response, ResponseToken
 
-from .common import AUDIO_QOS, EVENT_QOS, LATCHED_QOS, Worker, from_time_msg, run_node
+from .common import AUDIO_QOS, EVENT_QOS, LATCHED_QOS, Worker, from_time_msg, remember, run_node
 from .diagnostics import ERROR, OK, WARN, Status, Updater
 
 
@@ -49,6 +49,7 @@ def find_output_device(device: str) -> int | None:
 
 
 MAX_PLAUSIBLE_LATENCY_S = 600.0  # beyond this a "latency" comes from a zero or foreign-clock stamp
+RECENT_IDS = 256  # utterance ids remembered as cancelled / seen / spoken whole (late tokens of old answers)
 
 
 @dataclass
@@ -272,7 +273,7 @@ class TtsNode(Node):
         with self._lock:
             if uid in self._cancelled or uid in self._spoken_whole:
                 return
-            _remember(self._seen_tokens, uid)
+            remember(self._seen_tokens, uid, None, RECENT_IDS)
             timing = self._timing_of(uid)
             if timing.first_token is None:
                 timing.first_token = from_time_msg(msg.header.stamp)
@@ -306,7 +307,7 @@ class TtsNode(Node):
             speak = uid not in self._cancelled and (not self.stream_tokens or uid not in self._seen_tokens)
             if speak and self.stream_tokens:
                 # its tokens may still be queued behind this callback: they must not speak it twice
-                _remember(self._spoken_whole, uid)
+                remember(self._spoken_whole, uid, None, RECENT_IDS)
                 self.get_logger().info(f"{uid}: no token stream seen; speaking the whole response")
             generation = self._generation
         self._report_latency(uid)
@@ -358,7 +359,7 @@ class TtsNode(Node):
             busy = self._playing or not self.synth_worker.idle or not self.player.idle or bool(self._buffers)
             self._generation += 1
             for uid in list(self._buffers) + list(self._current_answers):
-                _remember(self._cancelled, uid)
+                remember(self._cancelled, uid, None, RECENT_IDS)
             self._buffers.clear()
             self._next_index.clear()
             self._current_answers.clear()
@@ -504,9 +505,7 @@ class TtsNode(Node):
     # -- latency ---------------------------------------------------------------------------------
     def _timing_of(self, uid: str) -> _Timing:
         if uid not in self._timing:
-            self._timing[uid] = _Timing()
-            while len(self._timing) > 64:
-                self._timing.popitem(last=False)
+            remember(self._timing, uid, _Timing(), 64)
         return self._timing[uid]
 
     def _first_audio(self, uid: str) -> None:
@@ -605,12 +604,6 @@ class TtsNode(Node):
         super().destroy_node()
 
 
-def _remember(ordered: collections.OrderedDict, key: str, limit: int = 256) -> None:
-    """A bounded insertion-ordered set (utterance ids), oldest forgotten first."""
-    ordered[key] = None
-    ordered.move_to_end(key)
-    while len(ordered) > limit:
-        ordered.popitem(last=False)
 
 
 def main(args: list[str] | None = None) -> None:
