@@ -50,28 +50,3 @@ def test_memory_snapshot_splits_resident_memory():
     assert set(m) == {"rss", "rss_anon", "rss_file", "heap_in_use", "heap_free", "heap_mapped"}
     assert 0 < m["rss_anon"] <= m["rss"] and 0 < m["rss_file"] <= m["rss"]
     assert m["heap_in_use"] > 0  # glibc here (the fallback is NaN)
-
-
-TRIM_PROBE = """
-import json, sys, time
-from tinyalign_ros.core import heap
-assert heap.configure(trim_every_s=float(sys.argv[1]) if sys.argv[1] != "off" else None)
-blocks = [bytearray(b"x" * 50_000) for _ in range(4000)]  # 200 MB of small (heap) blocks
-del blocks[::2]  # every other one freed: holes the heap cannot shrink past
-before = heap.rss_mb()
-deadline = time.monotonic() + (10 if sys.argv[1] != "off" else 0.5)
-while heap.trim_stats()["trims"] < 1 and time.monotonic() < deadline:
-    time.sleep(0.05)
-print(json.dumps([before, heap.rss_mb(), heap.trim_stats()]))
-"""
-
-
-@pytest.mark.parametrize("every", ["0.1", "off"])
-def test_periodic_trim_returns_the_holes_of_a_fragmented_heap(every):
-    out = subprocess.run([sys.executable, "-c", TRIM_PROBE, every], check=True, capture_output=True, text=True)
-    before, after, stats = json.loads(out.stdout)
-    if every == "off":  # what the trim is for: without it the holes stay resident
-        assert stats["trims"] == 0 and after > before - 10
-    else:
-        assert stats["trims"] >= 1 and stats["max_ms"] > 0
-        assert after < before - 60  # ~100 MB of holes given back (page-aligned parts of them)

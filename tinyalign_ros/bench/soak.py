@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 
-from tinyalign_ros.core.heap import trim_stats
 from tinyalign_ros.core.metrics import write_result
 
 from ._graph import demo_input, run_graph
@@ -46,10 +45,9 @@ def main(argv: list[str] | None = None) -> int:
         "duration_s": args.duration,
         "rss_t_s": [t for t, _ in run.rss],
         # rss_mb, rss_anon_mb, rss_file_mb, heap_in_use_mb, heap_free_mb, heap_mapped_mb (core.heap.memory_mb):
-        # a leak grows heap_in_use or heap_mapped, fragmentation grows heap_free (and RSS, untrimmed)
+        # a leak grows heap_in_use or heap_mapped, fragmentation grows heap_free
         **{f"{key}_mb": [m[key] for m in run.memory] for key in (run.memory[0] if run.memory else ())},
         "rss_growth_mb_per_min_after_warmup": growth_per_min(run.rss),
-        "malloc_trim": trim_stats(),  # core.heap's periodic trim: how often, how long it held the allocator
         "latency_s": [round(r.latency_first_token_s, 3) for _, r in answered],
         "latency_t_s": [round(t, 1) for t, _ in answered],
         "dropped_utterances": run.dropped,

@@ -8,21 +8,12 @@ resident. The soak graph (`tinyalign bench soak`'s) measured with mallinfo2: ove
 (`uordblks`) stayed flat at ~355 MB while its free-but-kept bytes (`fordblks`) grew from 145 to 227
 MB, and RSS with them. `configure` pins the threshold (setting it explicitly turns the raising
 off, mallopt(3)). No library wraps these glibc calls; on another libc they are no-ops that say so.
-
-Pinned, the heap still fragments from the many small blocks (under 128 kB) that tokenizers, DDS
-and Python itself churn through: a 25-minute soak kept its live bytes flat from minute 10 on
-(`uordblks` 275 MB, mapped blocks 340 MB) while the free-but-kept bytes crept from 100 to 125 MB.
-`start_trimming` hands them back with malloc_trim(3) once a minute from a thread of its own; a
-trim holds the allocator's locks, so a small, frequent one is chosen over a rare, long one, and
-how long each took is kept (`trim_stats`) for the soak benchmark to report.
 """
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
 import functools
-import threading
-import time
 from pathlib import Path
 
 
@@ -37,7 +28,6 @@ def _libc() -> ctypes.CDLL | None:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         libc.mallinfo2.restype = _MallInfo2
         libc.mallopt.argtypes, libc.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-        libc.malloc_trim.argtypes, libc.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
         return libc
     except (OSError, AttributeError):  # not glibc (musl, macOS), or glibc < 2.33 without mallinfo2
         return None
@@ -45,65 +35,23 @@ def _libc() -> ctypes.CDLL | None:
 
 M_MMAP_THRESHOLD = -3  # mallopt parameter number in glibc's malloc.h
 MMAP_THRESHOLD_BYTES = 128 * 1024  # glibc's own starting value, now kept
-TRIM_EVERY_S = 60.0
-_trim_lock = threading.Lock()
-_trim: dict = {"trims": 0, "max_ms": 0.0, "total_ms": 0.0, "thread": None}
 
 
-def configure(trim_every_s: float | None = TRIM_EVERY_S) -> bool:
-    """Pin glibc's mmap threshold so large buffers never settle in the heap, and trim the heap
-    every `trim_every_s` (None: never); call once per process before the models load (every node
-    executable and the embedded graph do). False off glibc.
+def configure() -> bool:
+    """Pin glibc's mmap threshold so large buffers never settle in the heap; call once per process
+    before the models load (every node executable and the embedded graph do). False off glibc.
 
     Measured over 10 min of the soak graph (with a malloc_trim on idle workers also running then):
     the heap's free-but-kept bytes stayed at 10-30 MB instead of growing to 150-230 MB.
     """
     libc = _libc()
-    pinned = bool(libc and libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
-    if pinned and trim_every_s is not None:
-        start_trimming(trim_every_s)
-    return pinned
-
-
-def _trim_loop(every_s: float) -> None:
-    libc = _libc()
-    while True:
-        time.sleep(every_s)
-        t0 = time.perf_counter()
-        libc.malloc_trim(0)  # ctypes lets go of the GIL: Python threads run on meanwhile
-        ms = (time.perf_counter() - t0) * 1e3
-        with _trim_lock:
-            _trim["trims"] += 1
-            _trim["total_ms"] += ms
-            _trim["max_ms"] = max(_trim["max_ms"], ms)
-
-
-def start_trimming(every_s: float = TRIM_EVERY_S) -> bool:
-    """Give the heap's free pages back to the OS every `every_s` seconds, from a daemon thread
-    (one per process; a second call does nothing). False off glibc."""
-    if _libc() is None:
-        return False
-    with _trim_lock:
-        if _trim["thread"] is None:
-            thread = threading.Thread(target=_trim_loop, args=(float(every_s),),
-                                      name="malloc-trim", daemon=True)
-            thread.start()
-            _trim["thread"] = thread
-    return True
-
-
-def trim_stats() -> dict[str, float]:
-    """How many periodic trims ran, their longest and mean duration (ms)."""
-    with _trim_lock:
-        n = _trim["trims"]
-        return {"trims": n, "max_ms": round(_trim["max_ms"], 2), "mean_ms": round(_trim["total_ms"] / n, 2) if n else 0.0}
+    return bool(libc and libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
 
 
 def heap_mb() -> dict[str, float] | None:
     """malloc's memory in MB: `in_use` (live heap allocations), `free` (freed but kept by malloc,
-    resident until a trim hands its pages back, after which it still counts here) and `mapped`
-    (live blocks with their own mapping); None off glibc. A leak grows `in_use` or `mapped`;
-    fragmentation grows `free`, and with it RSS unless it is trimmed."""
+    mostly resident) and `mapped` (live blocks with their own mapping); None off glibc. A leak
+    grows `in_use` or `mapped`; fragmentation grows `free`."""
     libc = _libc()
     if libc is None:
         return None
