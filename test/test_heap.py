@@ -50,3 +50,31 @@ def test_memory_snapshot_splits_resident_memory():
     assert set(m) == {"rss", "rss_anon", "rss_file", "heap_in_use", "heap_free", "heap_mapped"}
     assert 0 < m["rss_anon"] <= m["rss"] and 0 < m["rss_file"] <= m["rss"]
     assert m["heap_in_use"] > 0  # glibc here (the fallback is NaN)
+
+
+ARENA_PROBE = """
+import ctypes, sys, threading
+from tinyalign_ros.core import heap
+if sys.argv[1] == "configure":
+    assert heap.configure()
+start = threading.Barrier(8)
+def work():
+    start.wait()  # all at once: contention is what makes glibc open an arena per thread
+    blocks = [bytearray(1000) for _ in range(20000)]
+threads = [threading.Thread(target=work) for _ in range(8)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+ctypes.CDLL("libc.so.6").malloc_stats()  # one "Arena N:" block per arena, on stderr
+"""
+
+
+def _arenas(mode: str) -> int:
+    out = subprocess.run([sys.executable, "-c", ARENA_PROBE, mode], check=True, capture_output=True, text=True)
+    return sum(line.startswith("Arena ") for line in out.stderr.splitlines())
+
+
+def test_configure_caps_the_arenas_threads_fragment():
+    assert _arenas("configure") <= heap.ARENA_MAX
+    assert _arenas("default") > heap.ARENA_MAX  # what the cap is for: 8 busy threads get arenas of their own
