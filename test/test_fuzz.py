@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import math
+import time
 
 import numpy as np
 import pytest
@@ -125,14 +127,18 @@ def test_assistant_node_survives_malformed_utterances_and_still_answers(ros, mod
     responses: list[Response] = []
     probe.create_subscription(Response, "response", responses.append, EVENT_QOS)
     pub = probe.create_publisher(Utterance, "utterance", EVENT_QOS)
-    wait_for(lambda: pub.get_subscription_count() > 0 and node.response_pub.get_subscription_count() > 0,
-             what="discovery")
+    latencies: list[float] = []  # an unset end of speech must not become a 1.8e9 s "latency" on rqt_plot
+    for name in ("latency_first_token_s", "latency_last_token_s"):
+        probe.create_subscription(Float32, f"metrics/{name}", lambda m: latencies.append(m.data), EVENT_QOS)
+    wait_for(lambda: pub.get_subscription_count() > 0 and node.response_pub.get_subscription_count() > 0
+             and node.first_token_pub.get_subscription_count() > 0, what="discovery")
 
     good = good_utterance("good")
 
     def ask(uid: str) -> Response:
         before = len(responses)
         good.id = uid
+        good.end = to_time_msg(time.time())  # the good ones are stamped; most nasty ones are not
         pub.publish(good)
         wait_for(lambda: len(responses) > before, timeout=60, what=f"the response to {uid}")
         return responses[-1]
@@ -154,6 +160,10 @@ def test_assistant_node_survives_malformed_utterances_and_still_answers(ros, mod
         assert [by_id[uid].mode for uid in ("wrong-layer", "absurd-layer")] == ["cascade", "cascade"]
     after = ask("good-after")
     assert after.text == reference.text  # same input, same greedy answer: nothing left broken
+    assert math.isnan(by_id["odd-time"].latency_first_token_s)  # its end of speech is 2**31 s in the past
+    assert 0 < after.latency_first_token_s < 60
+    wait_for(lambda: len(latencies) >= 4, what="the stamped answers' latencies")
+    assert all(0 <= x < 600 for x in latencies), latencies
 
 
 def test_personalizer_node_survives_malformed_utterances_and_corrections(ros, tmp_path, tiny_model_dir,

@@ -45,7 +45,7 @@ from tinyalign_ros.core.models import resolve_llm, shipped_model
 from tinyalign_ros.core.projector import FeatureMismatch, LayerMismatch, check_features
 from tinyalign_ros.msg import Response, ResponseToken, Utterance
 
-from .common import EVENT_QOS, LATCHED_QOS, Worker, from_time_msg, run_node, text_marker
+from .common import EVENT_QOS, LATCHED_QOS, Worker, from_time_msg, plausible_latency, run_node, text_marker
 from .diagnostics import OK, WARN, Status, Updater
 
 MODES = ("cascade", "aligned")
@@ -269,8 +269,12 @@ class AssistantNode(Node):
             last = self._now()
             response.latency_first_token_s = float((first or last) - end_of_speech)
             response.latency_last_token_s = float(last - end_of_speech)
+            if not plausible_latency(response.latency_last_token_s):
+                self.get_logger().warning(f"{utt.id}: its end of speech is {end_of_speech:.1f} s, not this machine's "
+                                          "recent time (unset stamp?): latency unknown", throttle_duration_sec=5.0)
+                response.latency_first_token_s = response.latency_last_token_s = float("nan")
             self.last_latency_s = response.latency_last_token_s
-            if pieces:  # a refused utterance has no answer, hence no latency worth plotting
+            if pieces and plausible_latency(response.latency_last_token_s):  # none for a refused or unstamped one
                 self.first_token_pub.publish(Float32(data=response.latency_first_token_s))
                 self.last_token_pub.publish(Float32(data=response.latency_last_token_s))
         else:

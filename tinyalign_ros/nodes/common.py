@@ -38,6 +38,15 @@ def from_time_msg(t: Time) -> float:
     return t.sec + t.nanosec * 1e-9
 
 
+MAX_PLAUSIBLE_LATENCY_S = 600.0  # beyond this a "latency" comes from a zero or foreign-clock stamp
+
+
+def plausible_latency(seconds: float) -> bool:
+    """False for a figure that is not a latency but a bad stamp upstream (unset, another clock):
+    published, it would flatten every rqt_plot of the real ones."""
+    return 0.0 <= seconds < MAX_PLAUSIBLE_LATENCY_S
+
+
 T = TypeVar("T")
 K = TypeVar("K", bound=Hashable)
 

@@ -23,7 +23,8 @@ from tinyalign_ros.core.echo import FAR_HISTORY_S, BargeIn, BargeInDetector, Dou
 from tinyalign_ros.core.tts import ENGINES, SentenceBuffer, Synthesizer
 from tinyalign_ros.msg import AudioChunk, Response, ResponseToken
 
-from .common import AUDIO_QOS, EVENT_QOS, LATCHED_QOS, Worker, from_time_msg, remember, run_node
+from .common import (AUDIO_QOS, EVENT_QOS, LATCHED_QOS, Worker, from_time_msg, plausible_latency, remember,
+                     run_node)
 from .diagnostics import ERROR, OK, WARN, Status, Updater
 
 
@@ -48,7 +49,6 @@ def find_output_device(device: str) -> int | None:
     raise AudioError(f"no output audio device '{device}'; available output devices: {listing}")
 
 
-MAX_PLAUSIBLE_LATENCY_S = 600.0  # beyond this a "latency" comes from a zero or foreign-clock stamp
 RECENT_IDS = 256  # utterance ids remembered as cancelled / seen / spoken whole (late tokens of old answers)
 
 
@@ -532,7 +532,7 @@ class TtsNode(Node):
                 self.last_end_of_speech_to_audio_s = figures["end_of_speech_to_audio_s"] = \
                     t.first_audio - t.end_of_speech
         for name, value in list(figures.items()):
-            if not 0.0 <= value < MAX_PLAUSIBLE_LATENCY_S:  # an unset (zero) or foreign-clock stamp upstream
+            if not plausible_latency(value):
                 self.get_logger().warning(f"{uid}: {name} = {value:.1f} s is not a latency (bad stamp upstream): "
                                           "not published", throttle_duration_sec=5.0)
                 del figures[name]
