@@ -9,8 +9,9 @@ def test_run_graph_loops_the_file_and_samples_memory(demo_file):
     run = run_graph(path, stop_after_responses=len(segments) + 1, sample_every_s=1.0, log=lambda _: None)
     assert len(run.responses) >= len(segments) + 1  # the file looped at least once
     assert run.rss and all(mb > 100 for _, mb in run.rss)  # the models are resident
-    assert len(run.memory) == len(run.rss) and all(m["rss_file"] > 100 for m in run.memory)  # weights mapped from disk
-    assert all(m["rss_anon"] + m["rss_file"] <= m["rss"] + 1 for m in run.memory)
+    # the weights are mapped from disk
+    assert len(run.memory) == len(run.rss) and all(m["rss_file"] > 100 for _, m in run.memory)
+    assert all(m["rss_anon"] + m["rss_file"] <= m["rss"] + 1 for _, m in run.memory)
     assert run.dropped == 0
     responses = [r for _, r in run.responses if r.text]
     assert len(run.spoken_s) >= len(responses) - 1  # every answer was spoken (the last may not have started)

@@ -40,9 +40,13 @@ class GraphRun:
     started: float = field(default_factory=time.monotonic)
     responses: list[tuple[float, object]] = field(default_factory=list)
     spoken_s: list[float] = field(default_factory=list)  # per answer: end of speech → its first played sample
-    rss: list[tuple[float, float]] = field(default_factory=list)
-    memory: list[dict[str, float]] = field(default_factory=list)  # core.heap.memory_mb at each rss sample
+    memory: list[tuple[float, dict[str, float]]] = field(default_factory=list)  # (t_s, core.heap.memory_mb)
     dropped: int = 0
+
+    @property
+    def rss(self) -> list[tuple[float, float]]:
+        """(t_s, resident MB) of each memory sample."""
+        return [(t, m["rss"]) for t, m in self.memory]
 
 
 def run_graph(input_file: Path, stop_after_s: float | None = None, stop_after_responses: int | None = None,
@@ -75,8 +79,7 @@ def run_graph(input_file: Path, stop_after_s: float | None = None, stop_after_re
         while True:
             elapsed = time.monotonic() - run.started
             if elapsed >= next_sample:
-                run.memory.append(memory_mb())
-                run.rss.append((round(elapsed, 1), run.memory[-1]["rss"]))
+                run.memory.append((round(elapsed, 1), memory_mb()))
                 next_sample += sample_every_s
             if stop_after_s is not None and elapsed >= stop_after_s:
                 break

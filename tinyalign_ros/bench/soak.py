@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         "rss_t_s": [t for t, _ in run.rss],
         # rss_mb, rss_anon_mb, rss_file_mb, heap_in_use_mb, heap_free_mb, heap_mapped_mb (core.heap.memory_mb):
         # a leak grows heap_in_use or heap_mapped, fragmentation grows heap_free
-        **{f"{key}_mb": [m[key] for m in run.memory] for key in (run.memory[0] if run.memory else ())},
+        **{f"{key}_mb": [m[key] for _, m in run.memory] for key in (run.memory[0][1] if run.memory else ())},
         "rss_growth_mb_per_min_after_warmup": growth_per_min(run.rss),
         "latency_s": [round(r.latency_first_token_s, 3) for _, r in answered],
         "latency_t_s": [round(t, 1) for t, _ in answered],
