@@ -191,19 +191,6 @@ class AssistantNode(Node):
         else:
             status.summary(OK, f"{self.mode} mode")
 
-    def _features(self, utt: Utterance) -> torch.Tensor | None:
-        """The utterance's features as (frames, dim), or None (logged) when they do not fit the projector;
-        LayerMismatch (an early exit) is left to the caller."""
-        try:
-            features = check_features(self.aligned.projector.cfg, utt.features, utt.feature_frames,
-                                      utt.feature_dim, utt.feature_layer)
-        except LayerMismatch:
-            raise
-        except FeatureMismatch as exc:
-            self.get_logger().error(f"{utt.id} {exc}: not answered")
-            return None
-        return torch.from_numpy(features)
-
     def _cascade_stream(self, utt: Utterance) -> Iterator[str] | None:
         """The chat LLM's answer to the transcript, or None for an empty or unsure one."""
         if utt.transcript.strip() and utt.confidence >= self.min_confidence:
@@ -214,14 +201,16 @@ class AssistantNode(Node):
         """Text pieces of the aligned answer (an empty iterator when the features are refused; the
         cascade's answer for features of an early exit)."""
         try:
-            feats = self._features(utt)
+            feats = torch.from_numpy(check_features(self.aligned.projector.cfg, utt.features, utt.feature_frames,
+                                                    utt.feature_dim, utt.feature_layer))
         except LayerMismatch:
             self.early_exits += 1
             self.get_logger().info(f"{utt.id}: encoder exited at layer {utt.feature_layer}, the projector reads "
                                    f"layer {self.aligned.projector.cfg.encoder_layer}: answered from the transcript")
             response.mode = "cascade"
             return self._cascade_stream(utt)
-        if feats is None:
+        except FeatureMismatch as exc:
+            self.get_logger().error(f"{utt.id} {exc}: not answered")
             return iter(())
         if self.task == "direct":
             return self.aligned.stream(feats, self.direct_prompt, utt.transcript)
