@@ -15,8 +15,8 @@ import soundfile as sf
 
 from tinyalign_ros.core import corpus
 from tinyalign_ros.core.corpus import (MANIFEST_COLUMNS, SAMPLE_RATE, Sentence, SynthesisError, Voice,
-                                       build_corpus, default_voices, load_sentences, make_demo_wav,
-                                       split_speakers, synthesize)
+                                       build_corpus, calibration_voices, default_voices, load_sentences,
+                                       make_demo_wav, split_speakers, synthesize)
 
 TEXT = "please bring me a glass of water from the kitchen"
 ESPEAK = Voice("t-espeak", "espeak", "en-us")
@@ -168,6 +168,35 @@ def test_rebuild_skips_existing_clips_and_clears_half_files(tiny_corpus, monkeyp
     assert not half.exists()
 
 
+def test_calibration_speakers_say_the_val_sentences_only(tmp_path):
+    voices = [Voice(f"v{i}", "espeak", model) for i, model in enumerate(("en-us", "en-gb", "en-029", "en-us+f3"))]
+    calibration = [Voice("cal-a", "espeak", "en-us", pitch=2.0), Voice("cal-b", "espeak", "en-gb", rate=1.1)]
+    manifest = build_corpus(tmp_path, voices=voices, sentences=TINY_SENTENCES, calibration=calibration,
+                            splits=("val", "calibration"), workers=1)
+    rows = read_manifest(manifest)
+    by_split = {s: [r for r in rows if r["split"] == s] for s in ("val", "calibration")}
+    assert {r["split"] for r in rows} == {"val", "calibration"}  # no train/test clips were made
+    assert len(list((tmp_path / "audio").rglob("*.flac"))) == len(rows)
+    assert sorted(r["speaker"] for r in by_split["calibration"]) == ["cal-a", "cal-b"]
+    assert {r["text"] for r in by_split["calibration"]} == {r["text"] for r in by_split["val"]} != set()
+    full = read_manifest(build_corpus(tmp_path / "full", voices=voices, sentences=TINY_SENTENCES, workers=1))
+    assert [r for r in full if r["split"] == "val"] == by_split["val"]
+    assert "calibration" not in {r["split"] for r in full}  # one's own voices: no calibration by default
+    with pytest.raises(ValueError, match="splits must be some of"):
+        build_corpus(tmp_path, voices=voices, sentences=TINY_SENTENCES, splits=("dev",))
+
+
+def test_default_calibration_speakers_are_new_draws_of_every_kind():
+    voices, calibration = default_voices(0), calibration_voices(0)
+    assert calibration == calibration_voices(0)
+    assert [(v.engine, v.model, v.degradations) for v in calibration] == [
+        (v.engine, v.model, v.degradations) for v in voices]
+    assert all(c.name == f"cal-{v.name}" for c, v in zip(calibration, voices))
+    drawn = {(v.pitch, v.rate) for v in voices}
+    assert sum((c.pitch, c.rate) not in drawn for c in calibration) >= len(voices) - 2
+    assert [c.atypical for c in calibration] == [v.atypical for v in voices]
+
+
 def test_default_speakers_and_their_split():
     voices = default_voices(0)
     assert voices == default_voices(0) and voices != default_voices(1)
@@ -233,3 +262,9 @@ def test_cli_builds_and_summarises(tmp_path, monkeypatch, capsys):
 def test_cli_reports_missing_text_lists(tmp_path, capsys):
     assert corpus.main(["--out", str(tmp_path / "c"), "--data", str(tmp_path)]) == 2
     assert "commands.tsv" in capsys.readouterr().err
+
+
+def test_cli_refuses_unknown_splits(tmp_path, capsys):
+    assert corpus.main(["--out", str(tmp_path / "c"), "--splits", "test,dev"]) == 2
+    assert "splits must be some of" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()

@@ -13,6 +13,11 @@ can be held out, in amounts no recording session gives us. So we make it:
   noise) alone are not, because the speaker is typical, only the microphone path is bad.
 - Splits are by speaker (val/test speakers never speak in train) *and* by sentence (val/test
   sentences are never spoken in train), so test WER measures both kinds of generalisation.
+- A `calibration` split holds a fresh draw of the whole speaker population (every speaker kind,
+  with new pitch and rate) saying the validation sentences. The val split has ~15 % of the
+  speakers, 3 of 23, too few to cover every engine and degradation, so a threshold tuned on it
+  (such as the early exits' confidence threshold) fits those 3 voices rather than the
+  population. Training never reads this split, so adding it changed no trained model.
 - Everything is seeded: the same seed gives the same speakers, splits and audio, bit for bit
   (piper runs with its sampling noise off, because onnxruntime's random ops cannot be seeded).
 - Files are written to a temporary name and renamed, so a killed run leaves no half file, and a
@@ -35,7 +40,7 @@ import tempfile
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
@@ -48,7 +53,7 @@ ENGINES = ("espeak", "piper", "festival")
 DATA_DIR = Path(__file__).resolve().parents[2] / "data"
 MANIFEST_COLUMNS = ("path", "text", "intent", "speaker", "voice", "engine", "atypical", "split",
                     "duration_s")
-SPLITS = ("train", "val", "test")
+SPLITS = ("train", "val", "test", "calibration")
 _AUDIO_FORMATS = {"flac": ("FLAC", "PCM_16"), "wav": ("WAV", "FLOAT")}  # suffix -> soundfile format
 
 # sox effects per degradation. Speech degradations change how the person speaks ...
@@ -302,7 +307,7 @@ _ATYPICAL = (("espeak", "en-gb+m4", ("slow", "tremolo"), -1),
              ("festival", "kal_diphone", ("tremolo", "noise"), +1))
 
 
-def default_voices(seed: int = 0) -> list[Voice]:
+def default_voices(seed: int | Sequence[int] = 0) -> list[Voice]:
     """The standard speaker set: 23 speakers, about half of them natural-sounding (piper,
     festival) because Whisper and people hear espeak-ng as a foreign domain.
 
@@ -331,6 +336,13 @@ def default_voices(seed: int = 0) -> list[Voice]:
         pitch = sign * round(float(rng.uniform(4.5, 6.0)) * 2) / 2
         add(engine, model, pitch, round(float(rng.uniform(0.9, 1.1)), 2), degradations)
     return voices
+
+
+def calibration_voices(seed: int = 0) -> list[Voice]:
+    """The speakers of the calibration split: every default speaker kind again, with the pitch
+    and rate of another draw (its own RNG stream, apart from the speaker-ID background's
+    `default_voices(1)`), named `cal-...`: new speakers of the same population."""
+    return [replace(v, name=f"cal-{v.name}") for v in default_voices([seed, 4])]
 
 
 # --------------------------------------------------------------------------- text
@@ -425,25 +437,33 @@ class _Job(NamedTuple):
 def build_corpus(out_dir: Path | str, n_sentences: int | None = None,
                  voices: Sequence[Voice] | None = None, seed: int = 0, *,
                  sentences: Sequence[Sentence] | None = None, workers: int = 2,
-                 audio_format: str = "flac") -> Path:
+                 audio_format: str = "flac", calibration: Sequence[Voice] | None = None,
+                 splits: Sequence[str] = SPLITS) -> Path:
     """Synthesize a labelled corpus into `out_dir` and return its manifest CSV.
 
     Speakers are split ~65/15/20 % train/val/test and sentences ~70/15/15 %; a speaker of a split
-    says every sentence of that split. `n_sentences` takes a seeded sample balanced over intents
-    (for quick runs). Clips are `audio/<speaker key>/<text digest>.<format>` (FLAC 16-bit by
-    default: a quarter of float WAV's size); paths in the manifest are relative to `out_dir`.
+    says every sentence of that split. The `calibration` speakers (default: `calibration_voices`
+    with the default voices, none with voices of one's own) say the val sentences. `n_sentences`
+    takes a seeded sample balanced over intents (for quick runs); `splits` limits the corpus to
+    some splits (the manifest then lists only those). Clips are
+    `audio/<speaker key>/<text digest>.<format>` (FLAC 16-bit by default: a quarter of float
+    WAV's size); paths in the manifest are relative to `out_dir`.
     """
     out_dir = Path(out_dir)
     if audio_format not in _AUDIO_FORMATS:
         raise ValueError(f"audio_format must be one of {sorted(_AUDIO_FORMATS)}, got {audio_format!r}")
+    if not splits or set(splits) - set(SPLITS):
+        raise ValueError(f"splits must be some of {SPLITS}, got {list(splits)}")
+    if calibration is None:
+        calibration = calibration_voices(seed) if voices is None else []
     voices = list(default_voices(seed) if voices is None else voices)
     items = _dedupe(load_sentences() if sentences is None else sentences)
-    if len({v.name for v in voices}) != len(voices):
+    if len({v.name for v in [*voices, *calibration]}) != len(voices) + len(calibration):
         raise ValueError("voice names must be unique")
     if len(voices) < 2 or len(items) < 2:
         raise ValueError(f"need at least 2 voices and 2 sentences to hold some out "
                          f"(got {len(voices)} and {len(items)})")
-    for engine in sorted({v.engine for v in voices}):
+    for engine in sorted({v.engine for v in [*voices, *calibration]}):
         for tool in _ENGINE_TOOLS[engine]:
             _require(tool)  # fail before any work, not in the middle of a pool
 
@@ -457,14 +477,16 @@ def build_corpus(out_dir: Path | str, n_sentences: int | None = None,
                                     n_held if "val" in voice_split else 0,
                                     np.random.default_rng([seed, 3]))
 
+    voice_split += ["calibration"] * len(calibration)
     rows: list[dict[str, Any]] = []
     jobs: list[_Job] = []
-    for split in SPLITS:
-        for voice, v_split in zip(voices, voice_split):
+    for split in splits:
+        said = "val" if split == "calibration" else split  # the calibration speakers' sentences
+        for voice, v_split in zip([*voices, *calibration], voice_split):
             if v_split != split:
                 continue
             for sentence, s_split in zip(items, sentence_split):
-                if s_split != split:
+                if s_split != said:
                     continue
                 rel = f"audio/{voice.key}/{_digest(sentence.text)[:12]}.{audio_format}"
                 jobs.append(_Job(sentence.text, voice, str(out_dir / rel)))
@@ -576,20 +598,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data", type=Path,
                         help=f"folder with commands.tsv and questions.txt (default {DATA_DIR})")
     parser.add_argument("--format", choices=sorted(_AUDIO_FORMATS), default="flac", help="clip format")
+    parser.add_argument("--splits", type=lambda text: text.split(","), default=list(SPLITS),
+                        help=f"comma-separated splits to synthesize (default: all of {','.join(SPLITS)})")
     args = parser.parse_args(argv)
     try:
         manifest = build_corpus(args.out, args.sentences, seed=args.seed,
                                 sentences=load_sentences(args.data), workers=args.workers,
-                                audio_format=args.format)
+                                audio_format=args.format, splits=args.splits)
     except (SynthesisError, FileNotFoundError, ValueError) as exc:
         print(f"tinyalign synth: {exc}", file=sys.stderr)
         return 2
     with manifest.open(encoding="utf-8", newline="") as f:
         rows = list(csv.DictReader(f))
-    for split in SPLITS:
+    for split in args.splits:
         part = [r for r in rows if r["split"] == split]
         hours = sum(float(r["duration_s"]) for r in part) / 3600
-        print(f"{split:5}: {len(part):6} clips, {len({r['speaker'] for r in part}):3} speakers, "
+        print(f"{split + ':':12} {len(part):6} clips, {len({r['speaker'] for r in part}):3} speakers, "
               f"{len({r['text'] for r in part}):5} sentences, {hours:.2f} h")
     print(manifest)
     return 0
