@@ -146,3 +146,22 @@ def test_policy_replay_matches_the_exit_rule():
     assert bench.policy_exit(run, 0.9) == 2  # nobody confident: the deepest head
     heads = ExitHeads((1, 2, 3), 8)
     assert bench.exit_cost(run, heads, 1, [0, 1]) == (3.0 + 2 * 0.5, 3.0 + 0.2)
+
+
+def test_threshold_is_chosen_on_calibration_speakers_when_the_corpus_has_them():
+    """Two heads; at 0.6 the val clip exits early at no loss, the calibration clip loses words:
+    the policy must follow the calibration split (then the val split, then test)."""
+    heads = ExitHeads((1, 2), 8)
+
+    def clip(early: str, confidence: float) -> bench.ClipRun:
+        return bench.ClipRun([early, "turn left"], [confidence, 0.9], [1.0] * 3, [0.1] * 2, [1.0] * 3, 0.5, 0.0, 1.0)
+
+    texts = {"test": "turn left", "val": "turn left", "calibration": "turn left"}
+    runs = {"test": [clip("turn left", 0.7)], "val": [clip("turn left", 0.7)], "calibration": [clip("turn", 0.7)]}
+    clips = {name: [bench.Clip(name, text, np.zeros(16000, np.float32))] for name, text in texts.items()}
+    chosen = bench.summarize(heads, runs, clips, thresholds=(0.6, 0.95))["policy"]
+    assert (chosen["selected_on"], chosen["threshold"]) == ("cal", 0.95)  # nobody exits early
+    assert chosen["compute_saved"] < 0  # both heads consulted
+    del runs["calibration"], clips["calibration"]
+    chosen = bench.summarize(heads, runs, clips, thresholds=(0.6, 0.95))["policy"]
+    assert (chosen["selected_on"], chosen["threshold"]) == ("val", 0.6) and chosen["compute_saved"] > 0

@@ -12,9 +12,10 @@ the head) as a share of the full encoder plus the last head, summed over the tes
 The confidence policy ("exit at the first head whose confidence reaches the threshold") is
 evaluated at several thresholds by replaying the per-layer outputs of one pass (the policy is
 deterministic given them; a policy exiting at layer k costs the blocks up to k plus every head
-it consulted). The threshold is chosen on the *validation* split (the largest compute saving at
-<= 10 % relative WER loss against the deepest exit, else the lowest WER that saves anything) and
-reported on test and real speech. Whisper tiny.en (faster-whisper, int8, greedy) is the
+it consulted). The threshold is chosen on the corpus's *calibration* split (a fresh draw of every
+speaker kind saying the validation sentences; the val split when a corpus has none): the largest
+compute saving at <= 10 % relative WER loss against the deepest exit, else the lowest WER that
+saves anything. It is reported on test and real speech. Whisper tiny.en (faster-whisper, int8, greedy) is the
 reference on the same clips. Writes DIR/encoder.json (metrics.write_result) and DIR/encoder.png.
 """
 from __future__ import annotations
@@ -35,10 +36,12 @@ from tinyalign_ros.core.early_exit import ExitHeads, ctc_confidence, greedy_ctc,
 
 REPO = Path(__file__).resolve().parents[2]
 POCKETSPHINX = Path("/usr/share/pocketsphinx/test/data")
-# fine between 0.7 and 0.85, where the shipped heads' exits move from layer 1 to layer 4 (a
-# replay of one pass per clip: a finer grid costs nothing)
-THRESHOLDS = (0.5, 0.6, 0.7, 0.72, 0.74, 0.75, 0.76, 0.77, 0.78, 0.79, 0.8, 0.81, 0.82, 0.83, 0.85, 0.9, 0.95, 0.975)
+# every 0.005: the shipped heads' exits move from layer 1 to layer 4 between 0.7 and 0.85, and
+# the policy is a replay of one pass per clip, so a fine grid costs nothing
+THRESHOLDS = tuple(round(0.5 + 0.005 * i, 3) for i in range(100))  # 0.5 .. 0.995
 MAX_REL_WER_LOSS = 0.10
+SETS = (("test", "synth"), ("real", "real"), ("val", "val"), ("calibration", "cal"))  # (clips, key)
+SELECT_ON = ("cal", "val", "synth")  # the policy is chosen on the first of these a corpus has
 
 
 @dataclass
@@ -188,11 +191,12 @@ def summarize(heads: ExitHeads, runs: dict[str, list[ClipRun]], clips: dict[str,
             "relative_compute": round(macs / full[basis], 4),
             "relative_time": round(secs / full_s[basis], 4),
             "wer_val": set_wer("val", [r.texts[k] for r in runs.get("val", [])]),
+            "wer_cal": set_wer("calibration", [r.texts[k] for r in runs.get("calibration", [])]),
         })
     sweep = []
     for th in thresholds:
         entry: dict = {"threshold": th}
-        for name, key in (("test", "synth"), ("real", "real"), ("val", "val")):
+        for name, key in SETS:
             if not runs.get(name):
                 continue
             ks = [policy_exit(r, th) for r in runs[name]]
@@ -203,7 +207,8 @@ def summarize(heads: ExitHeads, runs: dict[str, list[ClipRun]], clips: dict[str,
             entry[f"mean_exit_layer_{key}"] = round(float(np.mean([heads.layers[k] for k in ks])), 3)
         entry["compute_saved"] = entry.get("compute_saved_synth")
         sweep.append(entry)
-    select_on = "val" if runs.get("val") else "synth"
+    present = {key for name, key in SETS if runs.get(name)}
+    select_on = next(key for key in SELECT_ON if key in present)
     deepest = exits[-1][f"wer_{select_on}"]
 
     def loss(e):
@@ -222,6 +227,7 @@ def summarize(heads: ExitHeads, runs: dict[str, list[ClipRun]], clips: dict[str,
         "compute_saved": best.get("compute_saved_synth"),
         "wer_synth": best.get("wer_synth"),
         "wer_real": best.get("wer_real"),
+        "compute_saved_real": best.get("compute_saved_real"),
         "time_saved": best.get("time_saved_synth"),
         "mean_exit_layer": best.get("mean_exit_layer_synth"),
         "relative_wer_loss_synth": (round((best["wer_synth"] - deepest_test) / max(deepest_test, 1e-9), 4)
@@ -267,7 +273,8 @@ def plot(figures: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     exits = figures["exits"]
     x = [e["relative_compute"] for e in exits]
-    for key, label, color in (("wer_synth", "synthesized test", "tab:blue"), ("wer_real", "real speech", "tab:red")):
+    for key, saved, label, color in (("wer_synth", "compute_saved", "synthesized test", "tab:blue"),
+                                     ("wer_real", "compute_saved_real", "real speech", "tab:red")):
         y = [e[key] for e in exits]
         if any(v is None for v in y):
             continue
@@ -276,8 +283,8 @@ def plot(figures: dict, path: Path) -> None:
             ax.annotate(f"L{e['layer']}", (e["relative_compute"], e[key]), textcoords="offset points",
                         xytext=(4, 4), fontsize=8, color=color)
         pol = figures["policy"]
-        if pol.get(key) is not None and pol.get("compute_saved") is not None:
-            ax.plot([1 - pol["compute_saved"]], [pol[key]], "*", ms=13, color=color,
+        if pol.get(key) is not None and pol.get(saved) is not None:  # at the compute of that set
+            ax.plot([1 - pol[saved]], [pol[key]], "*", ms=13, color=color,
                     label=f"{pol['name']}, {label}")
         ref = figures.get("whisper", {}).get(key)
         if ref is not None:
@@ -307,7 +314,7 @@ def run(out_dir: Path, corpus: Path | None = None, heads_path: Path | None = Non
     heads_path = Path(heads_path) if heads_path is not None else shipped_model("exit_heads.safetensors")
     heads = (heads or load_heads(heads_path)).to(device).eval()
     encoder = load_whisper_encoder(device=device)
-    clips = {"test": corpus_clips(corpus, "test", limit), "val": corpus_clips(corpus, "val", limit)}
+    clips = {name: corpus_clips(corpus, name, limit) for name in ("test", "val", "calibration")}
     if real:
         clips["real"] = real_speech()[:real_limit]
     clips = {k: v for k, v in clips.items() if v}
@@ -317,6 +324,7 @@ def run(out_dir: Path, corpus: Path | None = None, heads_path: Path | None = Non
     runs = {name: run_set(encoder, heads, cs, device, name) for name, cs in clips.items()}
     figures = summarize(heads, runs, clips, thresholds)
     figures["data"] = {"corpus": str(corpus), "n_synth": len(clips["test"]), "n_val": len(clips.get("val", [])),
+                       "n_cal": len(clips.get("calibration", [])),
                        "n_real": len(clips.get("real", [])),
                        "real_source": "pocketsphinx-testdata (cards, librivox), every clip with a transcript",
                        "heads": str(heads_path), "head": {"hidden": heads.hidden, "kernel": heads.kernel},
