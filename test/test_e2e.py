@@ -32,6 +32,7 @@ def test_demo_file_through_tinyalign_run(demo_file):
         assert row["start_s"] - 0.5 <= seg["start_s"] and seg["end_s"] <= row["end_s"] + 0.5
         assert row["response"].strip(), row
         assert 0 < row["latency_first_token_s"] <= row["latency_last_token_s"]
+        assert row["exit_layer"] in (1, 2, 3, 4), row  # the encoder ran, with its exit policy
     assert wer([s["text"] for s in segments], [r["transcript"] for r in rows]) <= 0.2
 
 

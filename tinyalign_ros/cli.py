@@ -49,7 +49,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     def on_utterance(u) -> None:
         if not args.jsonl:
-            emit(f"[{u.stream_start_s:6.2f}-{u.stream_end_s:6.2f} s] you:   {u.transcript}")
+            depth = f"   (encoder exit at layer {u.feature_layer})" if u.feature_layer >= 0 else ""
+            emit(f"[{u.stream_start_s:6.2f}-{u.stream_end_s:6.2f} s] you:   {u.transcript}{depth}")
 
     graph_ref: list = []
 
@@ -63,6 +64,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 "speaker": r.speaker,
                 "transcript": r.transcript,
                 "confidence": round(u.confidence, 3) if u else None,
+                "exit_layer": u.feature_layer if u and u.feature_layer >= 0 else None,
                 "response": r.text,
                 "mode": r.mode,
                 "latency_first_token_s": round(r.latency_first_token_s, 3),

@@ -16,7 +16,7 @@ from visualization_msgs.msg import Marker
 
 from tinyalign_ros.core.asr import WhisperTranscriber
 from tinyalign_ros.core.audio import SAMPLE_RATE, AudioError, normalize
-from tinyalign_ros.core.early_exit import ExitHeads, ExitPolicy, encode_utterance, load_heads
+from tinyalign_ros.core.early_exit import DEFAULT_THRESHOLD, ExitHeads, ExitPolicy, encode_utterance, load_heads
 from tinyalign_ros.core.encoder import load_whisper_encoder
 from tinyalign_ros.core.listen import ListenGate, Verdict
 from tinyalign_ros.core.models import data_home, shipped_model
@@ -82,7 +82,7 @@ class AsrNode(Node):
         self.pad_to_30s = bool(p("encoder.pad_to_30s", False).value)
         self.encoder = load_whisper_encoder() if p("encoder.enabled", True).value else None
         self.policy = ExitPolicy()
-        self._apply_exit_params(p("exit.mode", "confidence").value, float(p("exit.threshold", 0.9).value),
+        self._apply_exit_params(p("exit.mode", "confidence").value, float(p("exit.threshold", DEFAULT_THRESHOLD).value),
                                 int(p("exit.max_layer", 0).value))
         self.heads = self._load_heads(p("exit.heads_file", "").value)
         self.speaker_id = self._speaker_identifier(
