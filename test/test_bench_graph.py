@@ -1,6 +1,8 @@
 """The graph-level benchmark driver (latency, soak) on a short real run."""
 from __future__ import annotations
 
+import time
+
 from tinyalign_ros.bench._graph import p50_p95, run_graph
 
 
@@ -15,9 +17,10 @@ def test_run_graph_loops_the_file_and_samples_memory(demo_file):
     assert run.dropped == 0
     responses = [r for _, r in run.responses if r.text]
     assert len(run.spoken_s) >= len(responses) - 1  # every answer was spoken (the last may not have started)
-    # the voice starts after the first token (and after synthesizing the first sentence)
+    # the voice starts after the first token (and after synthesizing the first sentence), and no
+    # delay is longer than the whole run (a clock mix-up would be; speed is `bench latency`'s job)
     first_tokens = sorted(r.latency_first_token_s for r in responses)
-    assert min(run.spoken_s) > first_tokens[0] and max(run.spoken_s) < 10.0
+    assert min(run.spoken_s) > first_tokens[0] and max(run.spoken_s) < time.monotonic() - run.started
 
 
 def test_soak_growth_is_the_slope_after_the_warmup():

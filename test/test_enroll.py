@@ -112,8 +112,9 @@ def test_malformed_enrollments_are_ignored(graph):
     for bad in ("not json", '{"text": "no speaker"}', '{"speaker": "../etc"}', '{"speaker": 3, "text": 4}', "[]"):
         pub.publish(String(data=bad))
     pub.publish(String(data='{"speaker": "bob"}'))  # consent only, no prompt
-    wait_for(lambda: "bob" in pers.consented, 10, "the good enrollment")
-    assert pers.consented == {"bob"} and asr.speaker_id.pending == "bob" and not pers.enrolling
+    # two nodes, each with its own subscription: wait until both have taken it
+    wait_for(lambda: "bob" in pers.consented and asr.speaker_id.pending == "bob", 10, "the good enrollment")
+    assert pers.consented == {"bob"} and not pers.enrolling
 
 
 def test_a_prompt_taken_before_the_previous_prompts_utterance_labels_nothing_wrong(graph):
