@@ -125,6 +125,13 @@ def test_exit_layer_follows_its_parameter_at_run_time(ros, random_heads_file, sp
     refused = node.set_parameters([Parameter("exit.mode", value="sometimes")])[0]
     assert not refused.successful and "mode" in refused.reason
     assert node.policy.mode == "budget"  # a refused change leaves the policy as it was
+    # confidence mode, every head sure (threshold 0): alice, now known, still gets the full depth
+    # (her utterances may become personalization samples) unless that is switched off
+    assert node.set_parameters([Parameter("exit.mode", value="confidence"), Parameter("exit.threshold", value=0.0)])[0].successful
+    known = say()
+    assert (known.speaker, known.feature_layer) == ("alice", 4)
+    assert node.set_parameters([Parameter("exit.full_depth_for_known_speakers", value=False)])[0].successful
+    assert say().feature_layer == 1
 
 
 def test_named_but_corrupt_heads_file_is_refused(ros, tmp_path):

@@ -104,7 +104,8 @@ def test_confidence():
 
 
 @pytest.mark.parametrize(
-    ("field", "value"), [("mode", "fastest"), ("threshold", 1.5), ("threshold", -0.1), ("max_layer", 0)]
+    ("field", "value"), [("mode", "fastest"), ("threshold", 1.5), ("threshold", -0.1), ("max_layer", 0),
+                         ("full_depth_for_known_speakers", "yes")]
 )
 def test_policy_rejects_bad_values_at_run_time(field, value):
     policy = ExitPolicy()
@@ -153,6 +154,19 @@ def test_switching_mode_at_run_time(encoder, mel):
         assert encode_with_exit(encoder, heads, policy, mel).layer == 2
         policy.max_layer = None
         assert encode_with_exit(encoder, heads, policy, mel).layer == 4
+
+
+def test_known_speakers_run_the_full_depth_unless_a_budget_caps_it(encoder, mel):
+    heads, policy = make_heads({1, 2, 4}), ExitPolicy("confidence", 0.9)
+    with torch.inference_mode():
+        def layer(known: bool) -> int:
+            return encode_with_exit(encoder, heads, policy.for_utterance(known_speaker=known), mel).layer
+
+        assert (layer(False), layer(True)) == (1, 4)  # a possible personalization sample: full depth
+        policy.full_depth_for_known_speakers = False
+        assert layer(True) == 1
+        policy.full_depth_for_known_speakers, policy.mode, policy.max_layer = True, "budget", 2
+        assert layer(True) == 2
 
 
 def test_budget_below_every_head(encoder, mel):

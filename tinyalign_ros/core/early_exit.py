@@ -159,11 +159,23 @@ class ExitPolicy:
     """How deep to run the encoder; fields can be reassigned while the node runs (validated).
 
     `threshold` applies in "confidence" mode, `max_layer` (None = no cap) in "budget" mode.
+    `full_depth_for_known_speakers`: see `for_utterance`.
     """
 
     mode: str = "confidence"
     threshold: float = DEFAULT_THRESHOLD
     max_layer: int | None = None
+    full_depth_for_known_speakers: bool = True
+
+    def for_utterance(self, known_speaker: bool) -> ExitPolicy:
+        """The policy for one utterance. A known speaker's utterance may become a personalization
+        sample, and the projector learns from the last layer only: in confidence mode it runs the
+        full depth (unless `full_depth_for_known_speakers` is off), so early exits save compute on
+        unknown speakers and never cost the personalizer a sample. A budget still caps it: that is
+        the operator's explicit limit for a busy robot."""
+        if known_speaker and self.full_depth_for_known_speakers and self.mode == "confidence":
+            return ExitPolicy(mode="budget", max_layer=None)
+        return self
 
     def __setattr__(self, name: str, value) -> None:
         if name == "mode" and value not in MODES:
@@ -172,6 +184,8 @@ class ExitPolicy:
             raise ValueError(f"confidence threshold must be in [0, 1], got {value}")
         if name == "max_layer" and value is not None and value < 1:
             raise ValueError(f"max_layer must be >= 1 or None, got {value}")
+        if name == "full_depth_for_known_speakers" and not isinstance(value, bool):
+            raise ValueError(f"full_depth_for_known_speakers must be a bool, got {value!r}")
         super().__setattr__(name, value)
 
 

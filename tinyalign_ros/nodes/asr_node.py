@@ -84,6 +84,7 @@ class AsrNode(Node):
         self.policy = ExitPolicy()
         self._apply_exit_params(p("exit.mode", "confidence").value, float(p("exit.threshold", DEFAULT_THRESHOLD).value),
                                 int(p("exit.max_layer", 0).value))
+        self.policy.full_depth_for_known_speakers = bool(p("exit.full_depth_for_known_speakers", True).value)
         self.heads = self._load_heads(p("exit.heads_file", "").value)
         self.speaker_id = self._speaker_identifier(
             bool(p("speaker_id.enabled", True).value), p("speaker_id.dir", "").value,
@@ -194,7 +195,9 @@ class AsrNode(Node):
                                     int(new.get("exit.max_layer", self.policy.max_layer or 0)))
         except (TypeError, ValueError) as exc:
             return SetParametersResult(successful=False, reason=str(exc))
-        if "exit.mode" in new or "exit.max_layer" in new or "exit.threshold" in new:
+        if "exit.full_depth_for_known_speakers" in new:
+            self.policy.full_depth_for_known_speakers = bool(new["exit.full_depth_for_known_speakers"])
+        if any(name.startswith("exit.") for name in new):
             self.get_logger().info(f"exit policy now {self.policy}")
         return SetParametersResult(successful=True)
 
@@ -300,9 +303,12 @@ class AsrNode(Node):
             return  # push-to-talk without a listen call: not worth the recognizer's time
         started = time.monotonic()
         encoded = None
+        enrolling = self.speaker_id is not None and self.speaker_id.pending is not None
+        # who spoke decides how deep to encode; an enrollment's speaker is taken once the
+        # utterance has passed the listen checks (taking it consumes the enrollment request)
+        speaker = None if enrolling else self._speaker_of(seg.samples)
         if self.encoder is not None:
-            enrolling = self.speaker_id is not None and self.speaker_id.pending is not None
-            policy = FULL_DEPTH if enrolling else self.policy
+            policy = FULL_DEPTH if enrolling else self.policy.for_utterance(known_speaker=bool(speaker))
             encoded = encode_utterance(self.encoder, self.heads, policy, seg.samples, self.pad_to_30s)
         # the hints that are here now (never waited for); the Utterance keeps the unfused features
         # the projector was trained on, the fused ones only feed the boost head (core/boost.py)
@@ -323,7 +329,7 @@ class AsrNode(Node):
         msg.header.stamp = self.get_clock().now().to_msg()
         msg.header.frame_id = "mic"
         msg.id = f"{self.get_name()}-{self._count:06d}"
-        msg.speaker = self._speaker_of(seg.samples)
+        msg.speaker = self._speaker_of(seg.samples) if speaker is None else speaker
         msg.start = to_time_msg(job.wall_offset + seg.start_s)
         msg.end = to_time_msg(job.wall_offset + seg.end_s)
         msg.stream_start_s = seg.start_s
@@ -370,7 +376,8 @@ class AsrNode(Node):
         status.add("in_speech", self.segmenter.in_speech)
         status.add("last_rtf", self.last_rtf)
         status.add("exit_layer", self.last_layer)
-        status.add("exit_policy", f"{self.policy.mode} threshold={self.policy.threshold} max_layer={self.policy.max_layer}")
+        status.add("exit_policy", f"{self.policy.mode} threshold={self.policy.threshold} max_layer={self.policy.max_layer} "
+                                  f"full_depth_for_known_speakers={self.policy.full_depth_for_known_speakers}")
         status.add("transcriber", self.transcriber_name)
         status.add("enrolled_speakers", ", ".join(self.speaker_id.speakers) if self.speaker_id else "disabled")
         status.add("last_speaker_score", self.last_speaker_score)
