@@ -165,3 +165,4 @@ def test_threshold_is_chosen_on_calibration_speakers_when_the_corpus_has_them():
     del runs["calibration"], clips["calibration"]
     chosen = bench.summarize(heads, runs, clips, thresholds=(0.6, 0.95))["policy"]
     assert (chosen["selected_on"], chosen["threshold"]) == ("val", 0.6) and chosen["compute_saved"] > 0
+    assert chosen["relative_wer_loss_val"] == 0.0 and chosen["compute_saved_val"] == chosen["compute_saved"]

@@ -233,6 +233,9 @@ def summarize(heads: ExitHeads, runs: dict[str, list[ClipRun]], clips: dict[str,
         "relative_wer_loss_synth": (round((best["wer_synth"] - deepest_test) / max(deepest_test, 1e-9), 4)
                                     if best.get("wer_synth") is not None and deepest_test is not None else None),
         "selected_on": select_on,
+        # what the choice rested on: the selection split's own figures at that threshold
+        f"compute_saved_{select_on}": best[f"compute_saved_{select_on}"],
+        f"relative_wer_loss_{select_on}": round(loss(best), 4),
     }
     policy["goal_met"] = bool(policy["compute_saved"] is not None and policy["relative_wer_loss_synth"] is not None
                               and policy["compute_saved"] >= 0.30
