@@ -15,8 +15,8 @@ deterministic given them; a policy exiting at layer k costs the blocks up to k p
 it consulted). The threshold is chosen on the corpus's *calibration* split (a fresh draw of every
 speaker kind saying the validation sentences; the val split when a corpus has none): the largest
 compute saving at <= 10 % relative WER loss against the deepest exit, else the lowest WER that
-saves anything. It is reported on test and real speech. Whisper tiny.en (faster-whisper, int8, greedy) is the
-reference on the same clips. Writes DIR/encoder.json (metrics.write_result) and DIR/encoder.png.
+saves anything. It is reported on test and real speech. Whisper tiny.en (faster-whisper, int8,
+greedy) is the reference on the same clips. Writes DIR/encoder.json (metrics.write_result) and DIR/encoder.png.
 """
 from __future__ import annotations
 

@@ -174,7 +174,7 @@ class ExitPolicy:
         unknown speakers and never cost the personalizer a sample. A budget still caps it: that is
         the operator's explicit limit for a busy robot."""
         if known_speaker and self.full_depth_for_known_speakers and self.mode == "confidence":
-            return ExitPolicy(mode="budget", max_layer=None)
+            return FULL_DEPTH
         return self
 
     def __setattr__(self, name: str, value) -> None:
@@ -187,6 +187,9 @@ class ExitPolicy:
         if name == "full_depth_for_known_speakers" and not isinstance(value, bool):
             raise ValueError(f"full_depth_for_known_speakers must be a bool, got {value!r}")
         super().__setattr__(name, value)
+
+
+FULL_DEPTH = ExitPolicy(mode="budget", max_layer=None)  # the last exit head, whatever a node's parameters say
 
 
 @dataclass(frozen=True)

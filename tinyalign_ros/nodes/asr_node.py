@@ -16,7 +16,8 @@ from visualization_msgs.msg import Marker
 
 from tinyalign_ros.core.asr import WhisperTranscriber
 from tinyalign_ros.core.audio import SAMPLE_RATE, AudioError, normalize
-from tinyalign_ros.core.early_exit import DEFAULT_THRESHOLD, ExitHeads, ExitPolicy, encode_utterance, load_heads
+from tinyalign_ros.core.early_exit import (DEFAULT_THRESHOLD, FULL_DEPTH, ExitHeads, ExitPolicy, encode_utterance,
+                                          load_heads)
 from tinyalign_ros.core.encoder import load_whisper_encoder
 from tinyalign_ros.core.listen import ListenGate, Verdict
 from tinyalign_ros.core.models import data_home, shipped_model
@@ -36,7 +37,6 @@ class _Job:
 
 
 TRANSCRIBERS = ("whisper", "exit_head")
-FULL_DEPTH = ExitPolicy(mode="budget", max_layer=None)  # the last exit head, whatever the parameters say
 EXIT_HEADS_FILE = "exit_heads.safetensors"
 
 
