@@ -185,13 +185,10 @@ def summarize(heads: ExitHeads, runs: dict[str, list[ClipRun]], clips: dict[str,
         secs = sum(exit_cost(r, heads, k, [k])[1] for r in runs[basis])
         exits.append({
             "layer": layer,
-            "wer_synth": set_wer("test", [r.texts[k] for r in runs.get("test", [])]),
-            "wer_real": set_wer("real", [r.texts[k] for r in runs.get("real", [])]),
+            **{f"wer_{key}": set_wer(name, [r.texts[k] for r in runs.get(name, [])]) for name, key in SETS},
             "rtf": round(secs / audio_s, 5),
             "relative_compute": round(macs / full[basis], 4),
             "relative_time": round(secs / full_s[basis], 4),
-            "wer_val": set_wer("val", [r.texts[k] for r in runs.get("val", [])]),
-            "wer_cal": set_wer("calibration", [r.texts[k] for r in runs.get("calibration", [])]),
         })
     sweep = []
     for th in thresholds:

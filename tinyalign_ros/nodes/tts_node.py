@@ -604,8 +604,6 @@ class TtsNode(Node):
         super().destroy_node()
 
 
-
-
 def main(args: list[str] | None = None) -> None:
     run_node(TtsNode, args, startup_errors=(SynthesisError, ValueError, OSError))
 
