@@ -28,7 +28,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +37,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as save_safetensors
 
+from .files import _fsync_dir, atomic_write_bytes  # noqa: F401 (samples, speaker import them here)
 from .models import data_home
 
 log = logging.getLogger(__name__)
@@ -76,37 +76,6 @@ def validate_speaker_id(speaker: object) -> str:
             f"invalid speaker id {speaker!r}: use 1-64 characters a-z, 0-9, '_' or '-', "
             "starting with a letter or digit")
     return speaker
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see the old file or the new one, never a torn one.
-
-    Temp file in the same folder (same file system, so the rename is atomic) -> fsync -> os.replace
-    -> fsync of the folder (so the rename itself survives a power loss).
-    """
-    path = Path(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)
 
 
 def tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> str:

@@ -48,7 +48,8 @@ from safetensors.torch import save as save_safetensors
 from transformers import TextIteratorStreamer
 
 from .llm import check_user_text
-from .projector import Projector, ProjectorLoadError, _atomic_write, save_projector
+from .files import atomic_write_bytes
+from .projector import Projector, ProjectorLoadError, save_projector
 
 log = logging.getLogger(__name__)
 
@@ -428,8 +429,9 @@ def cache_split(corpus: Path, rows: list[dict], cache_file: Path, encoder, layer
         offsets.append(offsets[-1] + feats.shape[0])
     frames = torch.cat(chunks, 0) if chunks else torch.zeros(0, encoder.d_model, dtype=torch.float16)
     offs = torch.tensor(offsets, dtype=torch.long)
-    _atomic_write(cache_file, save_safetensors({"frames": frames.contiguous(), "offsets": offs},
-                                               metadata={"format": CACHE_FORMAT, "key": key, "layer": str(layer)}))
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(cache_file, save_safetensors({"frames": frames.contiguous(), "offsets": offs},
+                                                    metadata={"format": CACHE_FORMAT, "key": key, "layer": str(layer)}))
     return FeatureSet(frames, offs, [r["text"] for r in rows], rows, layer)
 
 
@@ -564,8 +566,9 @@ def _save_checkpoint(ckpt: Path, projector: Projector, opt: torch.optim.Optimize
                     tensors[f"opt.{index[id(p)]}.{k}"] = st[k].contiguous()
             if "step" in st:
                 state.setdefault("opt_steps", {})[index[id(p)]] = float(st["step"])
-    _atomic_write(ckpt.with_name(ckpt.name + ".safetensors"), save_safetensors(tensors))
-    _atomic_write(ckpt.with_name(ckpt.name + ".json"), json.dumps(state, indent=1).encode())
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(ckpt.with_name(ckpt.name + ".safetensors"), save_safetensors(tensors))
+    atomic_write_bytes(ckpt.with_name(ckpt.name + ".json"), json.dumps(state, indent=1).encode())
 
 
 def _load_checkpoint(ckpt: Path, projector: Projector, opt: torch.optim.Optimizer) -> dict:

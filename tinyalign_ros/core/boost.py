@@ -43,13 +43,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from .audio import SAMPLE_RATE
 from .early_exit import CharVocab, ConvHead, ctc_confidence, greedy_ctc
 from .encoder import WeightLoadError, WhisperEncoder, log_mel
+from .files import atomic_write_bytes, read_safetensors
 from .models import ModelNotFoundError, _package_dir, data_home
 
 FRAME_SAMPLES = 320  # one Whisper encoder frame: 2 mel hops of 160 samples (20 ms)
@@ -379,27 +379,12 @@ def save_boost(model: BoostModel, path: str | Path, extra: dict | None = None) -
                 "vocab": json.dumps(list(model.vocab.symbols)), "extra": json.dumps(extra or {})}
     data = save_safetensors({k: v.detach().contiguous() for k, v in model.state_dict().items()}, metadata=metadata)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_bytes(path, data)
 
 
 def load_boost(path: str | Path) -> BoostModel:
     """A model saved by `save_boost`, in eval mode, or WeightLoadError saying what is wrong."""
-    path = Path(path)
-    if not path.is_file():
-        raise WeightLoadError(f"boost fusion weights not found: {path}")
-    try:
-        with safe_open(path, framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except SafetensorError as exc:
-        raise WeightLoadError(f"{path} is not a valid safetensors file: {exc}") from exc
-    if metadata.get("format") != FUSION_FORMAT:
-        raise WeightLoadError(f"{path} is not a boost fusion file (format {metadata.get('format')!r})")
+    metadata, tensors = read_safetensors(path, FUSION_FORMAT, "boost fusion", WeightLoadError)
     try:
         model = BoostModel(**json.loads(metadata["config"]), vocab=CharVocab(json.loads(metadata["vocab"])),
                            teacher=json.loads(metadata.get("teacher", "{}")))

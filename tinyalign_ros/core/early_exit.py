@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import string
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,11 +27,11 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from .encoder import WeightLoadError, WhisperEncoder
+from .files import atomic_write_bytes, read_safetensors
 
 BLANK = 0
 CHARACTERS: tuple[str, ...] = ("<blank>", " ", "'", *string.ascii_lowercase)
@@ -243,30 +242,13 @@ def save_heads(heads: ExitHeads, path: str | Path) -> None:
         "vocab": json.dumps(list(heads.vocab.symbols)),
         "head": json.dumps({"hidden": heads.hidden, "kernel": heads.kernel}),
     }
-    data = save_safetensors({k: v.contiguous() for k, v in heads.state_dict().items()}, metadata=metadata)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_bytes(path, save_safetensors({k: v.contiguous() for k, v in heads.state_dict().items()},
+                                              metadata=metadata))
 
 
 def load_heads(path: str | Path, device: str | torch.device = "cpu") -> ExitHeads:
     """Heads saved by `save_heads`, or WeightLoadError saying what is wrong with the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise WeightLoadError(f"exit heads not found: {path}")
-    try:
-        with safe_open(path, framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
-    except SafetensorError as exc:
-        raise WeightLoadError(f"{path} is not a valid safetensors file: {exc}") from exc
-    if metadata.get("format") != HEADS_FORMAT:
-        raise WeightLoadError(
-            f"{path} is not an exit-heads file (format {metadata.get('format')!r}, expected {HEADS_FORMAT!r})"
-        )
+    metadata, tensors = read_safetensors(path, HEADS_FORMAT, "exit-heads", WeightLoadError)
     try:
         vocab = CharVocab(json.loads(metadata["vocab"]))
         head = json.loads(metadata.get("head", '{"hidden": 0, "kernel": 1}'))  # older files: linear

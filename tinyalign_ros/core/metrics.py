@@ -21,6 +21,7 @@ from typing import Any
 import jiwer
 from num2words import num2words
 
+from .files import atomic_write_bytes
 from .models import data_home
 
 REPO = Path(__file__).resolve().parents[2]
@@ -142,7 +143,5 @@ def write_result(out_dir: Path, name: str, figures: dict[str, Any]) -> Path:
         **portable_record(figures),
     }
     path = out_dir / f"{name}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_bytes(path, (json.dumps(record, indent=2) + "\n").encode())
     return path

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -36,6 +35,7 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from .encoder import EncoderConfig
+from .files import atomic_write_bytes, read_safetensors
 
 PROJECTOR_FORMAT = "tinyalign-projector/1"
 KINDS = ("linear", "mlp", "bridgeformer")
@@ -231,20 +231,6 @@ def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    try:
-        with tmp.open("wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def save_projector(projector: Projector, path: str | Path, extra: dict[str, str] | None = None,
                    dtype: torch.dtype = torch.float32) -> Path:
     """Write `projector` as safetensors (tmp + fsync + rename). `dtype` float16 halves the file;
@@ -257,7 +243,8 @@ def save_projector(projector: Projector, path: str | Path, extra: dict[str, str]
         "sha256": tensors_sha256(tensors),
         **{k: str(v) for k, v in (extra or {}).items()},
     }
-    _atomic_write(path, save_safetensors(tensors, metadata=metadata))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, save_safetensors(tensors, metadata=metadata))
     return path
 
 
@@ -296,18 +283,7 @@ def load_projector(path: str | Path, *, in_dim: int | None = None, out_dim: int 
     tensors do not match its SHA-256 or its config, or it was made for another encoder width,
     encoder layer or LLM hidden size than the ones given.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ProjectorLoadError(f"projector file not found: {path}")
-    try:
-        with safe_open(path, framework="pt") as f:
-            metadata = dict(f.metadata() or {})
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
-    except (SafetensorError, OSError, RuntimeError) as exc:
-        raise ProjectorLoadError(f"{path} is not a valid safetensors file: {exc}") from exc
-    if metadata.get("format") != PROJECTOR_FORMAT:
-        raise ProjectorLoadError(
-            f"{path} is not a projector file (format {metadata.get('format')!r}, expected {PROJECTOR_FORMAT!r})")
+    metadata, tensors = read_safetensors(path, PROJECTOR_FORMAT, "projector", ProjectorLoadError)
     if tensors_sha256(tensors) != metadata.get("sha256"):
         raise ProjectorLoadError(f"{path} is corrupt: its tensors do not match the SHA-256 in its metadata")
     cfg = _config_of(path, metadata)

@@ -36,6 +36,7 @@ from safetensors.torch import save as save_safetensors
 from tqdm import tqdm
 
 from tinyalign_ros.core.early_exit import BLANK, CharVocab, ExitHeads, greedy_ctc, save_heads
+from tinyalign_ros.core.files import atomic_write_bytes
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_CACHE = REPO / "build" / "cache" / "exit_features"
@@ -177,14 +178,8 @@ def save_checkpoint(path: Path, heads: ExitHeads, optimizer: torch.optim.Optimiz
     metadata = {"format": CKPT_FORMAT, "state": json.dumps(state),
                 "head": json.dumps({"layers": list(heads.layers), "d_model": heads.d_model,
                                     "hidden": heads.hidden, "kernel": heads.kernel})}
-    data = save_safetensors(tensors, metadata=metadata)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_bytes(path, save_safetensors(tensors, metadata=metadata))
 
 
 def load_checkpoint(path: Path, heads: ExitHeads, optimizer: torch.optim.Optimizer) -> dict:
