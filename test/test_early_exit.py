@@ -286,3 +286,22 @@ def test_load_shape_mismatch_names_the_tensor(tmp_path):
     save_file(tensors, str(path), metadata=metadata)
     with pytest.raises(WeightLoadError, match=r"heads\.1\.1\.weight has shape \[29, 8\], expected \[29, 16\]"):
         load_heads(path)
+
+
+def test_ctc_batch_helpers_pad_concatenate_and_score():
+    from tinyalign_ros.core.early_exit import ctc_loss, ctc_targets, pad_frames
+
+    vocab = CharVocab()
+    padded, lengths = pad_frames([torch.ones(3, 2), torch.ones(5, 2)])
+    assert padded.shape == (2, 5, 2) and lengths.tolist() == [3, 5] and padded[0, 3:].abs().sum() == 0
+    targets, target_lengths = ctc_targets(vocab, ["Ab", "c!"])
+    assert targets.tolist() == vocab.encode("ab") + vocab.encode("c") and target_lengths.tolist() == [2, 1]
+    # logits that put all mass on the right characters score near 0; uniform ones do not
+    logits = torch.full((2, 5, len(vocab)), -20.0)
+    for b, ids in enumerate([vocab.encode("ab"), vocab.encode("c")]):
+        for t, i in enumerate(ids):
+            logits[b, t, i] = 20.0
+        logits[b, len(ids):, BLANK] = 20.0
+    good = ctc_loss(logits, lengths, targets, target_lengths)
+    uniform = ctc_loss(torch.zeros_like(logits), lengths, targets, target_lengths)
+    assert good.item() < 1e-3 < uniform.item()

@@ -122,6 +122,25 @@ class ExitHeads(nn.Module):
         return self.d_model * self.hidden * self.kernel + self.hidden * n
 
 
+def pad_frames(clips: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clips of frames (T_i, ...) zero-padded into one (B, max T, ...) batch, and their lengths."""
+    return torch.nn.utils.rnn.pad_sequence(list(clips), batch_first=True), torch.tensor([len(c) for c in clips])
+
+
+def ctc_targets(vocab: CharVocab, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The texts as CTC targets: their character ids concatenated (long) and each text's length."""
+    targets = [vocab.encode(text) for text in texts]
+    return torch.tensor(sum(targets, []), dtype=torch.long), torch.tensor([len(t) for t in targets])
+
+
+def ctc_loss(logits: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor,
+             target_lengths: torch.Tensor) -> torch.Tensor:
+    """CTC loss of (B, T, n_symbols) head logits against `ctc_targets`: mean per target character
+    over the batch, blank = BLANK, impossible alignments (a text longer than its clip) count 0."""
+    log_probs = F.log_softmax(logits.float(), dim=-1).transpose(0, 1)
+    return F.ctc_loss(log_probs, targets, lengths, target_lengths, blank=BLANK, reduction="mean", zero_infinity=True)
+
+
 def ctc_confidence(logits: torch.Tensor) -> float:
     """1 - mean normalized entropy over the frames whose best symbol is not blank; 0..1.
 

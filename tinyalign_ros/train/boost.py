@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from tinyalign_ros.core.boost import (CHUNK_SAMPLES, BoostModel, Teacher, save_boost, simulate_delay,
                                       stream_windows, whisper_base_dir)
-from tinyalign_ros.core.early_exit import BLANK, CharVocab, ConvHead, greedy_ctc
+from tinyalign_ros.core.early_exit import CharVocab, ConvHead, ctc_loss, ctc_targets, greedy_ctc, pad_frames
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_CACHE = REPO / "build" / "cache" / "boost"
@@ -117,17 +117,8 @@ def make_batch(data: dict, idx: Sequence[int], vocab: CharVocab, delays: Sequenc
         hin.append(h)
         masks.append(m)
         lar.append(torch.from_numpy(data["large"][i].astype(np.float32)))
-    pad = lambda xs: torch.nn.utils.rnn.pad_sequence(xs, batch_first=True)  # noqa: E731
-    lengths = torch.tensor([len(s) for s in stu])
-    large_lengths = torch.tensor([len(x) for x in lar])
-    targets = [vocab.encode(data["texts"][i]) for i in idx]
-    return (pad(stu), pad(hin), pad(masks), pad(lar), lengths, large_lengths,
-            torch.tensor(sum(targets, []), dtype=torch.long), torch.tensor([len(t) for t in targets]))
-
-
-def ctc(logits, lengths, targets, target_lengths):
-    log_probs = F.log_softmax(logits.float(), -1).transpose(0, 1)
-    return F.ctc_loss(log_probs, targets, lengths, target_lengths, blank=BLANK, reduction="mean", zero_infinity=True)
+    (stu, lengths), (hin, _), (masks, _), (lar, large_lengths) = (pad_frames(x) for x in (stu, hin, masks, lar))
+    return (stu, hin, masks, lar, lengths, large_lengths, *ctc_targets(vocab, [data["texts"][i] for i in idx]))
 
 
 class LargeHead(torch.nn.Module):
@@ -169,11 +160,11 @@ def train_models(train: dict, steps: int, seed: int, batch_size: int, lr: float,
             if kind == "boost":
                 stu = F.dropout(stu, 0.1, True)
                 logits = model(stu, model.projection(hin), mask)
-                loss = ctc(logits, lengths, targets, tl)
+                loss = ctc_loss(logits, lengths, targets, tl)
             elif kind == "small":
-                loss = ctc(model(F.dropout(stu, 0.1, True)), lengths, targets, tl)
+                loss = ctc_loss(model(F.dropout(stu, 0.1, True)), lengths, targets, tl)
             else:
-                loss = ctc(model(F.dropout(lar, 0.1, True)), large_lengths, targets, tl)
+                loss = ctc_loss(model(F.dropout(lar, 0.1, True)), large_lengths, targets, tl)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)

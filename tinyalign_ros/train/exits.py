@@ -35,7 +35,8 @@ from safetensors import safe_open
 from safetensors.torch import save as save_safetensors
 from tqdm import tqdm
 
-from tinyalign_ros.core.early_exit import BLANK, CharVocab, ExitHeads, greedy_ctc, save_heads
+from tinyalign_ros.core.early_exit import (CharVocab, ExitHeads, ctc_loss, ctc_targets, greedy_ctc, pad_frames,
+                                          save_heads)
 from tinyalign_ros.core.files import atomic_write_bytes
 
 REPO = Path(__file__).resolve().parents[2]
@@ -125,22 +126,15 @@ def cache_features(corpus: Path, rows: Sequence[dict[str, str]], name: str, cach
 
 def _batch(features: FeatureSet, idx: Sequence[int], vocab: CharVocab):
     """Padded (B, T, L, d) float32 hidden states, lengths, concatenated targets, target lengths."""
-    clips = [torch.from_numpy(np.asarray(features.clip(i), dtype=np.float32)) for i in idx]
-    lengths = torch.tensor([len(c) for c in clips])
-    hidden = torch.nn.utils.rnn.pad_sequence(clips, batch_first=True)
-    targets = [vocab.encode(features.texts[i]) for i in idx]
-    return hidden, lengths, torch.tensor(sum(targets, []), dtype=torch.long), torch.tensor([len(t) for t in targets])
+    hidden, lengths = pad_frames([torch.from_numpy(np.asarray(features.clip(i), dtype=np.float32)) for i in idx])
+    return hidden, lengths, *ctc_targets(vocab, [features.texts[i] for i in idx])
 
 
 def exit_losses(heads: ExitHeads, hidden: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor,
                 target_lengths: torch.Tensor) -> torch.Tensor:
     """CTC loss of each exit head (per target character, batch mean), shape (n_exits,)."""
-    losses = []
-    for layer in heads.layers:
-        log_probs = F.log_softmax(heads(layer, hidden[:, :, layer - 1]).float(), dim=-1)
-        losses.append(F.ctc_loss(log_probs.transpose(0, 1), targets, lengths, target_lengths,
-                                 blank=BLANK, reduction="mean", zero_infinity=True))
-    return torch.stack(losses)
+    return torch.stack([ctc_loss(heads(layer, hidden[:, :, layer - 1]), lengths, targets, target_lengths)
+                        for layer in heads.layers])
 
 
 def evaluate(heads: ExitHeads, features: FeatureSet, batch_size: int = 64) -> tuple[list[float], list[list[str]]]:
