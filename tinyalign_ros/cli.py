@@ -37,8 +37,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.input:
         overrides["mic_node"]["input_file"] = str(Path(args.input).resolve())
         overrides["asr_node"]["echo_gate"] = False  # a file holds no echo of the robot's voice
-        if args.fast:
+        if args.fast:  # lossless: mic_node is paced by what asr_node and assistant_node have taken
             overrides["mic_node"]["playback_rate"] = 0.0
+            if not args.speak:  # nobody listens: speaking at real time would only make the run last longer
+                overrides["tts_node"]["realtime"] = False
     elif args.device:
         overrides["mic_node"]["device"] = args.device
     lock = threading.Lock()
@@ -58,6 +60,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if args.jsonl:
             u = graph_ref[0].listener.utterances.get(r.utterance_id)
             emit(json.dumps({
+                "dropped": False,
                 "utterance_id": r.utterance_id,
                 "start_s": round(u.stream_start_s, 3) if u else None,
                 "end_s": round(u.stream_end_s, 3) if u else None,
@@ -74,10 +77,25 @@ def _cmd_run(args: argparse.Namespace) -> int:
             emit(f"{'':17} robot: {r.text}   (first token {r.latency_first_token_s:.2f} s, "
                  f"last {r.latency_last_token_s:.2f} s after end of speech)")
 
+    def on_dropped(d: dict) -> None:
+        """An utterance a bounded queue (or a failure) lost, or a sentence left unspoken: never silent."""
+        u = graph_ref[0].listener.utterances.get(d.get("utterance_id") or "") if graph_ref else None
+        start = d.get("start_s") if d.get("start_s") is not None else (round(u.stream_start_s, 3) if u else None)
+        end = d.get("end_s") if d.get("end_s") is not None else (round(u.stream_end_s, 3) if u else None)
+        if args.jsonl:
+            emit(json.dumps({"dropped": True, "stage": d.get("stage"), "reason": d.get("reason"),
+                             "utterance_id": d.get("utterance_id") or None, "start_s": start, "end_s": end,
+                             "transcript": d.get("transcript") or (u.transcript if u else ""),
+                             "text": d.get("text", "")}))
+        else:
+            span = f"[{start:6.2f}-{end:6.2f} s]" if start is not None and end is not None else f"{'':17}"
+            what = f" {d['text']!r}" if d.get("text") else ""
+            emit(f"{span} DROPPED by {d.get('stage')} ({d.get('reason')}){what}")
+
     try:
         graph = EmbeddedGraph(args.config, overrides, on_utterance, on_response,
                               exclude=("personalizer_node",) if args.no_personalizer else (),
-                              include=("booster_node",) if args.booster else ())
+                              include=("booster_node",) if args.booster else (), on_dropped=on_dropped)
     except (AudioError, FileNotFoundError, ValueError) as exc:
         print(f"tinyalign run: {exc}", file=sys.stderr)
         return 2
@@ -187,8 +205,10 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--input", help="WAV/FLAC file to play instead of the microphone")
     run.add_argument("--device", help="microphone name fragment or index")
     run.add_argument("--config", type=Path, help="parameter YAML (default: config/assistant.yaml)")
-    run.add_argument("--fast", action="store_true", help="play the file as fast as possible, not real time")
-    run.add_argument("--jsonl", action="store_true", help="one JSON object per answered utterance on stdout")
+    run.add_argument("--fast", action="store_true",
+                     help="play the file as fast as the graph takes it, not real time; nothing is dropped")
+    run.add_argument("--jsonl", action="store_true",
+                     help="one JSON object per answered utterance on stdout, and one per dropped one (\"dropped\": true)")
     run.add_argument("--speak", action="store_true", help="play the answers through the sound card")
     run.add_argument("--speak-to", metavar="FILE", help="also write the spoken answers to this WAV file")
     run.add_argument("--mode", choices=("cascade", "aligned"),

@@ -557,16 +557,17 @@ def _seed_of(*parts: str) -> int:
 
 # --------------------------------------------------------------------------- demo
 
-def make_demo_wav(out_path: Path | str, sentences: Sequence[str] | None = None) -> list[dict[str, Any]]:
+def make_demo_wav(out_path: Path | str, sentences: Sequence[str] | None = None,
+                  gap_s: float = DEMO_GAP_S) -> list[dict[str, Any]]:
     """Write one 16 kHz float WAV of a few utterances by the piper voice and return, per
     utterance, its reference text and start/end seconds (speech only, silence trimmed).
 
     Piper because Whisper tiny.en hears it well (espeak-ng it mishears), so the demo shows the
-    pipeline, not the recognizer's weakness. 0.5 s lead-in and 1.2 s gaps (also after the last
-    utterance) give a VAD clear ends of speech.
+    pipeline, not the recognizer's weakness. 0.5 s lead-in and `gap_s` (1.2 s) gaps (also after
+    the last utterance) give a VAD clear ends of speech.
     """
     voice = Voice("demo-piper-joe", "piper", "en_US-joe-medium")
-    silence = np.zeros(round(DEMO_GAP_S * SAMPLE_RATE), dtype=np.float32)
+    silence = np.zeros(round(gap_s * SAMPLE_RATE), dtype=np.float32)
     parts = [np.zeros(round(DEMO_LEAD_IN_S * SAMPLE_RATE), dtype=np.float32)]
     segments: list[dict[str, Any]] = []
     for text in DEMO_SENTENCES if sentences is None else sentences:

@@ -25,7 +25,8 @@ from tinyalign_ros.core.speaker import SpeakerEmbedder, SpeakerIdentifier, Speak
 from tinyalign_ros.core.vad import Segment, StreamingSegmenter, VadConfig
 from tinyalign_ros.msg import AudioChunk, Utterance
 
-from .common import AUDIO_QOS, EVENT_QOS, LATCHED_QOS, Worker, run_node, text_marker, to_time_msg
+from .common import (AUDIO_QOS, DROPPED_TOPIC, EVENT_QOS, LATCHED_QOS, Worker, drop_record, run_node, text_marker,
+                     to_time_msg)
 from .diagnostics import OK, WARN, RateMeter, Status, Updater
 from .hints import RobotBoost
 
@@ -126,6 +127,15 @@ class AsrNode(Node):
         self.boost = RobotBoost(self, self.encoder.n_layers if self.encoder else None,
                                 self.encoder.d_model if self.encoder else None, self.pad_to_30s,
                                 boosts_transcript=self.transcriber_name == "exit_head")
+        # progress, for a lossless file source (mic_node at playback_rate 0 paces on it; live audio
+        # ignores it): latched JSON {"offset": stream samples consumed, "pending": segments queued or
+        # being transcribed, "utterances": utterances published}, after each chunk and each transcription
+        self._consumed = 0
+        self.stream_gaps = 0
+        self.consumed_pub = self.create_publisher(String, "audio_consumed", LATCHED_QOS)
+        self.dropped_pub = self.create_publisher(String, DROPPED_TOPIC, EVENT_QOS)
+        self.worker.on_done = self._report_progress
+        self._report_progress()  # latched: a file source started later learns that asr_node is there
         updater = Updater(self)
         updater.add("speech recognition", self._diagnose)
         updater.add("knowledge boosting", self.boost.diagnose)
@@ -256,6 +266,7 @@ class AsrNode(Node):
             self._expected_offset = msg.offset + len(msg.samples)
             if msg.end_of_stream:
                 self._close_stream(None)
+            self._report_progress(msg)
             return
         try:
             audio = normalize(np.asarray(msg.samples, dtype=np.float32), msg.sample_rate)
@@ -264,6 +275,7 @@ class AsrNode(Node):
             self.get_logger().warning(f"rejected audio chunk at offset {msg.offset}: {exc}", throttle_duration_sec=5.0)
             if msg.end_of_stream:
                 self._close_stream(None)
+            self._report_progress(msg)
             return
         if audio.resampled_from and audio.resampled_from not in self._warned_rate:
             self._warned_rate.add(audio.resampled_from)
@@ -273,6 +285,7 @@ class AsrNode(Node):
                                    throttle_duration_sec=5.0)
         stream_s = msg.offset / msg.sample_rate if msg.sample_rate else 0.0
         if self._expected_offset is not None and msg.offset != self._expected_offset:
+            self.stream_gaps += 1
             self.get_logger().warning(f"audio stream gap: expected offset {self._expected_offset}, got {msg.offset}",
                                    throttle_duration_sec=5.0)
         self._expected_offset = msg.offset + len(msg.samples)
@@ -286,6 +299,14 @@ class AsrNode(Node):
             self.worker.put(_Job(segment, wall_offset))
         if msg.end_of_stream:
             self._close_stream(wall_offset)
+        self._report_progress(msg)
+
+    def _report_progress(self, msg: AudioChunk | None = None) -> None:
+        """`audio_consumed`: this chunk (if any) is through the VAD and its segments are queued."""
+        if msg is not None:
+            self._consumed = msg.offset + len(msg.samples)
+        self.consumed_pub.publish(String(data=json.dumps(
+            {"offset": self._consumed, "pending": self.worker.backlog, "utterances": self.published})))
 
     def _close_stream(self, wall_offset: float | None) -> None:
         if wall_offset is None:
@@ -373,6 +394,7 @@ class AsrNode(Node):
         status.add("queue_depth", self.worker.depth)
         status.add("utterances", self.published)
         status.add("dropped_utterances", self.dropped_utterances)
+        status.add("stream_gaps", self.stream_gaps)
         status.add("in_speech", self.segmenter.in_speech)
         status.add("last_rtf", self.last_rtf)
         status.add("exit_layer", self.last_layer)
@@ -394,9 +416,13 @@ class AsrNode(Node):
     def _on_drop(self, job: _Job) -> None:
         self.dropped_utterances += 1
         self.get_logger().warning(f"transcription queue full: dropped the utterance at {job.segment.start_s:.2f} s")
+        self.dropped_pub.publish(String(data=drop_record(self.get_name(), "transcription queue full",
+                                                         start_s=job.segment.start_s, end_s=job.segment.end_s)))
 
     def _on_error(self, job: _Job, exc: BaseException) -> None:
         self.get_logger().error(f"transcription failed for the utterance at {job.segment.start_s:.2f} s: {exc!r}")
+        self.dropped_pub.publish(String(data=drop_record(self.get_name(), f"transcription failed: {exc!r}"[:200],
+                                                         start_s=job.segment.start_s, end_s=job.segment.end_s)))
 
     @property
     def idle(self) -> bool:

@@ -45,7 +45,8 @@ from tinyalign_ros.core.models import resolve_llm, shipped_model
 from tinyalign_ros.core.projector import FeatureMismatch, LayerMismatch, check_features
 from tinyalign_ros.msg import Response, ResponseToken, Utterance
 
-from .common import EVENT_QOS, LATCHED_QOS, Worker, from_time_msg, plausible_latency, run_node, text_marker
+from .common import (DROPPED_TOPIC, EVENT_QOS, LATCHED_QOS, Worker, drop_record, from_time_msg, plausible_latency,
+                     run_node, text_marker)
 from .diagnostics import OK, WARN, Status, Updater
 
 MODES = ("cascade", "aligned")
@@ -90,6 +91,8 @@ class AssistantNode(Node):
         self.marker_pub = self.create_publisher(Marker, "response_marker", LATCHED_QOS)
         self.first_token_pub = self.create_publisher(Float32, "metrics/latency_first_token_s", EVENT_QOS)
         self.last_token_pub = self.create_publisher(Float32, "metrics/latency_last_token_s", EVENT_QOS)
+        # every utterance that gets no Response (queue full, failure) is announced (common.drop_record)
+        self.dropped_pub = self.create_publisher(String, DROPPED_TOPIC, EVENT_QOS)
         self.worker: Worker[Utterance] = Worker("assistant-llm", self._answer, max_pending,
                                                 self._on_drop, self._on_error)
         self.create_subscription(Utterance, "utterance", self.worker.put, EVENT_QOS)
@@ -284,10 +287,16 @@ class AssistantNode(Node):
         self.handled += 1
         self.dropped += 1
         self.get_logger().warning(f"LLM busy: dropped utterance {utt.id} {utt.transcript[:80]!r}")
+        self._report_drop(utt, "LLM queue full")
+
+    def _report_drop(self, utt: Utterance, reason: str) -> None:
+        self.dropped_pub.publish(String(data=drop_record(self.get_name(), reason, utt.id, utt.stream_start_s,
+                                                         utt.stream_end_s, utt.transcript)))
 
     def _on_error(self, utt: Utterance, exc: BaseException) -> None:
         self.handled += 1
         self.get_logger().error(f"answering {utt.id} failed: {exc!r}")
+        self._report_drop(utt, f"answer failed: {exc!r}"[:200])
 
     @property
     def idle(self) -> bool:

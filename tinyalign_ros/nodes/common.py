@@ -2,6 +2,7 @@
 bounded memories of recent utterances."""
 from __future__ import annotations
 
+import json
 import queue
 import threading
 from collections import OrderedDict
@@ -67,7 +68,14 @@ class Worker(Generic[T]):
 
     When the queue is full the *oldest* item is dropped (the freshest speech matters most to a
     robot) and `on_drop` is told, so the node can warn and count it.
+
+    `backlog` counts the items queued or in progress (exact: kept under the lock, unlike
+    `depth`), and `on_done`, when set, is called in the worker thread after each handled item
+    (failed or not): a node that reports its progress (asr_node's `audio_consumed`, which paces a
+    lossless file source) does it there.
     """
+
+    on_done: Callable[[], None] | None = None
 
     def __init__(self, name: str, handle: Callable[[T], None], maxsize: int,
                  on_drop: Callable[[T], None], on_error: Callable[[T, BaseException], None]) -> None:
@@ -75,6 +83,7 @@ class Worker(Generic[T]):
         self._handle, self._on_drop, self._on_error = handle, on_drop, on_error
         self._lock = threading.Lock()
         self._busy = False
+        self._in_flight = 0  # queued + in progress
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -84,12 +93,15 @@ class Worker(Generic[T]):
             while True:
                 try:
                     self._queue.put_nowait(item)
+                    self._in_flight += 1
                     return
                 except queue.Full:
                     try:
-                        self._on_drop(self._queue.get_nowait())
+                        dropped = self._queue.get_nowait()
                     except queue.Empty:
-                        pass
+                        continue
+                    self._in_flight -= 1
+                    self._on_drop(dropped)
 
     @property
     def idle(self) -> bool:
@@ -100,6 +112,12 @@ class Worker(Generic[T]):
     @property
     def depth(self) -> int:
         return self._queue.qsize()
+
+    @property
+    def backlog(self) -> int:
+        """Items queued or being handled."""
+        with self._lock:
+            return self._in_flight
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -116,10 +134,34 @@ class Worker(Generic[T]):
             finally:
                 with self._lock:
                     self._busy = False
+                    self._in_flight -= 1
+            if self.on_done is not None:
+                try:
+                    self.on_done()
+                except Exception as exc:  # a failed report must not kill the worker (nor read as the item's failure)
+                    rclpy.logging.get_logger(self._thread.name).error(f"progress report failed: {exc!r}")
 
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5.0)
+
+
+# `dropped` (std_msgs/String, one JSON object per message, EVENT_QOS): every utterance a bounded
+# queue (or a failure) loses, from the node that lost it, so nothing disappears silently.
+# `tinyalign run --jsonl` prints each as a record with "dropped": true. Keys: stage (the node),
+# reason, utterance_id ("" when asr_node dropped a segment before it had one), start_s/end_s
+# (stream seconds, null if unknown), transcript, text (tts_node: the sentence not spoken).
+DROPPED_TOPIC = "dropped"
+
+
+def drop_record(stage: str, reason: str, utterance_id: str = "", start_s: float | None = None,
+                end_s: float | None = None, transcript: str = "", text: str = "") -> str:
+    """The JSON text of one `dropped` message."""
+    def seconds(value: float | None) -> float | None:
+        return None if value is None else round(float(value), 3)
+
+    return json.dumps({"stage": stage, "reason": reason, "utterance_id": utterance_id, "start_s": seconds(start_s),
+                       "end_s": seconds(end_s), "transcript": transcript, "text": text})
 
 
 def text_marker(text: str, stamp, frame_id: str, ns: str, z: float) -> Marker:

@@ -16,6 +16,7 @@ unboosted and never waits.
 """
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections import OrderedDict
@@ -28,11 +29,12 @@ from rclpy.context import Context
 from rclpy.executors import MultiThreadedExecutor
 from rclpy.node import Node
 from rclpy.parameter import Parameter
+from std_msgs.msg import String
 
 from tinyalign_ros.core import heap
 from tinyalign_ros.msg import Response, Utterance
 
-from .common import EVENT_QOS, remember
+from .common import DROPPED_TOPIC, EVENT_QOS, remember
 
 NAMESPACE = "tinyalign"
 # booster_node last: nodes start in reverse order, so it subscribes to the audio before mic_node plays
@@ -80,19 +82,24 @@ class Listener(Node):
     Bounded (`keep` of each), because a graph runs for hours; and an utterance is kept without
     its encoder features (~150 kB for a 2 s utterance, seen by `on_utterance` first), which no
     reader of the table needs: keeping them all cost the soak benchmark +46 MB in 20 min, and 64
-    of them would still be ~10 MB. `n_responses` counts every response ever received.
+    of them would still be ~10 MB. `n_responses` counts every response ever received; the
+    `dropped` records (common.drop_record, parsed) go to `on_dropped` and are counted by stage
+    in `n_dropped`.
     """
 
     def __init__(self, context: Context, on_utterance: Callable[[Utterance], None] | None,
-                 on_response: Callable[[Response], None] | None, keep: int = 64) -> None:
+                 on_response: Callable[[Response], None] | None, keep: int = 64,
+                 on_dropped: Callable[[dict], None] | None = None) -> None:
         super().__init__("run_listener", namespace=NAMESPACE, context=context)
         self.keep = keep
         self.utterances: OrderedDict[str, Utterance] = OrderedDict()
         self.responses: OrderedDict[str, Response] = OrderedDict()
         self.n_responses = 0
-        self._on_utterance, self._on_response = on_utterance, on_response
+        self.n_dropped: dict[str, int] = {}
+        self._on_utterance, self._on_response, self._on_dropped = on_utterance, on_response, on_dropped
         self.create_subscription(Utterance, "utterance", self._utterance, EVENT_QOS)
         self.create_subscription(Response, "response", self._response, EVENT_QOS)
+        self.create_subscription(String, DROPPED_TOPIC, self._dropped, EVENT_QOS)
 
     def _utterance(self, msg: Utterance) -> None:
         if self._on_utterance:
@@ -106,6 +113,17 @@ class Listener(Node):
         if self._on_response:
             self._on_response(msg)
 
+    def _dropped(self, msg: String) -> None:
+        try:
+            record = json.loads(msg.data)
+            stage = str(record["stage"])
+        except (ValueError, KeyError, TypeError) as exc:
+            self.get_logger().error(f"malformed dropped record {msg.data[:100]!r}: {exc!r}")
+            return
+        self.n_dropped[stage] = self.n_dropped.get(stage, 0) + 1
+        if self._on_dropped:
+            self._on_dropped(record)
+
 
 class EmbeddedGraph:
     """Start the nodes of `NODES` (less those of `OPTIONAL_NODES` named in `exclude`, and those of
@@ -114,7 +132,8 @@ class EmbeddedGraph:
     def __init__(self, config: Path | None = None, overrides: dict[str, dict[str, Any]] | None = None,
                  on_utterance: Callable[[Utterance], None] | None = None,
                  on_response: Callable[[Response], None] | None = None, threads: int = 4,
-                 exclude: Sequence[str] = (), include: Sequence[str] = ()) -> None:
+                 exclude: Sequence[str] = (), include: Sequence[str] = (),
+                 on_dropped: Callable[[dict], None] | None = None) -> None:
         self.config = Path(config) if config else default_config()
         if not self.config.is_file():
             raise FileNotFoundError(f"parameter file not found: {self.config}")
@@ -133,7 +152,7 @@ class EmbeddedGraph:
             raise KeyError(f"only {OPT_IN_NODES} can be added, not {sorted(set(include) - set(OPT_IN_NODES))}")
         started = [n for n in NODES if n not in exclude and (n not in OPT_IN_NODES or n in include)]
         try:
-            self.listener = Listener(self.context, on_utterance, on_response)
+            self.listener = Listener(self.context, on_utterance, on_response, on_dropped=on_dropped)
             self.executor.add_node(self.listener)
             # Consumers first, so the file source finds its subscribers already there.
             for name in reversed(started):

@@ -15,7 +15,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 from rclpy.node import Node
-from std_msgs.msg import Bool, Empty, Float32
+from std_msgs.msg import Bool, Empty, Float32, String
 
 from tinyalign_ros.core.audio import AudioError, normalize
 from tinyalign_ros.core.corpus import SynthesisError
@@ -23,8 +23,8 @@ from tinyalign_ros.core.echo import FAR_HISTORY_S, BargeIn, BargeInDetector, Dou
 from tinyalign_ros.core.tts import ENGINES, SentenceBuffer, Synthesizer
 from tinyalign_ros.msg import AudioChunk, Response, ResponseToken
 
-from .common import (AUDIO_QOS, EVENT_QOS, LATCHED_QOS, Worker, from_time_msg, plausible_latency, remember,
-                     run_node)
+from .common import (AUDIO_QOS, DROPPED_TOPIC, EVENT_QOS, LATCHED_QOS, Worker, drop_record, from_time_msg,
+                     plausible_latency, remember, run_node)
 from .diagnostics import ERROR, OK, WARN, Status, Updater
 
 
@@ -193,6 +193,8 @@ class TtsNode(Node):
         # per answer, for rqt_plot and `tinyalign bench latency`: when the robot's voice started
         self.latency_pubs = {name: self.create_publisher(Float32, f"metrics/{name}", EVENT_QOS)
                              for name in ("first_token_to_audio_s", "end_of_speech_to_audio_s")}
+        # a sentence a full queue drops is announced (common.drop_record): the answer was not all spoken
+        self.dropped_pub = self.create_publisher(String, DROPPED_TOPIC, EVENT_QOS)
         self.player: Worker[_Audio] = Worker("tts-play", self._play, 4 * self.max_queued,
                                              self._on_drop, self._on_error)
         self.synth_worker: Worker[_Sentence] = Worker("tts-synth", self._synthesize, self.max_queued,
@@ -585,6 +587,8 @@ class TtsNode(Node):
         self.dropped_sentences += 1
         self.get_logger().warning(f"{item.utterance_id}: speech queue full, dropped {item.text[:60]!r}",
                                   throttle_duration_sec=5.0)  # one huge answer is thousands of sentences
+        self.dropped_pub.publish(String(data=drop_record(self.get_name(), "speech queue full", item.utterance_id,
+                                                         text=item.text)))
 
     def _on_error(self, item, exc: BaseException) -> None:
         self.get_logger().error(f"{item.utterance_id}: speaking {item.text[:60]!r} failed: {exc!r}")
