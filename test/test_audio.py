@@ -84,3 +84,23 @@ def test_chunks_are_fixed_size_and_keep_every_sample():
     assert np.array_equal(np.concatenate(parts)[:1000], x)
     with pytest.raises(ValueError):
         chunks(x, 0)
+
+
+def test_find_device_by_name_or_index_of_the_right_kind(monkeypatch):
+    import sounddevice as sd
+
+    from tinyalign_ros.core.audio import find_device
+
+    devices = [{"name": "Mic In", "max_input_channels": 1, "max_output_channels": 0},
+               {"name": "USB Speaker", "max_input_channels": 0, "max_output_channels": 2},
+               {"name": "USB Headset", "max_input_channels": 1, "max_output_channels": 2}]
+    monkeypatch.setattr(sd, "query_devices", lambda: devices)
+    assert find_device("usb", "output") == 1 and find_device("usb", "input") == 2
+    assert find_device("0", "input") == 0 and find_device(" ", "output") is None
+    with pytest.raises(AudioError, match=r"no output audio device '0'; available output devices: 1: USB Speaker; 2"):
+        find_device("0", "output")  # an input-only device is not an output
+    with pytest.raises(AudioError, match="no input audio device 'speaker'; available input devices: 0: Mic In"):
+        find_device("speaker", "input")
+    monkeypatch.setattr(sd, "query_devices", lambda: devices[:1])
+    with pytest.raises(AudioError, match="no output audio device ''; available output devices: none"):
+        find_device("", "output")  # no default to fall back on

@@ -11,10 +11,10 @@ from rclpy.parameter import Parameter
 from std_msgs.msg import Bool, Empty, Float32
 
 from conftest import wait_for
-from tinyalign_ros.core.audio import AudioError
+from tinyalign_ros.core.audio import AudioError, find_device
 from tinyalign_ros.msg import AudioChunk, Response, ResponseToken
 from tinyalign_ros.nodes.common import AUDIO_QOS, EVENT_QOS, LATCHED_QOS, to_time_msg
-from tinyalign_ros.nodes.tts_node import TtsNode, find_output_device
+from tinyalign_ros.nodes.tts_node import TtsNode
 
 LONG_ANSWER = ("The kitchen is down the hall on your left. The living room is straight ahead of you. "
                "The bathroom is upstairs, second door on the right. Ask me again if you get lost.")
@@ -156,12 +156,12 @@ def test_barge_in_parameter_false_ignores_it(ros):
 
 def test_missing_device_is_a_clear_error_and_speech_is_still_published(ros):
     with pytest.raises(AudioError, match="available output devices"):
-        find_output_device("no-such-speaker-xyz")
+        find_device("no-such-speaker-xyz", "output")
     import sounddevice as sd
 
     if not any(d["max_output_channels"] > 0 for d in sd.query_devices()):  # this machine: no sound card
         with pytest.raises(AudioError, match="no output audio device ''; available output devices: none"):
-            find_output_device("")
+            find_device("", "output")
     node = tts(ros, play=True, device="no-such-speaker-xyz", tail_s=0.0)
     assert "no output audio device 'no-such-speaker-xyz'" in node.device_error
     assert "available output devices" in node.device_error
@@ -209,9 +209,10 @@ def test_plays_on_a_named_device_and_survives_its_failure(ros, monkeypatch):
     monkeypatch.setattr(sd, "query_devices", lambda device=None, kind=None: devices if kind is None else devices[device])
     monkeypatch.setattr(sd, "OutputStream", _FakeStream)
     _FakeStream.instances.clear()
-    assert find_output_device("usb") == 1 and find_output_device("1") == 1 and find_output_device("") is None
+    assert find_device("usb", "output") == 1 and find_device("1", "output") == 1
+    assert find_device("", "output") is None
     with pytest.raises(AudioError, match="1: USB Speaker"):
-        find_output_device("0")  # an input-only device is not an output
+        find_device("0", "output")  # an input-only device is not an output
     node = tts(ros, play=True, device="USB", tail_s=0.0)
     assert node.device_name == "USB Speaker" and not node.device_error
     driver = Driver(ros)

@@ -23,6 +23,30 @@ class AudioError(ValueError):
     """Audio that cannot be used; the message says why and what was expected."""
 
 
+def find_device(device: str, kind: str) -> int | None:
+    """A sounddevice index of an `kind` ("input" or "output") device, from a name fragment or an
+    index; "" = the system default (None) when there is such a device at all. An AudioError lists
+    the devices of that kind that exist (mic_node's microphone, tts_node's speaker)."""
+    import sounddevice as sd  # imported lazily: a file-source or publish-only robot needs no PortAudio
+
+    if kind not in ("input", "output"):
+        raise ValueError(f"kind is 'input' or 'output', not {kind!r}")
+    devices = [(i, d) for i, d in enumerate(sd.query_devices()) if d[f"max_{kind}_channels"] > 0]
+    listing = "; ".join(f"{i}: {d['name']}" for i, d in devices) or "none"
+    if not device.strip():
+        if devices:
+            return None
+    elif device.strip().lstrip("-").isdigit():
+        index = int(device)
+        if any(i == index for i, _ in devices):
+            return index
+    else:
+        matches = [i for i, d in devices if device.lower() in d["name"].lower()]
+        if matches:
+            return matches[0]
+    raise AudioError(f"no {kind} audio device '{device}'; available {kind} devices: {listing}")
+
+
 @dataclass(frozen=True)
 class Normalized:
     samples: np.ndarray  # float32, mono, SAMPLE_RATE
