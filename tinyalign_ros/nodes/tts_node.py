@@ -17,7 +17,7 @@ import soxr
 from rclpy.node import Node
 from std_msgs.msg import Bool, Empty, Float32, String
 
-from tinyalign_ros.core.audio import AudioError, normalize
+from tinyalign_ros.core.audio import AudioError, find_device, normalize
 from tinyalign_ros.core.corpus import SynthesisError
 from tinyalign_ros.core.echo import FAR_HISTORY_S, BargeIn, BargeInDetector, DoubleTalkConfig
 from tinyalign_ros.core.tts import ENGINES, SentenceBuffer, Synthesizer
@@ -26,27 +26,6 @@ from tinyalign_ros.msg import AudioChunk, Response, ResponseToken
 from .common import (AUDIO_QOS, DROPPED_TOPIC, EVENT_QOS, LATCHED_QOS, Worker, drop_record, from_time_msg,
                      plausible_latency, remember, run_node)
 from .diagnostics import ERROR, OK, WARN, Status, Updater
-
-
-def find_output_device(device: str) -> int | None:
-    """A sounddevice output index from a name fragment or an index ("" = the system default,
-    None); the error lists what exists."""
-    import sounddevice as sd  # lazily: a publish-only robot needs no PortAudio
-
-    devices = [(i, d) for i, d in enumerate(sd.query_devices()) if d["max_output_channels"] > 0]
-    listing = "; ".join(f"{i}: {d['name']}" for i, d in devices) or "none"
-    if not device.strip():
-        if devices:
-            return None
-    elif device.strip().lstrip("-").isdigit():
-        index = int(device)
-        if any(i == index for i, _ in devices):
-            return index
-    else:
-        matches = [i for i, d in devices if device.lower() in d["name"].lower()]
-        if matches:
-            return matches[0]
-    raise AudioError(f"no output audio device '{device}'; available output devices: {listing}")
 
 
 RECENT_IDS = 256  # utterance ids remembered as cancelled / seen / spoken whole (late tokens of old answers)
@@ -220,7 +199,7 @@ class TtsNode(Node):
         try:
             import sounddevice as sd
 
-            index = find_output_device(self.device)
+            index = find_device(self.device, "output")
             info = sd.query_devices(index, "output")
             stream = sd.OutputStream(device=index, channels=1, samplerate=int(info["default_samplerate"]),
                                      dtype="float32")
