@@ -73,6 +73,60 @@ class RosHarness:
         rclpy.try_shutdown(context=self.context)
 
 
+class Probe:
+    """The test's side of a node under test: a node in the /tinyalign namespace that keeps what it
+    receives in lists, publishes what the test sends, and waits for discovery both ways."""
+
+    def __init__(self, ros: RosHarness, name: str = "probe") -> None:
+        self.node = ros.node(name)
+
+    def collect(self, msg_type, topic: str, qos=None) -> list:
+        """Every message on `topic`, in arrival order (EVENT_QOS by default)."""
+        from tinyalign_ros.nodes.common import EVENT_QOS
+
+        received: list = []
+        self.node.create_subscription(msg_type, topic, received.append, qos or EVENT_QOS)
+        return received
+
+    def publisher(self, msg_type, topic: str, qos=None):
+        from tinyalign_ros.nodes.common import EVENT_QOS
+
+        return self.node.create_publisher(msg_type, topic, qos or EVENT_QOS)
+
+    @staticmethod
+    def connected(*publishers, what: str = "discovery") -> None:
+        """Wait until each publisher (the probe's, or the node's towards the probe) has a subscriber."""
+        wait_for(lambda: all(p.get_subscription_count() > 0 for p in publishers), what=what)
+
+
+@pytest.fixture
+def asr(ros):
+    """A default asr_node, and a probe: (node, send(samples, rate, end, chunk), utterances, audio publisher).
+    `send` stamps and numbers the chunks as mic_node would."""
+    from tinyalign_ros.msg import AudioChunk, Utterance
+    from tinyalign_ros.nodes.asr_node import AsrNode
+    from tinyalign_ros.nodes.common import AUDIO_QOS
+
+    node = ros.add(AsrNode(namespace="tinyalign", context=ros.context))
+    probe = Probe(ros)
+    utterances = probe.collect(Utterance, "utterance")
+    pub = probe.publisher(AudioChunk, "audio", AUDIO_QOS)
+    probe.connected(pub, node.utterance_pub)
+    offset = 0
+
+    def send(samples: np.ndarray, rate: int = 16000, end: bool = False, chunk: int = 1600) -> None:
+        nonlocal offset
+        for i in range(0, max(len(samples), 1), chunk):
+            part = np.asarray(samples[i:i + chunk], dtype=np.float32)
+            msg = AudioChunk(sample_rate=rate, offset=offset, end_of_stream=end and i + chunk >= len(samples))
+            msg.header.stamp = ros.nodes[0].get_clock().now().to_msg()
+            msg.samples = part
+            pub.publish(msg)
+            offset += part.size
+
+    return node, send, utterances, pub
+
+
 def espeak(text: str, path: Path) -> Path:
     """Speech for tests that only need *some* speech (espeak-ng is fast and always there)."""
     if shutil.which("espeak-ng") is None:

@@ -6,38 +6,14 @@ import pytest
 import soxr
 from visualization_msgs.msg import Marker
 
-from conftest import wait_for
+from conftest import Probe, wait_for
 from tinyalign_ros.msg import AudioChunk, Utterance
 from tinyalign_ros.nodes.asr_node import AsrNode
-from tinyalign_ros.nodes.common import AUDIO_QOS, EVENT_QOS, LATCHED_QOS
-
-
-@pytest.fixture
-def asr(ros):
-    node = ros.add(AsrNode(namespace="tinyalign", context=ros.context))
-    probe = ros.node("probe")
-    utterances: list[Utterance] = []
-    probe.create_subscription(Utterance, "utterance", utterances.append, EVENT_QOS)
-    pub = probe.create_publisher(AudioChunk, "audio", AUDIO_QOS)
-    wait_for(lambda: pub.get_subscription_count() > 0 and node.utterance_pub.get_subscription_count() > 0,
-             what="discovery")
-    offset = 0
-
-    def send(samples: np.ndarray, rate: int = 16000, end: bool = False, chunk: int = 1600) -> None:
-        nonlocal offset
-        for i in range(0, max(len(samples), 1), chunk):
-            part = np.asarray(samples[i:i + chunk], dtype=np.float32)
-            msg = AudioChunk(sample_rate=rate, offset=offset, end_of_stream=end and i + chunk >= len(samples))
-            msg.header.stamp = ros.nodes[0].get_clock().now().to_msg()
-            msg.samples = part
-            pub.publish(msg)
-            offset += part.size
-
-    return node, send, utterances
+from tinyalign_ros.nodes.common import AUDIO_QOS, LATCHED_QOS
 
 
 def test_bad_chunks_are_rejected_and_speech_still_transcribed(asr, speech_16k):
-    node, send, utterances = asr
+    node, send, utterances, _ = asr
     silence = np.zeros(8000, np.float32)
     send(np.full(1600, np.nan, np.float32))
     send(np.full(1600, np.inf, np.float32))
@@ -59,7 +35,7 @@ def test_bad_chunks_are_rejected_and_speech_still_transcribed(asr, speech_16k):
 
 
 def test_other_sample_rates_are_resampled(asr, speech_16k):
-    node, send, utterances = asr
+    node, send, utterances, _ = asr
     speech_8k = soxr.resample(speech_16k, 16000, 8000).astype(np.float32)
     send(np.concatenate([np.zeros(4000, np.float32), speech_8k, np.zeros(8000, np.float32)]), rate=8000,
          end=True, chunk=800)
@@ -88,13 +64,11 @@ def test_exit_layer_follows_its_parameter_at_run_time(ros, random_heads_file, sp
     node = ros.add(AsrNode(namespace="tinyalign", context=ros.context, parameter_overrides=[
         Parameter("exit.heads_file", value=str(random_heads_file)), Parameter("speaker_id.dir", value=str(tmp_path / "speakers")),
         Parameter("exit.mode", value="budget"), Parameter("exit.max_layer", value=4)]))
-    probe = ros.node("probe")
-    utterances: list[Utterance] = []
-    probe.create_subscription(Utterance, "utterance", utterances.append, EVENT_QOS)
-    pub = probe.create_publisher(AudioChunk, "audio", AUDIO_QOS)
-    enroll = probe.create_publisher(String, "enroll", EVENT_QOS)
-    wait_for(lambda: pub.get_subscription_count() > 0 and node.utterance_pub.get_subscription_count() > 0
-             and enroll.get_subscription_count() > 0, what="discovery")
+    probe = Probe(ros)
+    utterances: list[Utterance] = probe.collect(Utterance, "utterance")
+    pub = probe.publisher(AudioChunk, "audio", AUDIO_QOS)
+    enroll = probe.publisher(String, "enroll")
+    probe.connected(pub, node.utterance_pub, enroll)
     offset = 0
 
     def say() -> Utterance:

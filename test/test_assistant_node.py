@@ -6,23 +6,25 @@ import time
 import pytest
 from rclpy.parameter import Parameter
 
-from conftest import wait_for
+from conftest import Probe, wait_for
 from tinyalign_ros.msg import Response, ResponseToken, Utterance
 from tinyalign_ros.nodes.assistant_node import AssistantNode
-from tinyalign_ros.nodes.common import EVENT_QOS, to_time_msg
+from tinyalign_ros.nodes.common import to_time_msg
+
+
+def probe_assistant(ros, node: AssistantNode) -> tuple[list[Response], list[ResponseToken], object]:
+    """The assistant's responses and token stream as they arrive, and a publisher of utterances."""
+    probe = Probe(ros)
+    responses, tokens = probe.collect(Response, "response"), probe.collect(ResponseToken, "response_tokens")
+    pub = probe.publisher(Utterance, "utterance")
+    probe.connected(pub, node.response_pub, node.token_pub)
+    return responses, tokens, pub
 
 
 def test_cascade_answers_with_streamed_tokens_and_latency(ros):
     node = ros.add(AssistantNode(namespace="tinyalign", context=ros.context, parameter_overrides=[
         Parameter("llm.max_new_tokens", value=16)]))
-    probe = ros.node("probe")
-    responses: list[Response] = []
-    tokens: list[ResponseToken] = []
-    probe.create_subscription(Response, "response", responses.append, EVENT_QOS)
-    probe.create_subscription(ResponseToken, "response_tokens", tokens.append, EVENT_QOS)
-    pub = probe.create_publisher(Utterance, "utterance", EVENT_QOS)
-    wait_for(lambda: pub.get_subscription_count() > 0 and node.token_pub.get_subscription_count() > 0,
-             what="discovery")
+    responses, tokens, pub = probe_assistant(ros, node)
     end = time.time()
     pub.publish(Utterance(id="u1", speaker="alice", transcript="Please turn on the lights.", confidence=0.9,
                           end=to_time_msg(end)))
@@ -59,14 +61,7 @@ def test_aligned_mode_answers_from_features_refuses_malformed_ones_and_early_exi
         Parameter("mode", value="aligned"), Parameter("projector.file", value=str(path)),
         Parameter("aligned.task", value="repeat"), Parameter("llm.max_new_tokens", value=6)]))
     assert node.aligned.model is node.llm.model  # one copy of the LLM for both modes
-    probe = ros.node("probe")
-    responses: list[Response] = []
-    tokens: list[ResponseToken] = []
-    probe.create_subscription(Response, "response", responses.append, EVENT_QOS)
-    probe.create_subscription(ResponseToken, "response_tokens", tokens.append, EVENT_QOS)
-    pub = probe.create_publisher(Utterance, "utterance", EVENT_QOS)
-    wait_for(lambda: pub.get_subscription_count() > 0 and node.token_pub.get_subscription_count() > 0,
-             what="discovery")
+    responses, tokens, pub = probe_assistant(ros, node)
     end = time.time()
     pub.publish(_features_utterance("good", 60, 384, 4, end))
     pub.publish(_features_utterance("wrong-dim", 60, 512, 4, end))
@@ -103,12 +98,7 @@ def test_hybrid_projector_output_is_anchored_to_the_asr_transcript(ros, tmp_path
         Parameter("aligned.task", value="repeat"), Parameter("llm.max_new_tokens", value=6),
         Parameter("aligned.max_change", value=max_change)]))
     assert node.aligned.prompt.transcript  # the metadata made it a hybrid
-    probe = ros.node("probe")
-    responses: list[Response] = []
-    probe.create_subscription(Response, "response", responses.append, EVENT_QOS)
-    pub = probe.create_publisher(Utterance, "utterance", EVENT_QOS)
-    wait_for(lambda: pub.get_subscription_count() > 0 and node.response_pub.get_subscription_count() > 0,
-             what="discovery")
+    responses, _, pub = probe_assistant(ros, node)
     pub.publish(_features_utterance("u", 60, 384, 4, time.time()))
     wait_for(lambda: responses, timeout=60, what="the response")
     if max_change >= 0:

@@ -10,14 +10,13 @@ import pytest
 from rclpy.parameter import Parameter
 from std_msgs.msg import Float32, String
 
-from conftest import wait_for
+from conftest import Probe, wait_for
 # the tiny random LLM (and a projector for it) of the personalization tests: nodes load in a second
 from test_personalize import SPEAKER, tiny_llm, tiny_model_dir, tiny_projector_file, tokenizer  # noqa: F401
 from test_personalize import utterance as good_utterance
 from tinyalign_ros.core.llm import MAX_USER_CHARS
 from tinyalign_ros.core.projector import MAX_FEATURE_FRAMES
 from tinyalign_ros.msg import AudioChunk, Response, ResponseToken, Utterance
-from tinyalign_ros.nodes.asr_node import AsrNode
 from tinyalign_ros.nodes.common import AUDIO_QOS, EVENT_QOS, to_time_msg
 
 
@@ -45,14 +44,8 @@ def nasty_chunks(rng: np.random.Generator) -> list[AudioChunk]:
     return out
 
 
-def test_asr_node_survives_malformed_audio_and_still_transcribes(ros, speech_16k):
-    node = ros.add(AsrNode(namespace="tinyalign", context=ros.context))
-    probe = ros.node("fuzzer")
-    utterances: list[Utterance] = []
-    probe.create_subscription(Utterance, "utterance", utterances.append, EVENT_QOS)
-    pub = probe.create_publisher(AudioChunk, "audio", AUDIO_QOS)
-    wait_for(lambda: pub.get_subscription_count() > 0 and node.utterance_pub.get_subscription_count() > 0,
-             what="discovery")
+def test_asr_node_survives_malformed_audio_and_still_transcribes(asr, speech_16k):
+    node, _, utterances, pub = asr
     nasty = nasty_chunks(np.random.default_rng(0))
     for msg in nasty:
         pub.publish(msg)
@@ -123,15 +116,13 @@ def test_assistant_node_survives_malformed_utterances_and_still_answers(ros, mod
         Parameter("mode", value=mode), Parameter("projector.file", value=str(tiny_projector_file)),
         Parameter("llm.model", value=str(tiny_model_dir)), Parameter("aligned.task", value="repeat"),
         Parameter("llm.max_new_tokens", value=4), Parameter("max_pending_utterances", value=100)]))
-    probe = ros.node("fuzzer")
-    responses: list[Response] = []
-    probe.create_subscription(Response, "response", responses.append, EVENT_QOS)
-    pub = probe.create_publisher(Utterance, "utterance", EVENT_QOS)
+    probe = Probe(ros, "fuzzer")
+    responses: list[Response] = probe.collect(Response, "response")
+    pub = probe.publisher(Utterance, "utterance")
     latencies: list[float] = []  # an unset end of speech must not become a 1.8e9 s "latency" on rqt_plot
     for name in ("latency_first_token_s", "latency_last_token_s"):
-        probe.create_subscription(Float32, f"metrics/{name}", lambda m: latencies.append(m.data), EVENT_QOS)
-    wait_for(lambda: pub.get_subscription_count() > 0 and node.response_pub.get_subscription_count() > 0
-             and node.first_token_pub.get_subscription_count() > 0, what="discovery")
+        probe.node.create_subscription(Float32, f"metrics/{name}", lambda m: latencies.append(m.data), EVENT_QOS)
+    probe.connected(pub, node.response_pub, node.first_token_pub)
 
     good = good_utterance("good")
 
@@ -177,10 +168,10 @@ def test_personalizer_node_survives_malformed_utterances_and_corrections(ros, tm
             "samples.dir": str(samples_dir), "adapters.dir": str(tmp_path / "store" / "adapters"),
             "checkpoint_dir": str(tmp_path / "store" / "work"), "consent.speakers": [SPEAKER],
             "idle_s": 3600.0, "recent_utterances": 200}.items()]))
-    probe = ros.node("fuzzer")
-    pub = probe.create_publisher(Utterance, "utterance", EVENT_QOS)
-    fix = probe.create_publisher(String, "correction", EVENT_QOS)
-    wait_for(lambda: pub.get_subscription_count() > 0 and fix.get_subscription_count() > 0, what="discovery")
+    probe = Probe(ros, "fuzzer")
+    pub = probe.publisher(Utterance, "utterance")
+    fix = probe.publisher(String, "correction")
+    probe.connected(pub, fix)
 
     nasty = nasty_utterances()
     for msg in nasty:
@@ -229,16 +220,14 @@ def test_tts_node_survives_malformed_tokens_and_responses_and_still_speaks(ros):
     node = ros.add(TtsNode(namespace="tinyalign", context=ros.context, parameter_overrides=[
         Parameter("engine", value="espeak-ng"), Parameter("play", value=False), Parameter("realtime", value=False),
         Parameter("tail_s", value=0.0), Parameter("max_queued_sentences", value=4)]))
-    probe = ros.node("fuzzer")
-    tokens = probe.create_publisher(ResponseToken, "response_tokens", EVENT_QOS)
-    responses = probe.create_publisher(Response, "response", EVENT_QOS)
-    audio: list[AudioChunk] = []
-    probe.create_subscription(AudioChunk, "speech_audio", audio.append, AUDIO_QOS)
+    probe = Probe(ros, "fuzzer")
+    tokens = probe.publisher(ResponseToken, "response_tokens")
+    responses = probe.publisher(Response, "response")
+    audio: list[AudioChunk] = probe.collect(AudioChunk, "speech_audio", AUDIO_QOS)
     latencies: list[float] = []  # the zero stamps below must not become 1.8e9 s "latencies" on rqt_plot
     for name in ("end_of_speech_to_audio_s", "first_token_to_audio_s"):
-        probe.create_subscription(Float32, f"metrics/{name}", lambda m: latencies.append(m.data), EVENT_QOS)
-    wait_for(lambda: tokens.get_subscription_count() and responses.get_subscription_count()
-             and node.audio_pub.get_subscription_count(), what="discovery")
+        probe.node.create_subscription(Float32, f"metrics/{name}", lambda m: latencies.append(m.data), EVENT_QOS)
+    probe.connected(tokens, responses, node.audio_pub)
 
     huge = "word " * 40_000  # 200 kB without a sentence end: cut into ~1000 pieces, the queue bounded
     bad_tokens = [
