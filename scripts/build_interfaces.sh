@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Generate and install tinyalign_ros' msg/srv types into a venv with plain cmake, from the ROS 2
-# pip wheels (DESIGN.md section 3). No ROS install and no setup.sh to source afterwards.
+# pip wheels (docs/design.md section 3). No ROS install and no setup.sh to source afterwards.
 set -euo pipefail
 VENV="$(cd "${1:?usage: build_interfaces.sh VENV}" && pwd)"
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"

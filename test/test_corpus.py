@@ -222,7 +222,7 @@ def test_text_lists_we_own():
     for s in sentences:
         assert s.text.isascii() and not re.search(r"\d", s.text), s.text
     vocabulary = {w for s in sentences for w in re.findall(r"[a-z']+", s.text.lower())}
-    assert len(vocabulary) >= 800  # text diversity is the bottleneck (DESIGN.md section 4)
+    assert len(vocabulary) >= 800  # text diversity is the bottleneck (docs/design.md section 4)
 
 
 def test_demo_wav_has_the_segments_it_reports(demo_file):

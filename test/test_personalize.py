@@ -442,6 +442,6 @@ def test_bench_personalize_writes_json_and_png_on_a_tiny_config(tmp_path, monkey
     assert len(record["voices"]) == 2 * 2 * 2 and (tmp_path / "personalize.png").stat().st_size > 0
     run = record["voices"][0]
     assert run["gate"] in ("saved", "rejected") and run["steps"] == 2 and run["peak_mem_mb"] > 0
-    # DESIGN §6's names; the cascade heard "yes" for "yes": its WER on the same test set is 0
+    # docs/design.md §6's names; the cascade heard "yes" for "yes": its WER on the same test set is 0
     assert {"voice", "real", "n_train", "wer_before", "wer_after", "cascade_wer", "train_s"} <= set(run)
     assert run["real"] is False and run["cascade_wer"] == 0.0 and "git_commit" in record

@@ -36,7 +36,7 @@ import torch
 from tinyalign_ros.core.metrics import write_result
 
 MODES = ("projector", "lora", "e2e", "ctc")
-# the result's names for them (DESIGN.md section 6 fixes `projector`, `lora`, `end_to_end`)
+# the result's names for them (docs/design.md section 6 fixes `projector`, `lora`, `end_to_end`)
 RESULT_NAMES = {"projector": "projector", "lora": "lora", "e2e": "end_to_end", "ctc": "projector_ctc"}
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -90,7 +90,8 @@ class Mode:
         if name == "ctc":
             from tinyalign_ros.core.align import EmbeddingCTC
 
-            torch.set_flush_denormal(True)  # DESIGN §4 suspects denormals slowed this softmax backward over time
+            # docs/design.md §4 suspects denormals slowed this softmax backward over time
+            torch.set_flush_denormal(True)
             vocab = {i for text in self.train.texts for i in self.aligned.target_ids(text)[:-1]}
             self.ctc = EmbeddingCTC(model.get_input_embeddings().weight, vocab)
             groups.append({"params": list(self.ctc.parameters()), "lr": args.lr})

