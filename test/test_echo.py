@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import soxr
 
-from tinyalign_ros.core.echo import BargeInDetector, DoubleTalkConfig
+from tinyalign_ros.core.echo import BargeInDetector, DoubleTalkConfig, Heard, VoiceBargeIn
 
 SR = 16000
 FAR_RATE = 22050  # piper's rate: the speaker side is not at the microphone's rate
@@ -117,3 +117,54 @@ def test_bad_input_is_a_clear_error():
                          ({"min_speech_ms": float("nan")}, "min_speech_ms"), ({"vad_threshold": 1.0}, "vad_threshold")):
         with pytest.raises(ValueError, match=f"double_talk.{name}"):
             DoubleTalkConfig(**kwargs)
+
+
+# ------------------------------------------------------------ VoiceBargeIn (what tts_node wires up)
+def test_voice_barge_in_judges_the_microphone_only_while_speaking_and_on_this_clock(voices):
+    voice = VoiceBargeIn()
+    voice.speaker(T0, voices["robot"][: SR // 2], SR)  # half a second of the robot, then silence
+    mic = np.zeros(3 * SR, np.float32)
+    mic[2 * SR:] = voices["hold_on"][:SR]
+
+    def hear(speaking: bool, lag_s: float = 0.05) -> list[Heard]:
+        return [voice.microphone(speaking, T0 + m / SR + lag_s, T0 + m / SR, mic[m:m + 1600], SR)
+                for m in range(0, mic.size, 1600)]
+
+    assert hear(speaking=False) == [Heard()] * 30  # the robot is quiet: nothing is judged
+    assert voice.off_clock_chunks == 0 and voice.detector.echo_ratios() is None
+    heard = hear(speaking=True)
+    assert not any(h.skipped for h in heard)
+    events = [h.event for h in heard if h.event]
+    assert events and events[0].ratio == float("inf")
+    assert 0 < events[0].at - T0 - 2.0 - onset(voices["hold_on"]) < 0.25
+
+    # a microphone on another clock (2 s ahead, or 6 s behind) is skipped and counted, never judged
+    for lag_s in (-2.0, 6.0):
+        heard = voice.microphone(True, T0 + 2.5 + lag_s, T0 + 2.5, mic[2 * SR:2 * SR + 1600], SR)
+        assert heard.event is None and "from this node's clock" in heard.skipped
+    assert voice.off_clock_chunks == 2
+
+    # bad audio is skipped with the reason; any rate and channel count is normalized first
+    heard = voice.microphone(True, T0 + 3.0, T0 + 3.0, np.full(1600, np.nan, np.float32), SR)
+    assert heard.event is None and "NaN" in heard.skipped
+    stereo_8k = np.repeat(soxr.resample(mic[2 * SR:], SR, 8000)[:, None], 2, axis=1)
+    heard = voice.microphone(True, T0 + 3.05, T0 + 3.0, stereo_8k, 8000)
+    assert heard.skipped == ""
+
+
+def test_voice_barge_in_forgets_the_last_stretch_of_speech():
+    """Speech cut off by a pause: a new stretch starts afresh, half a barge-in does not carry over."""
+    calls = []
+
+    class Spy(BargeInDetector):
+        def reset(self) -> None:
+            calls.append("reset")
+            super().reset()
+
+    voice = VoiceBargeIn()
+    voice.detector = Spy()
+    calls.clear()  # its constructor resets too
+    chunk = np.zeros(1600, np.float32)
+    for speaking in (True, True, False, False, True):
+        voice.microphone(speaking, T0, T0, chunk, SR)
+    assert calls == ["reset", "reset"]  # once per stretch of speech, not per chunk

@@ -258,7 +258,7 @@ def test_tts_node_survives_malformed_tokens_and_responses_and_still_speaks(ros):
     for msg in bad_responses:
         responses.publish(msg)
     # both topics delivered in order: once their last messages are in the node's records, all are
-    wait_for(lambda: "open-39" in node._seen_tokens and "backwards" in node._timing and node.idle, timeout=120,
+    wait_for(lambda: "open-39" in node.answers._seen_tokens and "backwards" in node.latency._timing and node.idle, timeout=120,
              what="every malformed message handled and the queues drained")
     before, spoken = len(audio), node.sentences_spoken
     for i, word in enumerate(["Hello", " there.", ""]):

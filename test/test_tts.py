@@ -1,12 +1,14 @@
 """Speech synthesis (piper, espeak-ng, fallback) and the streaming sentence splitter."""
 from __future__ import annotations
 
+import logging
 import time
 
 import numpy as np
 import pytest
 
-from tinyalign_ros.core.tts import SentenceBuffer, Synthesizer, clean_text
+from tinyalign_ros.core.tts import (MAX_OPEN_ANSWERS, RECENT_IDS, AnswerLatency, AnswerStreams, Sentence,
+                                   SentenceBuffer, Synthesizer, clean_text)
 
 SENTENCE = "The kitchen is to your left, next to the dining room."  # ~2.5-3.5 s spoken
 
@@ -86,3 +88,91 @@ def test_run_on_text_is_cut_at_a_clause_and_punctuation_only_is_dropped():
     assert all(len(s) <= 40 for s in got)
     assert SentenceBuffer().push("... !! ") == []
     assert clean_text("**Bold** and `code`\n# head") == "Bold and code head"
+
+
+# ------------------------------------------------ AnswerStreams / AnswerLatency (tts_node's logic)
+def _tokens(streams: AnswerStreams, uid: str, text: str, start: int = 0, final: bool = True):
+    """Feed `text` as word tokens of answer `uid`; the sentences they complete, as (generation, text)."""
+    words = [w if i == 0 else f" {w}" for i, w in enumerate(text.split())]
+    out = []
+    for i, word in enumerate(words):
+        got = streams.token(uid, start + i, word, final and i == len(words) - 1)
+        out += [(s.generation, s.text) for s in got] if got is not None else [None]
+    return out
+
+
+def test_answer_streams_speak_each_answer_once_from_its_tokens_or_its_response():
+    streams = AnswerStreams()
+    assert _tokens(streams, "u1", "Hello there. How are you") == [(0, "Hello there."), (0, "How are you")]
+    assert streams.response("u1", "Hello there. How are you") == []  # its tokens already spoke it
+    assert [s.text for s in streams.response("u2", "Fine. Thanks!")] == ["Fine.", "Thanks!"]  # never streamed
+    assert _tokens(streams, "u2", "Fine. Thanks!") == [None, None]  # late tokens of a whole-spoken answer
+    assert not streams.streaming
+    whole = AnswerStreams(stream_tokens=False)  # responses only: every response is spoken
+    assert [s.text for s in whole.response("u1", "One. Two.")] == ["One.", "Two."]
+    assert [s.text for s in whole.response("u1", "One. Two.")] == ["One.", "Two."]
+
+
+def test_a_barge_in_cancels_streaming_and_playing_answers_with_their_late_tokens():
+    streams = AnswerStreams()
+    (sentence,) = streams.token("u1", 0, "First sentence. ", False)
+    assert streams.start(sentence) and streams.current(sentence.generation)
+    assert _tokens(streams, "u2", "Half a", final=False) == []
+    assert streams.streaming
+    assert streams.interrupt() is True  # u2 was still streaming
+    assert not streams.current(sentence.generation) and not streams.start(sentence)
+    assert streams.token("u1", 1, "Second sentence.", True) is None  # cancelled: u1 was playing
+    assert _tokens(streams, "u2", "sentence.", start=2) == [None]
+    assert streams.response("u2", "Half a sentence.") == []
+    assert _tokens(streams, "u3", "A new answer.") == [(1, "A new answer.")]  # the new generation
+    assert streams.interrupt() is False  # u3 was complete and never started: not cancelled
+    assert streams.token("u3", 3, " And more.", True) is not None
+    assert _tokens(streams, "u4", "Still heard.", start=0) == [(2, "Still heard.")]
+
+
+def test_answers_that_went_quiet_are_not_cancelled_by_a_later_barge_in():
+    streams = AnswerStreams()
+    (sentence,) = streams.token("u1", 0, "Done.", True)
+    assert streams.start(sentence)
+    streams.quiet()  # spoken to the end, nothing streaming: u1 is no longer playing
+    streams.interrupt()
+    assert streams.token("u1", 1, " More.", True) is not None  # not cancelled
+    streams.token("u2", 0, "Open", False)
+    assert streams.start(Sentence(streams.generation, "u3", "Playing."))
+    streams.quiet()  # u2 still streaming: u3 still counts as playing
+    streams.interrupt()
+    assert streams.token("u3", 0, "late", True) is None
+
+
+def test_answer_streams_bound_what_they_remember(caplog):
+    streams = AnswerStreams(logger=logging.getLogger("test"))
+    with caplog.at_level(logging.WARNING, "test"):
+        for i in range(MAX_OPEN_ANSWERS + 1):  # answers whose final token never comes
+            streams.token(f"u{i}", 0, "never finished", False)
+        assert "u0: no final token" in caplog.text
+        assert [s.text for s in streams.token("u0", 3, " ends.", True)] == ["ends."]  # u0 forgot its text
+        assert "token 3 arrived, expected 0" in caplog.text
+    for i in range(RECENT_IDS + 10):
+        streams.response(f"w{i}", "Hi.")
+        streams.interrupt()
+    assert len(streams._spoken_whole) == RECENT_IDS and len(streams._cancelled) <= RECENT_IDS
+    with pytest.raises(ValueError, match="max_chars"):
+        AnswerStreams(max_sentence_chars=5)
+
+
+def test_answer_latency_reports_each_figure_once_when_both_ends_are_known():
+    latency = AnswerLatency(limit=2)
+    latency.token("u1", 10.0)
+    latency.token("u1", 10.5)  # only the first token counts
+    assert latency.due("u1") == {}  # no audio yet
+    assert latency.first_audio("u1", 11.0) and not latency.first_audio("u1", 12.0)
+    assert latency.due("u1") == {"first_token_to_audio_s": 1.0}
+    assert latency.due("u1") == {}
+    latency.response("u1", stamp=13.0, latency_first_token_s=0.5, latency_last_token_s=3.0)
+    assert latency.due("u1") == {"end_of_speech_to_audio_s": 1.0}  # 11.0 - (13.0 - 3.0)
+    # a whole response without tokens: its first token is inferred from the response's latencies
+    latency.response("u2", stamp=20.0, latency_first_token_s=0.5, latency_last_token_s=2.0)
+    latency.first_audio("u2", 19.0)
+    assert latency.due("u2") == pytest.approx({"first_token_to_audio_s": 0.5, "end_of_speech_to_audio_s": 1.0})
+    latency.token("u3", 30.0)  # past the limit: the oldest answer is forgotten
+    assert latency.due("u1") == {} and latency.first_audio("u1", 40.0)

@@ -34,7 +34,9 @@ A reverberant room adds echo energy after the direct path; `echo_window_s` must 
 
 Times are wall-clock seconds; the microphone must be 16 kHz mono float32 (graph audio), the
 speaker any rate. Thread-safe: tts_node feeds the speaker side from its player thread and the
-microphone side from its audio callback.
+microphone side from its audio callback. `VoiceBargeIn` is what tts_node wires to its topics:
+the detector plus when to judge a microphone chunk at all (only while the robot speaks, only
+audio on this machine's clock, any rate or channel count normalized first).
 """
 from __future__ import annotations
 
@@ -45,6 +47,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .audio import AudioError, normalize
 from .vad import SAMPLE_RATE, WINDOW, SileroStream
 
 FAR_BIN_S = 0.005  # resolution of the stored speaker envelope (peak per 5 ms)
@@ -190,3 +193,51 @@ class BargeInDetector:
         keep = self._far_t + FAR_BIN_S >= t
         if not keep.all():
             self._far_t, self._far_peak = self._far_t[keep], self._far_peak[keep]
+
+
+@dataclass(frozen=True)
+class Heard:
+    """What one microphone chunk came to: a barge-in, nothing, or why it was not judged."""
+
+    event: BargeIn | None = None
+    skipped: str = ""  # not judged: bad audio, or stamped on another clock ("" = judged or not speaking)
+
+
+class VoiceBargeIn:
+    """Barge-in by voice as tts_node runs it: `speaker()` for every block it plays, `microphone()`
+    for every chunk the microphone publishes.
+
+    The microphone is judged only while the robot is speaking; each new stretch of speech starts
+    with the detector's microphone side forgotten. A chunk stamped more than `clock_tolerance_s`
+    ahead of this machine's clock, or more than half of `FAR_HISTORY_S` behind it, comes from a
+    microphone on another clock: compared with no speaker audio at all, the robot's own echo would
+    look like a second talker, so it is skipped and counted (`off_clock_chunks`).
+    """
+
+    def __init__(self, config: DoubleTalkConfig | None = None) -> None:
+        self.detector = BargeInDetector(config)
+        self.off_clock_chunks = 0
+        self._armed = False  # the detector has been reset for the speech going on now
+
+    def speaker(self, t0: float, samples: np.ndarray, sample_rate: int) -> None:
+        """The speaker plays `samples` from wall time `t0` on (BargeInDetector.far)."""
+        self.detector.far(t0, samples, sample_rate)
+
+    def microphone(self, speaking: bool, now: float, stamp: float, samples, sample_rate: int) -> Heard:
+        """A microphone chunk captured from wall time `stamp` on, heard at wall time `now`."""
+        if not speaking:
+            self._armed = False
+            return Heard()
+        if not self._armed:  # a new stretch of speech: forget the microphone side of the last one
+            self.detector.reset()
+            self._armed = True
+        try:
+            audio = normalize(np.asarray(samples, dtype=np.float32), sample_rate)
+        except AudioError as exc:
+            return Heard(skipped=f"barge-in detector skipped a microphone chunk: {exc}")
+        lag = now - stamp
+        if not -self.detector.config.clock_tolerance_s <= lag <= FAR_HISTORY_S / 2:
+            self.off_clock_chunks += 1
+            return Heard(skipped=f"microphone chunk stamped {-lag:+.2f} s from this node's clock: barge-in "
+                                 "by voice needs the microphone on this machine's clock; chunk skipped")
+        return Heard(self.detector.near(stamp, audio.samples))

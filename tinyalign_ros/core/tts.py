@@ -11,18 +11,25 @@ sentence splitter that lets a streamed answer be spoken from its first sentence 
 - `SentenceBuffer` collects LLM text pieces and hands out each sentence as soon as it is known
   to be complete (its end punctuation followed by whitespace, so "3.5" and "Dr. Smith" do not
   split), long run-on text at a clause boundary, and the rest on `flush()`.
+- `AnswerStreams` turns the assistant's streamed tokens (or whole responses) of many answers into
+  the sentences to speak, each tagged with a generation: a barge-in starts a new generation and
+  cancels every answer it interrupted, late tokens included. `AnswerLatency` keeps, per answer,
+  the times the speech-output latency figures are computed from. tts_node wires topics to them.
 """
 from __future__ import annotations
 
+import collections
 import io
 import logging
 import re
 import subprocess
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import soundfile as sf
 
+from .bounded import remember
 from .corpus import PIPER_PACKAGED, SynthesisError, _espeak_catalogue, _piper_voice, _require
 
 ENGINES = ("piper", "espeak-ng")
@@ -193,3 +200,167 @@ class SentenceBuffer:
     @staticmethod
     def _speakable(parts: list[str]) -> list[str]:
         return [" ".join(p.split()) for p in parts if any(c.isalnum() for c in p)]
+
+
+RECENT_IDS = 256  # utterance ids remembered as cancelled / seen / spoken whole (late tokens of old answers)
+MAX_OPEN_ANSWERS = 16  # answers whose final token has not come yet; the oldest is dropped past this
+
+
+@dataclass
+class Sentence:
+    """One sentence to speak, of answer `utterance_id`, valid while `generation` is current."""
+    generation: int
+    utterance_id: str
+    text: str
+
+
+class AnswerStreams:
+    """Which sentences of which answers to speak, from the token stream and the whole responses.
+
+    `token()` feeds an answer's streamed pieces through its own `SentenceBuffer` and returns the
+    sentences they complete; `response()` returns a whole response's sentences when its tokens
+    were never seen (an assistant that does not stream, or `stream_tokens` off), and from then on
+    ignores that answer's late tokens, so nothing is spoken twice. `interrupt()` (a barge-in)
+    starts a new generation: sentences of an older one are not spoken, and every answer that was
+    streaming or playing is cancelled, its late tokens and response ignored. Every memory of ids
+    is bounded (`RECENT_IDS`, `MAX_OPEN_ANSWERS`). Not thread-safe: its caller holds one lock.
+    """
+
+    def __init__(self, max_sentence_chars: int = 200, stream_tokens: bool = True, logger: Any = None) -> None:
+        SentenceBuffer(max_sentence_chars)  # a bad length fails here, not on the first token
+        self.max_sentence_chars = max_sentence_chars
+        self.stream_tokens = stream_tokens
+        self.generation = 0
+        self._log = logger or _log
+        self._buffers: dict[str, SentenceBuffer] = {}
+        self._next_index: dict[str, int] = {}
+        self._cancelled: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._seen_tokens: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._spoken_whole: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._playing: set[str] = set()  # answers with sentences queued for or in playback
+
+    @property
+    def streaming(self) -> bool:
+        """Some answer's final token has not come yet."""
+        return bool(self._buffers)
+
+    def token(self, uid: str, index: int, text: str, final: bool) -> list[Sentence] | None:
+        """Token `index` of answer `uid`: the sentences it completes; None when the answer is
+        cancelled or already spoken whole (the token is ignored)."""
+        if uid in self._cancelled or uid in self._spoken_whole:
+            return None
+        remember(self._seen_tokens, uid, None, RECENT_IDS)
+        expected = self._next_index.get(uid, 0)
+        if index != expected:
+            self._log.warning(f"{uid}: token {index} arrived, expected {expected} (lost tokens?)")
+        self._next_index[uid] = index + 1
+        if uid not in self._buffers and len(self._buffers) >= MAX_OPEN_ANSWERS:  # final tokens that never came
+            stale = next(iter(self._buffers))
+            self._log.warning(f"{stale}: no final token; dropping its unspoken text")
+            del self._buffers[stale]
+            self._next_index.pop(stale, None)
+        buffer = self._buffers.setdefault(uid, SentenceBuffer(self.max_sentence_chars))
+        texts = buffer.push(text)
+        if final:
+            texts += buffer.flush()
+            del self._buffers[uid]
+            self._next_index.pop(uid, None)
+        return [Sentence(self.generation, uid, t) for t in texts]
+
+    def response(self, uid: str, text: str) -> list[Sentence]:
+        """The whole response of answer `uid`: its sentences if they are to be spoken from it,
+        else none (cancelled, or its tokens are being spoken)."""
+        if uid in self._cancelled or (self.stream_tokens and uid in self._seen_tokens):
+            return []
+        if self.stream_tokens:
+            # its tokens may still be queued behind this response: they must not speak it twice
+            remember(self._spoken_whole, uid, None, RECENT_IDS)
+            self._log.info(f"{uid}: no token stream seen; speaking the whole response")
+        buffer = SentenceBuffer(self.max_sentence_chars)
+        return [Sentence(self.generation, uid, t) for t in buffer.push(text) + buffer.flush()]
+
+    def current(self, generation: int) -> bool:
+        return generation == self.generation
+
+    def start(self, sentence: Sentence) -> bool:
+        """`sentence` goes to the player: False if a barge-in has cancelled it meanwhile."""
+        if not self.current(sentence.generation):
+            return False
+        self._playing.add(sentence.utterance_id)
+        return True
+
+    def quiet(self) -> None:
+        """The robot stopped speaking with nothing left to synthesize: unless an answer is still
+        streaming, no answer is playing any more (a later barge-in cancels none of them)."""
+        if not self._buffers:
+            self._playing.clear()
+
+    def interrupt(self) -> bool:
+        """A barge-in: a new generation, every streaming or playing answer cancelled. True if an
+        answer was still streaming."""
+        streaming = bool(self._buffers)
+        self.generation += 1
+        for uid in list(self._buffers) + list(self._playing):
+            remember(self._cancelled, uid, None, RECENT_IDS)
+        self._buffers.clear()
+        self._next_index.clear()
+        self._playing.clear()
+        return streaming
+
+
+@dataclass
+class _Timing:
+    first_token: float | None = None     # stamp of the first token
+    end_of_speech: float | None = None   # from the response: stamp - latency_last_token_s
+    first_audio: float | None = None     # when its first sample went to the device / topic
+    reported: set[str] = field(default_factory=set)
+
+
+class AnswerLatency:
+    """Per answer (the last `limit`), the times tts_node's latency figures come from, in one
+    clock's seconds: `first_token_to_audio_s` (the answer's first token → its first audio sample)
+    and `end_of_speech_to_audio_s` (the operator's end of speech → the first audio sample). `due()`
+    hands out each figure once, as soon as both of its ends are known. Not thread-safe."""
+
+    def __init__(self, limit: int = 64) -> None:
+        self.limit = limit
+        self._timing: collections.OrderedDict[str, _Timing] = collections.OrderedDict()
+
+    def _of(self, uid: str) -> _Timing:
+        if uid not in self._timing:
+            remember(self._timing, uid, _Timing(), self.limit)
+        return self._timing[uid]
+
+    def token(self, uid: str, stamp: float) -> None:
+        timing = self._of(uid)
+        if timing.first_token is None:
+            timing.first_token = stamp
+
+    def response(self, uid: str, stamp: float, latency_first_token_s: float, latency_last_token_s: float) -> None:
+        """The whole response, stamped `stamp`, `latency_*` after the operator's end of speech."""
+        timing = self._of(uid)
+        timing.end_of_speech = stamp - float(latency_last_token_s)
+        if timing.first_token is None:
+            timing.first_token = stamp - float(latency_last_token_s - latency_first_token_s)
+
+    def first_audio(self, uid: str, t: float) -> bool:
+        """The answer's audio started at `t`; False if it had already started."""
+        timing = self._of(uid)
+        if timing.first_audio is not None:
+            return False
+        timing.first_audio = t
+        return True
+
+    def due(self, uid: str) -> dict[str, float]:
+        """The figures of answer `uid` that became known since the last call."""
+        t = self._timing.get(uid)
+        if t is None or t.first_audio is None:
+            return {}
+        figures: dict[str, float] = {}
+        if t.first_token is not None and "token" not in t.reported:
+            t.reported.add("token")
+            figures["first_token_to_audio_s"] = t.first_audio - t.first_token
+        if t.end_of_speech is not None and "eos" not in t.reported:
+            t.reported.add("eos")
+            figures["end_of_speech_to_audio_s"] = t.first_audio - t.end_of_speech
+        return figures

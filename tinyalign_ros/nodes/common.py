@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 import queue
 import threading
-from collections import OrderedDict
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
 
 import rclpy
@@ -16,6 +15,7 @@ from visualization_msgs.msg import Marker
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 
 from tinyalign_ros.core import heap
+from tinyalign_ros.core.bounded import remember  # noqa: F401 (nodes import it from here)
 
 # Audio is reliable rather than sensor-data best-effort: one lost chunk is a hole in a word.
 # The depth bounds memory (100 chunks of 0.1 s = 10 s of audio buffered).
@@ -49,18 +49,6 @@ def plausible_latency(seconds: float) -> bool:
 
 
 T = TypeVar("T")
-K = TypeVar("K", bound=Hashable)
-
-
-def remember(table: OrderedDict[K, T], key: K, value: T, limit: int) -> T:
-    """Put `key` newest in an insertion-ordered table, forgetting the oldest past `limit`: what a
-    node recalls about recent utterances (ids it cancelled, timings, messages) must stay bounded
-    in a process that runs for hours."""
-    table[key] = value
-    table.move_to_end(key)
-    while len(table) > limit:
-        table.popitem(last=False)
-    return value
 
 
 class Worker(Generic[T]):

@@ -5,10 +5,9 @@ published in `chunk_s` blocks as they are played), a WAV file (`speak_to_file`).
 """
 from __future__ import annotations
 
-import collections
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,25 +16,15 @@ import soxr
 from rclpy.node import Node
 from std_msgs.msg import Bool, Empty, Float32, String
 
-from tinyalign_ros.core.audio import AudioError, find_device, normalize
+from tinyalign_ros.core.audio import find_device
 from tinyalign_ros.core.corpus import SynthesisError
-from tinyalign_ros.core.echo import FAR_HISTORY_S, BargeIn, BargeInDetector, DoubleTalkConfig
-from tinyalign_ros.core.tts import ENGINES, SentenceBuffer, Synthesizer
+from tinyalign_ros.core.echo import BargeIn, BargeInDetector, DoubleTalkConfig, VoiceBargeIn
+from tinyalign_ros.core.tts import ENGINES, AnswerLatency, AnswerStreams, Sentence, Synthesizer
 from tinyalign_ros.msg import AudioChunk, Response, ResponseToken
 
 from .common import (AUDIO_QOS, DROPPED_TOPIC, EVENT_QOS, LATCHED_QOS, Worker, drop_record, from_time_msg,
-                     plausible_latency, remember, run_node)
+                     plausible_latency, run_node)
 from .diagnostics import ERROR, OK, WARN, Status, Updater
-
-
-RECENT_IDS = 256  # utterance ids remembered as cancelled / seen / spoken whole (late tokens of old answers)
-
-
-@dataclass
-class _Sentence:
-    generation: int
-    utterance_id: str
-    text: str
 
 
 @dataclass
@@ -46,21 +35,13 @@ class _Audio:
     samples: np.ndarray  # at the node's output rate
 
 
-@dataclass
-class _Timing:
-    """Per answer, in node-clock seconds: what the latency figures are computed from."""
-    first_token: float | None = None     # header stamp of the first ResponseToken
-    end_of_speech: float | None = None   # from the Response: stamp - latency_last_token_s
-    first_audio: float | None = None     # when its first sample went to the device / topic
-    reported: set[str] = field(default_factory=set)
-
-
 class TtsNode(Node):
     """Speaks the assistant's answers sentence by sentence and says when the robot is speaking.
 
     Two worker threads form a pipeline: one synthesizes sentences as the token stream completes
-    them, the other plays them (while the next is synthesized), so speech starts after the first
-    sentence, not the last token. Without a sound device (or with `play: false`) the audio is
+    them (core/tts.py `AnswerStreams` says which sentences of which answers to speak), the other
+    plays them (while the next is synthesized), so speech starts after the first sentence, not
+    the last token. Without a sound device (or with `play: false`) the audio is
     still paced at real time (`realtime`), so `speaking` and `speech_audio` tell the truth about
     when a robot's own audio stack would be sounding it.
 
@@ -73,8 +54,8 @@ class TtsNode(Node):
     Barge-in by voice (`barge_in_on_speech`): this node also listens to the microphone
     (`audio`) while it speaks and stops the same way when the operator talks over it, but not
     when the microphone only hears the robot: a Geigel double-talk detector compares the
-    microphone with exactly what this node played, aligned by wall time (core/echo.py, which
-    also says what it cannot do without an echo canceller).
+    microphone with exactly what this node played, aligned by wall time (core/echo.py
+    `VoiceBargeIn`, which also says what it cannot do without an echo canceller).
 
     `speak_to_file`: one WAV for the node's lifetime (truncated at start); every sentence is
     appended as it finishes playing, exactly as spoken (cut short by a barge-in too), and the
@@ -84,7 +65,7 @@ class TtsNode(Node):
     audio sample) and `end_of_speech_to_audio_s` (the operator's end of speech, known from the
     Response's `latency_last_token_s`, → the first audio sample), both logged and published
     (`metrics/first_token_to_audio_s`, `metrics/end_of_speech_to_audio_s`, Float32) per answer,
-    and in /diagnostics.
+    and in /diagnostics (core/tts.py `AnswerLatency`).
     """
 
     def __init__(self, **kwargs) -> None:
@@ -111,7 +92,7 @@ class TtsNode(Node):
             min_speech_ms=int(p("double_talk.min_speech_ms", 150).value),
             vad_threshold=float(p("double_talk.vad_threshold", 0.5).value),
         )
-        self.detector = BargeInDetector(double_talk) if self.barge_in_on_speech else None
+        self.voice = VoiceBargeIn(double_talk) if self.barge_in_on_speech else None
         self.speak_to_file = str(p("speak_to_file", "").value)
         self.realtime = bool(p("realtime", True).value)
         self.max_queued = int(p("max_queued_sentences", 32).value)
@@ -129,18 +110,12 @@ class TtsNode(Node):
         self.get_logger().info(f"voice: {self.synth.description} at {self.synth.sample_rate} Hz "
                                f"(warm-up {time.monotonic() - started:.2f} s)")
 
-        self._lock = threading.RLock()
-        self._generation = 0
+        self._lock = threading.RLock()  # guards answers, latency and the speaking state
+        self.answers = AnswerStreams(self.max_sentence_chars, self.stream_tokens, logger=self.get_logger())
+        self.latency = AnswerLatency()
         self._speaking = False
         self._playing = False
         self._last_sample_end = 0.0       # monotonic time the last played sample leaves the speaker
-        self._buffers: dict[str, SentenceBuffer] = {}
-        self._next_index: dict[str, int] = {}
-        self._cancelled: collections.OrderedDict[str, None] = collections.OrderedDict()
-        self._seen_tokens: collections.OrderedDict[str, None] = collections.OrderedDict()
-        self._spoken_whole: collections.OrderedDict[str, None] = collections.OrderedDict()
-        self._timing: collections.OrderedDict[str, _Timing] = collections.OrderedDict()
-        self._current_answers: set[str] = set()  # answers with sentences queued for or in playback
         self._stopping = threading.Event()
         self.offset = 0
         self.sentences_spoken = 0
@@ -148,8 +123,6 @@ class TtsNode(Node):
         self.barge_ins = 0
         self.voice_barge_ins = 0
         self.last_voice_barge_in: BargeIn | None = None  # when (microphone time) and how loud
-        self.off_clock_mic_chunks = 0
-        self._mic_armed = False  # the detector has been reset for the speech going on now
         self.dropped_sentences = 0
         self.synthesis_errors = 0
         self.last_synthesis_s = 0.0
@@ -176,7 +149,7 @@ class TtsNode(Node):
         self.dropped_pub = self.create_publisher(String, DROPPED_TOPIC, EVENT_QOS)
         self.player: Worker[_Audio] = Worker("tts-play", self._play, 4 * self.max_queued,
                                              self._on_drop, self._on_error)
-        self.synth_worker: Worker[_Sentence] = Worker("tts-synth", self._synthesize, self.max_queued,
+        self.synth_worker: Worker[Sentence] = Worker("tts-synth", self._synthesize, self.max_queued,
                                                       self._on_drop, self._on_error)
         if self.stream_tokens:
             self.create_subscription(ResponseToken, "response_tokens", self._on_token, EVENT_QOS)
@@ -184,7 +157,7 @@ class TtsNode(Node):
         # answers whose tokens never came (an assistant that does not stream).
         self.create_subscription(Response, "response", self._on_response, EVENT_QOS)
         self.create_subscription(Empty, "barge_in", self._on_barge_in, EVENT_QOS)
-        if self.detector is not None:
+        if self.voice is not None:
             self.create_subscription(AudioChunk, "audio", self._on_mic, AUDIO_QOS)
         self.create_timer(0.05, self._update_speaking)  # tail resolution
         Updater(self).add("speech output", self._diagnose)
@@ -250,52 +223,22 @@ class TtsNode(Node):
 
     # -- input callbacks -------------------------------------------------------------------------
     def _on_token(self, msg: ResponseToken) -> None:
-        uid = msg.utterance_id
         with self._lock:
-            if uid in self._cancelled or uid in self._spoken_whole:
+            sentences = self.answers.token(msg.utterance_id, msg.index, msg.text, msg.final)
+            if sentences is None:
                 return
-            remember(self._seen_tokens, uid, None, RECENT_IDS)
-            timing = self._timing_of(uid)
-            if timing.first_token is None:
-                timing.first_token = from_time_msg(msg.header.stamp)
-            expected = self._next_index.get(uid, 0)
-            if msg.index != expected:
-                self.get_logger().warning(f"{uid}: token {msg.index} arrived, expected {expected} (lost tokens?)")
-            self._next_index[uid] = msg.index + 1
-            if uid not in self._buffers and len(self._buffers) >= 16:  # answers whose final token never came
-                stale = next(iter(self._buffers))
-                self.get_logger().warning(f"{stale}: no final token; dropping its unspoken text")
-                del self._buffers[stale]
-                self._next_index.pop(stale, None)
-            buffer = self._buffers.setdefault(uid, SentenceBuffer(self.max_sentence_chars))
-            sentences = buffer.push(msg.text)
-            if msg.final:
-                sentences += buffer.flush()
-                del self._buffers[uid]
-                self._next_index.pop(uid, None)
-            generation = self._generation
-        for text in sentences:
-            self.synth_worker.put(_Sentence(generation, uid, text))
+            self.latency.token(msg.utterance_id, from_time_msg(msg.header.stamp))
+        for sentence in sentences:
+            self.synth_worker.put(sentence)
 
     def _on_response(self, msg: Response) -> None:
-        uid = msg.utterance_id
-        stamp = from_time_msg(msg.header.stamp)
         with self._lock:
-            timing = self._timing_of(uid)
-            timing.end_of_speech = stamp - float(msg.latency_last_token_s)
-            if timing.first_token is None:
-                timing.first_token = stamp - float(msg.latency_last_token_s - msg.latency_first_token_s)
-            speak = uid not in self._cancelled and (not self.stream_tokens or uid not in self._seen_tokens)
-            if speak and self.stream_tokens:
-                # its tokens may still be queued behind this callback: they must not speak it twice
-                remember(self._spoken_whole, uid, None, RECENT_IDS)
-                self.get_logger().info(f"{uid}: no token stream seen; speaking the whole response")
-            generation = self._generation
-        self._report_latency(uid)
-        if speak:
-            buffer = SentenceBuffer(self.max_sentence_chars)
-            for text in buffer.push(msg.text) + buffer.flush():
-                self.synth_worker.put(_Sentence(generation, uid, text))
+            self.latency.response(msg.utterance_id, from_time_msg(msg.header.stamp), msg.latency_first_token_s,
+                                  msg.latency_last_token_s)
+            sentences = self.answers.response(msg.utterance_id, msg.text)
+        self._report_latency(msg.utterance_id)
+        for sentence in sentences:
+            self.synth_worker.put(sentence)
 
     def _on_barge_in(self, _msg: Empty) -> None:
         if not self.barge_in_enabled:
@@ -305,29 +248,12 @@ class TtsNode(Node):
 
     def _on_mic(self, msg: AudioChunk) -> None:
         """Barge-in by voice: run the double-talk detector on the microphone while speaking."""
-        if not self._speaking:
-            self._mic_armed = False
+        heard = self.voice.microphone(self._speaking, self.get_clock().now().nanoseconds * 1e-9,
+                                      from_time_msg(msg.header.stamp), msg.samples, msg.sample_rate)
+        if heard.skipped:
+            self.get_logger().warning(heard.skipped, throttle_duration_sec=10.0)
             return
-        if not self._mic_armed:  # a new stretch of speech: forget the microphone side of the last one
-            self.detector.reset()
-            self._mic_armed = True
-        try:
-            audio = normalize(np.asarray(msg.samples, dtype=np.float32), msg.sample_rate)
-        except AudioError as exc:
-            self.get_logger().warning(f"barge-in detector skipped a microphone chunk: {exc}",
-                                      throttle_duration_sec=10.0)
-            return
-        stamp = from_time_msg(msg.header.stamp)
-        lag = self.get_clock().now().nanoseconds * 1e-9 - stamp
-        if not -self.detector.config.clock_tolerance_s <= lag <= FAR_HISTORY_S / 2:
-            # a microphone on another clock: compared with no speaker audio at all, the robot's
-            # own echo would look like a second talker, so this chunk cannot be judged
-            self.off_clock_mic_chunks += 1
-            self.get_logger().warning(f"microphone chunk stamped {-lag:+.2f} s from this node's clock: barge-in "
-                                      "by voice needs the microphone on this machine's clock; chunk skipped",
-                                      throttle_duration_sec=10.0)
-            return
-        event = self.detector.near(stamp, audio.samples)
+        event = heard.event
         if event is not None and self._interrupt(
                 f"barge-in by voice (microphone at {event.ratio:.2f} x the robot's recent peak, "
                 f"threshold {self.detector.config.threshold:g})"):
@@ -337,13 +263,8 @@ class TtsNode(Node):
     def _interrupt(self, reason: str) -> bool:
         """Stop speaking now and drop everything queued; True if there was something to stop."""
         with self._lock:
-            busy = self._playing or not self.synth_worker.idle or not self.player.idle or bool(self._buffers)
-            self._generation += 1
-            for uid in list(self._buffers) + list(self._current_answers):
-                remember(self._cancelled, uid, None, RECENT_IDS)
-            self._buffers.clear()
-            self._next_index.clear()
-            self._current_answers.clear()
+            busy = self._playing or not self.synth_worker.idle or not self.player.idle
+            busy = self.answers.interrupt() or busy
             was_speaking = self._speaking
             self._set_speaking(False)
         if busy or was_speaking:
@@ -352,8 +273,8 @@ class TtsNode(Node):
         return busy or was_speaking
 
     # -- worker threads --------------------------------------------------------------------------
-    def _synthesize(self, item: _Sentence) -> None:
-        if item.generation != self._generation:
+    def _synthesize(self, item: Sentence) -> None:
+        if not self.answers.current(item.generation):
             return
         started = time.monotonic()
         try:
@@ -371,18 +292,17 @@ class TtsNode(Node):
         if rate != self.output_rate:
             samples = soxr.resample(samples, rate, self.output_rate).astype(np.float32, copy=False)
         # back-pressure: wait while the player has enough queued (never drop a sentence mid-answer)
-        while (self.player.depth >= self.max_queued and item.generation == self._generation
+        while (self.player.depth >= self.max_queued and self.answers.current(item.generation)
                and not self._stopping.wait(0.02)):
             pass
         with self._lock:
-            if item.generation != self._generation:
+            if not self.answers.start(item):
                 return
-            self._current_answers.add(item.utterance_id)
         self.player.put(_Audio(item.generation, item.utterance_id, item.text, samples))
 
     def _play(self, item: _Audio) -> None:
         with self._lock:
-            if item.generation != self._generation:
+            if not self.answers.current(item.generation):
                 return
             self._playing = True
             self._set_speaking(True)
@@ -392,21 +312,21 @@ class TtsNode(Node):
         t0 = time.monotonic()
         try:
             for start in range(0, item.samples.size, block):
-                if item.generation != self._generation or self._stopping.is_set():
+                if not self.answers.current(item.generation) or self._stopping.is_set():
                     self._flush_device()
                     break
                 samples = item.samples[start:start + block]
                 if start == 0:
                     self._first_audio(item.utterance_id)
-                if self.detector is not None:  # the far end, when it reaches the speaker
-                    self.detector.far(self.get_clock().now().nanoseconds * 1e-9
+                if self.voice is not None:  # the far end, when it reaches the speaker
+                    self.voice.speaker(self.get_clock().now().nanoseconds * 1e-9
                                       + (self.device_latency_s if self._stream else 0.0), samples, self.output_rate)
                 self._publish_chunk(samples)
                 if self._stream is not None:
                     self._write_device(device_audio[round(start * ratio):round((start + samples.size) * ratio)])
                 if self._stream is None and self.realtime:  # pace at real time (also after a device failure)
                     end = t0 + (start + samples.size) / self.output_rate
-                    while (item.generation == self._generation and not self._stopping.is_set()
+                    while (self.answers.current(item.generation) and not self._stopping.is_set()
                            and (delay := end - time.monotonic()) > 0):
                         time.sleep(min(delay, 0.01))
                 played = start + samples.size
@@ -414,7 +334,7 @@ class TtsNode(Node):
             with self._lock:
                 self._playing = False
                 self._last_sample_end = time.monotonic() + (self.device_latency_s if self._stream else 0.0)
-                if item.generation != self._generation:
+                if not self.answers.current(item.generation):
                     self.sentences_interrupted += 1
                 else:
                     self.sentences_spoken += 1
@@ -471,12 +391,21 @@ class TtsNode(Node):
             if (self._speaking and not self._playing and self.player.idle
                     and time.monotonic() >= self._last_sample_end + self.tail_s):
                 self._set_speaking(False)
-                if self.synth_worker.idle and not self._buffers:
-                    self._current_answers.clear()
+                if self.synth_worker.idle:
+                    self.answers.quiet()
 
     @property
     def speaking(self) -> bool:
         return self._speaking
+
+    @property
+    def detector(self) -> BargeInDetector | None:
+        """The double-talk detector (None without `barge_in_on_speech`)."""
+        return self.voice.detector if self.voice is not None else None
+
+    @property
+    def off_clock_mic_chunks(self) -> int:
+        return self.voice.off_clock_chunks if self.voice is not None else 0
 
     @property
     def idle(self) -> bool:
@@ -484,34 +413,21 @@ class TtsNode(Node):
         return self.synth_worker.idle and self.player.idle and not self._speaking
 
     # -- latency ---------------------------------------------------------------------------------
-    def _timing_of(self, uid: str) -> _Timing:
-        if uid not in self._timing:
-            remember(self._timing, uid, _Timing(), 64)
-        return self._timing[uid]
-
     def _first_audio(self, uid: str) -> None:
         with self._lock:
-            timing = self._timing_of(uid)
-            if timing.first_audio is not None:
+            if not self.latency.first_audio(uid, self.get_clock().now().nanoseconds * 1e-9):
                 return
-            timing.first_audio = self.get_clock().now().nanoseconds * 1e-9
         self._report_latency(uid)
 
     def _report_latency(self, uid: str) -> None:
         """Log and publish (metrics/NAME) each figure once per answer, as soon as both of its ends
         are known."""
         with self._lock:
-            t = self._timing.get(uid)
-            if t is None or t.first_audio is None:
-                return
-            figures: dict[str, float] = {}
-            if t.first_token is not None and "token" not in t.reported:
-                t.reported.add("token")
-                self.last_first_token_to_audio_s = figures["first_token_to_audio_s"] = t.first_audio - t.first_token
-            if t.end_of_speech is not None and "eos" not in t.reported:
-                t.reported.add("eos")
-                self.last_end_of_speech_to_audio_s = figures["end_of_speech_to_audio_s"] = \
-                    t.first_audio - t.end_of_speech
+            figures = self.latency.due(uid)
+            self.last_first_token_to_audio_s = figures.get("first_token_to_audio_s",
+                                                           self.last_first_token_to_audio_s)
+            self.last_end_of_speech_to_audio_s = figures.get("end_of_speech_to_audio_s",
+                                                             self.last_end_of_speech_to_audio_s)
         for name, value in list(figures.items()):
             if not plausible_latency(value):
                 self.get_logger().warning(f"{uid}: {name} = {value:.1f} s is not a latency (bad stamp upstream): "
