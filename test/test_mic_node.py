@@ -8,12 +8,12 @@ import pytest
 from rclpy.parameter import Parameter
 
 from conftest import wait_for, write
-from tinyalign_ros.core.audio import AudioError
+from tinyalign_ros.core.audio import AudioError, find_device
 from std_msgs.msg import String
 
 from tinyalign_ros.msg import AudioChunk, Response
 from tinyalign_ros.nodes.common import AUDIO_QOS, DROPPED_TOPIC, EVENT_QOS, LATCHED_QOS, drop_record
-from tinyalign_ros.nodes.mic_node import MicNode, find_input_device
+from tinyalign_ros.nodes.mic_node import MicNode
 
 
 def mic(ros, **params) -> MicNode:
@@ -64,9 +64,9 @@ def test_overlong_file_is_refused(ros, tmp_path):
 
 def test_missing_device_error_lists_the_available_devices():
     with pytest.raises(AudioError, match="available input devices"):
-        find_input_device("no-such-microphone-xyz")
+        find_device("no-such-microphone-xyz", "input")
     with pytest.raises(AudioError, match="available input devices"):
-        find_input_device("987")
+        find_device("987", "input")
 
 
 class FakePipeline:

@@ -9,7 +9,7 @@ import numpy as np
 from rclpy.node import Node
 from std_msgs.msg import String
 
-from tinyalign_ros.core.audio import SAMPLE_RATE, AudioError, chunks, load_audio, normalize
+from tinyalign_ros.core.audio import SAMPLE_RATE, AudioError, chunks, find_device, load_audio, normalize
 from tinyalign_ros.msg import AudioChunk, Response
 
 from .common import AUDIO_QOS, DROPPED_TOPIC, EVENT_QOS, LATCHED_QOS, run_node
@@ -17,23 +17,6 @@ from .diagnostics import OK, WARN, RateMeter, Status, Updater
 
 
 PIPELINE = "the pipeline (asr_node's audio_consumed, assistant_node's answers)"
-
-
-def find_input_device(device: str) -> int:
-    """A sounddevice input index from a name fragment or an index; the error lists what exists."""
-    import sounddevice as sd  # imported lazily: a file-source robot needs no PortAudio
-
-    devices = [(i, d) for i, d in enumerate(sd.query_devices()) if d["max_input_channels"] > 0]
-    listing = "; ".join(f"{i}: {d['name']}" for i, d in devices) or "none"
-    if device.strip().lstrip("-").isdigit():
-        index = int(device)
-        if any(i == index for i, _ in devices):
-            return index
-    else:
-        matches = [i for i, d in devices if device.lower() in d["name"].lower()]
-        if matches:
-            return matches[0]
-    raise AudioError(f"no input audio device '{device}'; available input devices: {listing}")
 
 
 class MicNode(Node):
@@ -249,7 +232,7 @@ class MicNode(Node):
     def _open_device(self):
         import sounddevice as sd
 
-        index = find_input_device(self.device) if self.device else None
+        index = find_device(self.device, "input")
         rate = int(sd.query_devices(index, "input")["default_samplerate"])
         self.get_logger().info(f"capturing from {sd.query_devices(index, 'input')['name']} at {rate} Hz")
         block = int(round(self.chunk_size * rate / SAMPLE_RATE))
