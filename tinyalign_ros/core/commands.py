@@ -1,0 +1,565 @@
+"""From what the operator said to one checked skill call (or none): skills declared in YAML, a
+JSON schema of "one skill call or none", and the frozen LLM writing that call under a grammar.
+
+ROS-free: assistant_node and `tinyalign bench commands` both use `CommandParser`.
+
+The skills file (config/skills.yaml, documented there) is checked when it is loaded: an unknown
+key, a wrong type, a template naming an argument that does not exist, an example or a phrase
+naming a skill or value that is not declared raise `SkillsError` with the place in the file, so a
+robot never starts with a skill set it cannot honour.
+
+**Constrained decoding.** `SkillSet.schema()` is an `anyOf` of one object per skill
+(`{"skill": "go_to", "arguments": {"place": <enum>}}`) plus `{"skill": "none", "arguments": {}}`.
+llguidance compiles it into a token grammar; `CommandParser` runs the frozen LLM greedily and, at
+every step, masks the tokens the grammar forbids. Tokens the grammar forces (the JSON syntax, the
+rest of a value once its first token decides it) are not sampled: they are fed to the model in one
+forward pass with the token that made them certain, so a call costs one forward pass per real
+decision (skill name, each argument value) plus one for the request. The output is therefore
+always a valid call of a declared skill with allowed values; it is still checked against the
+skill set (`SkillSet.check`) before anyone acts on it. The confidence is the product of the
+probabilities, renormalized over the allowed tokens, of the tokens that were real choices.
+
+**Why llguidance** (measured on this 2-core CPU, SmolLM2-135M tokenizer, 49k tokens; commands in
+`tinyalign bench commands --compare-libraries`, figures in bench/results/commands.json):
+- llguidance 1.9.1: one 3.1 MB wheel (7.6 MB installed), no dependencies (Rust); a token mask is
+  computed in microseconds, and it reports the forced tokens (`compute_ff_tokens`) that let the
+  parser skip the model's forward pass for JSON syntax.
+- lm-format-enforcer 0.11.3: 45 kB + interegular (pure Python, pydantic already here): its
+  tokenizer prefix tree takes seconds to build and each mask is computed in Python.
+- xgrammar 0.2.8 pulls triton (286 MB wheel) and apache-tvm-ffi into a CPU-only venv; outlines 1.3.3
+  brings outlines-core plus a dozen packages; transformers-cfg's last release (2025-03) predates
+  transformers 5. Not installed.
+The few-shot examples come from the skills file (`examples:`), never from the benchmark's
+held-out requests (data/skill_requests_test.tsv).
+
+**Stop.** `SkillSet.match_phrase` maps whole utterances such as "stop", "halt!", "stop, stop"
+to an argument-less skill declared with `phrases:` without the LLM (microseconds): assistant_node
+calls it in the subscription callback, before the bounded queue, so a stop is published at once
+and never dropped because the LLM is busy.
+"""
+from __future__ import annotations
+
+import json
+import re
+import string
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+NONE = "none"  # the skill of an utterance that asks for no skill
+NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
+ARG_TYPES = ("choice", "text")
+SKILL_KEYS = {"description", "arguments", "confirm", "ask", "phrases"}
+ARG_KEYS = {"choice": {"type", "values", "description"}, "text": {"type", "max_chars", "description"}}
+EXAMPLE_KEYS = {"text", "skill", "arguments"}
+TOP_KEYS = {"skills", "examples"}
+FILLERS = {"please", "robot", "tiny", "hey", "now", "ok", "okay", "right", "just"}
+MAX_PHRASE_WORDS = 12
+
+
+def default_skills_file() -> Path:
+    """config/skills.yaml next to the sources (checkout), else in the installed share folder."""
+    here = Path(__file__).resolve().parents[2] / "config" / "skills.yaml"
+    if here.is_file():
+        return here
+    from ament_index_python.packages import get_package_share_directory
+
+    return Path(get_package_share_directory("tinyalign_ros")) / "config" / "skills.yaml"
+
+
+class SkillsError(ValueError):
+    """The skills file is malformed; the message says where and what is allowed."""
+
+
+def _fields(template: str) -> list[str]:
+    return [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+
+
+def normalize_phrase(text: str) -> str:
+    """Lowercase words without punctuation, fillers dropped and immediate repetitions folded:
+    "Stop, stop, STOP please!" -> "stop"."""
+    words = re.findall(r"[a-z0-9']+", text.lower().replace("’", "'"))
+    words = [w for w in words if w not in FILLERS]
+    for n in range(1, len(words) // 2 + 1):  # "stop stop stop", "stop it stop it"
+        unit = words[:n]
+        if len(words) % n == 0 and unit * (len(words) // n) == words:
+            words = unit
+            break
+    return " ".join(words)
+
+
+@dataclass(frozen=True)
+class Argument:
+    name: str
+    type: str
+    values: dict[str, str] = field(default_factory=dict)  # choice: value -> spoken form
+    max_chars: int = 60  # text
+
+    def schema(self) -> dict[str, Any]:
+        if self.type == "choice":
+            return {"enum": list(self.values)}
+        return {"type": "string", "minLength": 1, "maxLength": self.max_chars, "pattern": r"^[^\"\\\n]*$"}
+
+    def check(self, value: Any) -> str:
+        if not isinstance(value, str):
+            raise ValueError(f"argument {self.name} must be a string, got {value!r}")
+        if self.type == "choice" and value not in self.values:
+            raise ValueError(f"argument {self.name}={value!r} is not one of {sorted(self.values)}")
+        if self.type == "text" and not 0 < len(value) <= self.max_chars:
+            raise ValueError(f"argument {self.name} must have 1..{self.max_chars} characters")
+        return value
+
+    def spoken(self, value: str) -> str:
+        return self.values.get(value, value)
+
+
+@dataclass(frozen=True)
+class Skill:
+    name: str
+    description: str
+    arguments: tuple[Argument, ...] = ()
+    confirm: str = ""
+    ask: str = ""
+    phrases: tuple[str, ...] = ()
+
+    def schema(self) -> dict[str, Any]:
+        props = {a.name: a.schema() for a in self.arguments}
+        return {"type": "object", "properties": {
+            "skill": {"const": self.name},
+            "arguments": {"type": "object", "properties": props, "required": list(props),
+                          "additionalProperties": False}},
+            "required": ["skill", "arguments"], "additionalProperties": False}
+
+    def signature(self) -> str:
+        """One prompt line: `go_to(place: kitchen | living room | ...): Drive to a place.`"""
+        args = ", ".join(f"{a.name}: {' | '.join(a.values)}" if a.type == "choice" else f"{a.name}: text"
+                         for a in self.arguments)
+        return f"{self.name}({args}): {self.description}"
+
+
+@dataclass(frozen=True)
+class SkillCall:
+    """One checked skill call (skill NONE: the utterance asks for no skill)."""
+
+    skill: str
+    arguments: dict[str, str] = field(default_factory=dict)
+    confidence: float = 1.0
+    text: str = ""  # what it was made from
+    via: str = "llm"  # "llm", "phrase" (the fast path) or "empty"
+    seconds: float = 0.0  # time spent making it
+
+    @property
+    def is_none(self) -> bool:
+        return self.skill == NONE
+
+    def to_json(self) -> str:
+        return json.dumps({"skill": self.skill, "arguments": self.arguments}, sort_keys=True)
+
+    def arguments_json(self) -> str:
+        return json.dumps(self.arguments, sort_keys=True)
+
+
+@dataclass(frozen=True)
+class Example:
+    text: str
+    skill: str
+    arguments: dict[str, str]
+
+
+class SkillSet:
+    def __init__(self, skills: list[Skill], examples: list[Example] = (), source: str = "skills") -> None:
+        self.skills = {s.name: s for s in skills}
+        self.examples = list(examples)
+        self.source = source
+        self._phrases = {p: s.name for s in skills for p in s.phrases}
+
+    # ------------------------------------------------------------------ loading and checking
+    @classmethod
+    def load(cls, path: str | Path) -> "SkillSet":
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except OSError as exc:
+            raise SkillsError(f"cannot read the skills file {path}: {exc}") from exc
+        except yaml.YAMLError as exc:
+            raise SkillsError(f"{path}: not valid YAML: {exc}") from exc
+        return cls.from_dict(data, source=str(path))
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "skills") -> "SkillSet":
+        def fail(where: str, what: str) -> SkillsError:
+            return SkillsError(f"{source}: {where}: {what}")
+
+        def mapping(value: Any, where: str, keys: set[str] | None = None) -> dict:
+            if not isinstance(value, dict):
+                raise fail(where, f"must be a mapping, got {type(value).__name__}")
+            if keys is not None and set(value) - keys:
+                raise fail(where, f"unknown key(s) {sorted(map(str, set(value) - keys))}; allowed: {sorted(keys)}")
+            return value
+
+        def text(value: Any, where: str, required: bool = True) -> str:
+            if not isinstance(value, str) or (required and not value.strip()):
+                raise fail(where, f"must be a non-empty string, got {value!r}"
+                           + (" (quote on/off/yes/no: YAML reads them as booleans)" if isinstance(value, bool) else ""))
+            return value.strip()
+
+        data = mapping(data, "top level", TOP_KEYS)
+        raw_skills = mapping(data.get("skills"), "skills")
+        if not raw_skills:
+            raise fail("skills", "declares no skill")
+        skills: list[Skill] = []
+        for name, raw in raw_skills.items():
+            where = f"skills.{name}"
+            if not isinstance(name, str) or not NAME_RE.match(name) or name == NONE:
+                raise fail(where, f"a skill name is lowercase letters, digits and _ (and not '{NONE}')")
+            raw = mapping(raw, where, SKILL_KEYS)
+            if "description" not in raw:
+                raise fail(where, "needs a description (the LLM reads it)")
+            args: list[Argument] = []
+            for arg_name, raw_arg in mapping(raw.get("arguments") or {}, f"{where}.arguments").items():
+                aw = f"{where}.arguments.{arg_name}"
+                if not isinstance(arg_name, str) or not NAME_RE.match(arg_name):
+                    raise fail(aw, "an argument name is lowercase letters, digits and _")
+                raw_arg = mapping(raw_arg, aw)
+                kind = raw_arg.get("type")
+                if kind not in ARG_TYPES:
+                    raise fail(f"{aw}.type", f"must be one of {list(ARG_TYPES)}, got {kind!r}")
+                mapping(raw_arg, aw, ARG_KEYS[kind])
+                if kind == "choice":
+                    values = raw_arg.get("values")
+                    if isinstance(values, list):
+                        values = {text(v, f"{aw}.values"): text(v, f"{aw}.values") for v in values}
+                    values = {text(k, f"{aw}.values"): text(v, f"{aw}.values.{k}")
+                              for k, v in mapping(values, f"{aw}.values").items()}
+                    if not values:
+                        raise fail(f"{aw}.values", "a choice needs at least one value")
+                    if any('"' in v or "\\" in v for v in values):
+                        raise fail(f"{aw}.values", "values may not contain quotes or backslashes")
+                    args.append(Argument(arg_name, kind, values))
+                else:
+                    max_chars = raw_arg.get("max_chars", 60)
+                    if not isinstance(max_chars, int) or isinstance(max_chars, bool) or not 1 <= max_chars <= 200:
+                        raise fail(f"{aw}.max_chars", f"must be an integer 1..200, got {max_chars!r}")
+                    args.append(Argument(arg_name, kind, max_chars=max_chars))
+            names = {a.name for a in args}
+            templates = {}
+            for key in ("confirm", "ask"):
+                if key in raw:
+                    templates[key] = text(raw[key], f"{where}.{key}")
+                    try:
+                        unknown = set(_fields(templates[key])) - names
+                    except ValueError as exc:
+                        raise fail(f"{where}.{key}", f"not a valid template: {exc}") from exc
+                    if unknown:
+                        raise fail(f"{where}.{key}", f"names {sorted(unknown)}, not arguments of {name} "
+                                                     f"({sorted(names) or 'it has none'})")
+            phrases = raw.get("phrases") or []
+            if not isinstance(phrases, list):
+                raise fail(f"{where}.phrases", "must be a list of utterances")
+            if phrases and args:
+                raise fail(f"{where}.phrases", "only a skill without arguments can have phrases")
+            normalized = []
+            for p in phrases:
+                n = normalize_phrase(text(p, f"{where}.phrases"))
+                if not n or len(n.split()) > MAX_PHRASE_WORDS:
+                    raise fail(f"{where}.phrases", f"{p!r} is empty once fillers are dropped, or too long")
+                normalized.append(n)
+            skills.append(Skill(name, text(raw["description"], f"{where}.description"), tuple(args),
+                                templates.get("confirm", ""), templates.get("ask", ""), tuple(normalized)))
+        seen: dict[str, str] = {}
+        for s in skills:
+            for p in s.phrases:
+                if seen.setdefault(p, s.name) != s.name:
+                    raise fail(f"skills.{s.name}.phrases", f"{p!r} is also a phrase of {seen[p]}")
+        skill_set = cls(skills, source=source)
+        raw_examples = data.get("examples") or []
+        if not isinstance(raw_examples, list):
+            raise fail("examples", "must be a list")
+        for i, raw in enumerate(raw_examples):
+            where = f"examples[{i}]"
+            raw = mapping(raw, where, EXAMPLE_KEYS)
+            call = {"skill": raw.get("skill"), "arguments": raw.get("arguments") or {}}
+            try:
+                skill_set.check(call)
+            except ValueError as exc:
+                raise fail(where, str(exc)) from exc
+            skill_set.examples.append(Example(text(raw.get("text"), f"{where}.text"), call["skill"],
+                                              dict(call["arguments"])))
+        return skill_set
+
+    def select(self, names: list[str]) -> "SkillSet":
+        """Only the named skills (a robot that implements a subset); an unknown name is an error."""
+        unknown = [n for n in names if n not in self.skills]
+        if unknown:
+            raise SkillsError(f"{self.source}: unknown skill(s) {unknown}; declared: {sorted(self.skills)}")
+        kept = [s for n, s in self.skills.items() if n in names]
+        return SkillSet(kept, [e for e in self.examples if e.skill in names or e.skill == NONE], self.source)
+
+    def check(self, call: Any) -> tuple[str, dict[str, str]]:
+        """(skill, arguments) of a call dict, or ValueError saying what is wrong with it."""
+        if not isinstance(call, dict) or set(call) != {"skill", "arguments"}:
+            raise ValueError(f"a call is {{'skill': ..., 'arguments': {{...}}}}, got {call!r}")
+        name, args = call["skill"], call["arguments"]
+        if not isinstance(args, dict):
+            raise ValueError(f"arguments must be a mapping, got {args!r}")
+        if name == NONE:
+            if args:
+                raise ValueError("'none' takes no arguments")
+            return NONE, {}
+        if name not in self.skills:
+            raise ValueError(f"unknown skill {name!r}; declared: {sorted(self.skills)}")
+        skill = self.skills[name]
+        expected = {a.name for a in skill.arguments}
+        if set(args) != expected:
+            raise ValueError(f"{name} takes arguments {sorted(expected)}, got {sorted(args)}")
+        return name, {a.name: a.check(args[a.name]) for a in skill.arguments}
+
+    # ------------------------------------------------------------------ schema, phrases, speech
+    def schema(self) -> dict[str, Any]:
+        """JSON schema of one skill call or none."""
+        none = {"type": "object", "properties": {
+            "skill": {"const": NONE},
+            "arguments": {"type": "object", "properties": {}, "additionalProperties": False}},
+            "required": ["skill", "arguments"], "additionalProperties": False}
+        return {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "skill call or none",
+                "anyOf": [s.schema() for s in self.skills.values()] + [none]}
+
+    def match_phrase(self, text: str) -> SkillCall | None:
+        """The fast path: a whole utterance that is one of a skill's `phrases`, else None."""
+        t0 = time.perf_counter()
+        n = normalize_phrase(text)
+        name = self._phrases.get(n) if len(n.split()) <= MAX_PHRASE_WORDS else None
+        if name is None:
+            return None
+        return SkillCall(name, {}, 1.0, text, "phrase", time.perf_counter() - t0)
+
+    def _spoken(self, call: SkillCall) -> dict[str, str]:
+        skill = self.skills[call.skill]
+        return {a.name: a.spoken(call.arguments[a.name]) for a in skill.arguments}
+
+    def confirmation(self, call: SkillCall) -> str:
+        skill = self.skills[call.skill]
+        if skill.confirm:
+            return skill.confirm.format(**self._spoken(call))
+        args = ", ".join(self._spoken(call).values())
+        return f"OK: {skill.description.rstrip('.').lower()}" + (f" ({args})." if args else ".")
+
+    def ask_back(self, call: SkillCall) -> str:
+        skill = self.skills[call.skill]
+        if skill.ask:
+            return skill.ask.format(**self._spoken(call))
+        return f"Sorry, did you ask me to {skill.description.rstrip('.').lower()}?"
+
+    def prompt_lines(self) -> str:
+        return "\n".join(f"- {s.signature()}" for s in self.skills.values())
+
+
+# ---------------------------------------------------------------------- the LLM under a grammar
+SYSTEM_PROMPT = (
+    "You turn what the operator says to a home robot into one skill call in JSON. "
+    "The skills:\n{skills}\n"
+    'Answer {{"skill": "none", "arguments": {{}}}} when the operator asks a question, chats, or asks '
+    "for something no skill does."
+)
+METHODS = ("choice", "generate")
+
+
+def _softmax_top(scores: list[float]) -> float:
+    import math
+
+    top = max(scores)
+    return 1.0 / sum(math.exp(x - top) for x in scores)
+
+
+JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+class CommandParser:
+    """Text -> SkillCall with a frozen causal LM (transformers) under the skill set's grammar.
+
+    The fixed part of the prompt (instructions, skills, few-shot turns) is run through the model
+    once and its key/value cache kept; a request only runs its own tokens and the decisions.
+    Not thread-safe: one caller at a time (assistant_node's worker).
+    """
+
+    def __init__(self, skills: SkillSet, model, tokenizer, method: str = "choice", max_tokens: int = 64) -> None:
+        import llguidance
+        import llguidance.hf
+        import torch
+
+        self.skills, self.model, self.tokenizer = skills, model, tokenizer
+        self.max_tokens = max_tokens
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        self.method = method
+        self._prior: dict[str, float] = {}
+        self.schema = skills.schema()
+        self.grammar = llguidance.LLMatcher.grammar_from_json_schema(self.schema, overrides=JSON_OPTIONS)
+        self.lltok = llguidance.hf.from_tokenizer(tokenizer)
+        # choice mode writes a free-text argument under the grammar of its skill alone
+        self._skill_grammars = {
+            s.name: llguidance.LLMatcher.grammar_from_json_schema(
+                {"anyOf": [s.schema()]}, overrides=JSON_OPTIONS)
+            for s in skills.skills.values() if any(a.type == "text" for a in s.arguments)}
+        for grammar in [self.grammar, *self._skill_grammars.values()]:
+            error = llguidance.LLMatcher.validate_grammar(grammar, self.lltok)
+            if error:
+                raise SkillsError(f"{skills.source}: the skills' grammar does not compile: {error}")
+        self.vocab = model.get_output_embeddings().weight.shape[0]
+        self._torch = torch
+        prefix, self._suffix = self._prompt_parts()
+        self._prefix_ids = tokenizer(prefix, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        with torch.inference_mode():
+            out = model(input_ids=self._prefix_ids, use_cache=True)
+        self._prefix_kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+
+    def _prompt_parts(self) -> tuple[str, str]:
+        """(fixed prefix, request template) of the chat prompt, split where the request goes."""
+        marker = "\x00REQUEST\x00"
+        messages = [{"role": "system", "content": SYSTEM_PROMPT.format(skills=self.skills.prompt_lines())}]
+        for ex in self.skills.examples:
+            messages += [{"role": "user", "content": ex.text},
+                         {"role": "assistant", "content": json.dumps({"skill": ex.skill, "arguments": ex.arguments})}]
+        messages.append({"role": "user", "content": marker})
+        full = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        prefix, suffix = full.split(marker)
+        return prefix, "{request}" + suffix
+
+    def _fresh_cache(self):
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        for i, (k, v) in enumerate(self._prefix_kv):
+            cache.update(k, v, i)
+        return cache
+
+    def _mask(self, matcher) -> Any:
+        import numpy as np
+
+        bits = np.unpackbits(np.frombuffer(matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")
+        return self._torch.from_numpy(bits[: self.vocab].astype(bool))
+
+    # ------------------------------------------------------------------ constrained choice
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _score(self, cache, shared: list[int], last_logits, candidates: list[list[int]]):
+        """Log-likelihood of each candidate continuation after `shared`, in ONE forward pass: the
+        candidates are packed behind the shared tokens with an attention mask that lets each see
+        the cache, the shared tokens and itself only. The cache keeps the shared tokens, not the
+        candidates. Returns (scores, logits after the shared tokens)."""
+        torch = self._torch
+        past, n_shared = cache.get_seq_length(), len(shared)
+        flat = shared + [t for c in candidates for t in c]
+        q = len(flat)
+        allowed = torch.zeros(q, past + q, dtype=torch.bool)
+        allowed[:, :past] = True
+        if n_shared:
+            allowed[:n_shared, past:past + n_shared] = torch.ones(n_shared, n_shared, dtype=torch.bool).tril()
+            allowed[n_shared:, past:past + n_shared] = True
+        pos = list(range(past, past + n_shared))
+        start = n_shared
+        for c in candidates:
+            for j in range(len(c)):
+                allowed[start + j, past + start:past + start + j + 1] = True
+                pos.append(past + n_shared + j)
+            start += len(c)
+        mask = torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))[None, None]
+        logits = self.model(input_ids=torch.tensor([flat]), past_key_values=cache, use_cache=True,
+                            attention_mask=mask, position_ids=torch.tensor([pos])).logits[0, :, : self.vocab]
+        cache.crop(-(q - n_shared)) if q > n_shared else None
+        after_shared = logits[n_shared - 1] if n_shared else last_logits
+        scores, start = [], n_shared
+        for c in candidates:
+            rows = torch.cat([after_shared[None], logits[start:start + len(c) - 1]])
+            lp = torch.log_softmax(rows.float(), -1)
+            scores.append(float(lp[torch.arange(len(c)), torch.tensor(c)].sum()))
+            start += len(c)
+        return scores, after_shared
+
+    def choose(self, text: str) -> tuple[str, dict[str, str], float]:
+        """Constrained choice: the skill whose name is likeliest after the request (then each
+        argument's value in turn), scored by the LLM's log-likelihood of the JSON it would write.
+        Every option is a declared skill or an allowed value, so the result is valid by
+        construction; the confidence is the product of the softmaxes over the options."""
+        import math
+
+        from .llm import check_user_text
+
+        request = self._suffix.format(request=" ".join(check_user_text(text).split()))
+        cache = self._fresh_cache()
+        names = list(self.skills.skills) + [NONE]
+        shared = self._ids(request + '{"skill": "')
+        with self._torch.inference_mode():
+            scores, _ = self._score(cache, shared, None, [self._ids(n + '"') for n in names])
+            scores = [s - self._prior.get(n, 0.0) for s, n in zip(scores, names)]
+            best = max(range(len(names)), key=scores.__getitem__)
+            confidence = _softmax_top(scores)
+            skill = names[best]
+            args: dict[str, str] = {}
+            if skill in self._skill_grammars:  # free text cannot be enumerated: written under its grammar
+                _, args, conf = self.generate(text, self._skill_grammars[skill])
+                return skill, args, float(confidence * conf)
+            if skill != NONE:
+                context = self._ids(skill + '", "arguments": {')
+                for i, arg in enumerate(self.skills.skills[skill].arguments):
+                    context += self._ids(("" if i == 0 else ", ") + f'"{arg.name}": "')
+                    values = list(arg.values)
+                    s, _ = self._score(cache, context, None, [self._ids(v + '"') for v in values])
+                    k = max(range(len(values)), key=s.__getitem__)
+                    args[arg.name] = values[k]
+                    confidence *= _softmax_top(s)
+                    context = self._ids(values[k] + '"')
+        return skill, args, float(confidence if math.isfinite(confidence) else 0.0)
+
+    def parse(self, text: str) -> SkillCall:
+        """The skill call `text` asks for (NONE when none), always a valid call of the skill set."""
+        t0 = time.perf_counter()
+        fast = self.skills.match_phrase(text)
+        if fast is not None:
+            return fast
+        if not text.strip():
+            return SkillCall(NONE, {}, 1.0, text, "empty", time.perf_counter() - t0)
+        skill, args, confidence = (self.choose if self.method == "choice" else self.generate)(text)
+        return SkillCall(skill, args, confidence, text, "llm", time.perf_counter() - t0)
+
+    def generate(self, text: str, grammar: str | None = None) -> tuple[str, dict[str, str], float]:
+        """Greedy decoding under the grammar (default: every skill): (skill, arguments, confidence)."""
+        import llguidance
+
+        torch = self._torch
+        from .llm import check_user_text
+
+        request = self._suffix.format(request=" ".join(check_user_text(text).split()))
+        feed = self.tokenizer(request, add_special_tokens=False)["input_ids"]
+        matcher = llguidance.LLMatcher(self.lltok, grammar or self.grammar, log_level=0)
+        forced = matcher.compute_ff_tokens()
+        matcher.consume_tokens(forced)
+        feed, out_ids, logp_sum = feed + forced, list(forced), 0.0
+        cache = self._fresh_cache()
+        with torch.inference_mode():
+            for _ in range(self.max_tokens):
+                logits = self.model(input_ids=torch.tensor([feed]), past_key_values=cache,
+                                    use_cache=True).logits[0, -1, : self.vocab]
+                allowed = self._mask(matcher)
+                logits = logits.masked_fill(~allowed, float("-inf"))
+                token = int(torch.argmax(logits))
+                if int(allowed.sum()) > 1:
+                    logp_sum += float(torch.log_softmax(logits, -1)[token])
+                if token == self.tokenizer.eos_token_id or not matcher.consume_token(token):
+                    break
+                out_ids.append(token)
+                forced = matcher.compute_ff_tokens()
+                matcher.consume_tokens(forced)
+                out_ids += forced
+                if matcher.is_accepting() or matcher.is_stopped() or matcher.is_error():
+                    break
+                feed = [token] + forced
+        if matcher.is_error():
+            raise RuntimeError(f"grammar error while decoding {text!r}: {matcher.get_error()}")
+        out = self.tokenizer.decode(out_ids, skip_special_tokens=True)
+        skill, args = self.skills.check(json.loads(out))  # raises if the grammar ever let through junk
+        return skill, args, float(torch.exp(torch.tensor(logp_sum)))
