@@ -94,9 +94,9 @@ class Probe:
         return self.node.create_publisher(msg_type, topic, qos or EVENT_QOS)
 
     @staticmethod
-    def connected(*publishers, what: str = "discovery") -> None:
+    def connected(*publishers, what: str = "discovery", timeout: float = 20.0) -> None:
         """Wait until each publisher (the probe's, or the node's towards the probe) has a subscriber."""
-        wait_for(lambda: all(p.get_subscription_count() > 0 for p in publishers), what=what)
+        wait_for(lambda: all(p.get_subscription_count() > 0 for p in publishers), timeout, what)
 
 
 @pytest.fixture

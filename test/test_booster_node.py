@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, wait_for, write
+from conftest import REPO, Probe, wait_for, write
 from tinyalign_ros.core.boost import CHUNK_SAMPLES, BoostModel, Hint, Teacher, load_boost, save_boost
 from tinyalign_ros.msg import Hint as HintMsg
 from tinyalign_ros.nodes.common import AUDIO_QOS, to_time_msg
@@ -94,7 +94,6 @@ def test_asr_node_fuses_a_live_boosters_hints_and_falls_back_when_it_dies(ros, f
     from tinyalign_ros.core.encoder import load_whisper_encoder
     from tinyalign_ros.msg import AudioChunk, Utterance
     from tinyalign_ros.nodes.asr_node import AsrNode
-    from tinyalign_ros.nodes.common import EVENT_QOS
 
     booster = start_booster(fusion_file, tmp_path)
     try:
@@ -104,17 +103,15 @@ def test_asr_node_fuses_a_live_boosters_hints_and_falls_back_when_it_dies(ros, f
             Parameter("boost.fusion_file", value=str(fusion_file)), Parameter("boost.max_delay_chunks", value=6),
             Parameter("boost.link_timeout_s", value=1.0)]))
         fuser = asr.boost.fuser
-        probe = ros.node("probe")
+        probe = Probe(ros)
         received: list = []
-        utterances: list[Utterance] = []
-        diagnostics: list = []
-        probe.create_subscription(HintMsg, "hints", lambda m: received.append(hint_from_msg(m)), HINT_QOS)
-        probe.create_subscription(Utterance, "utterance", utterances.append, EVENT_QOS)
-        probe.create_subscription(DiagnosticArray, "/diagnostics", diagnostics.append, 10)
-        audio = probe.create_publisher(AudioChunk, "audio", AUDIO_QOS)
+        probe.node.create_subscription(HintMsg, "hints", lambda m: received.append(hint_from_msg(m)), HINT_QOS)
+        utterances: list[Utterance] = probe.collect(Utterance, "utterance")
+        diagnostics: list = probe.collect(DiagnosticArray, "/diagnostics", 10)
+        audio = probe.publisher(AudioChunk, "audio", AUDIO_QOS)
         wait_for(lambda: audio.get_subscription_count() >= 2, 60, "asr_node and booster_node to subscribe to audio")
         wait_for(lambda: asr.count_publishers("/tinyalign/hints") >= 1, 60, "asr_node to see the booster")
-        wait_for(lambda: asr.utterance_pub.get_subscription_count() > 0, 20, "the utterance subscriber")
+        probe.connected(asr.utterance_pub, what="the utterance subscriber")
 
         silence = np.zeros(5 * CHUNK_SAMPLES, np.float32)
         speech = np.concatenate([speech_16k, np.zeros(-len(speech_16k) % CHUNK_SAMPLES, np.float32)])
@@ -126,7 +123,7 @@ def test_asr_node_fuses_a_live_boosters_hints_and_falls_back_when_it_dies(ros, f
             for _ in range(n):
                 k = sent[0]
                 msg = AudioChunk(sample_rate=16000, offset=k * CHUNK_SAMPLES, samples=chunks[k])
-                msg.header.stamp = probe.get_clock().now().to_msg()
+                msg.header.stamp = probe.node.get_clock().now().to_msg()
                 audio.publish(msg)
                 sent[0] += 1
                 time.sleep(0.1)  # real time: the booster keeps up (or trails) as it would live
@@ -204,7 +201,6 @@ def test_reordered_late_duplicated_and_malformed_hints_through_asr_node(ros, fus
 
     from tinyalign_ros.msg import AudioChunk, Utterance
     from tinyalign_ros.nodes.asr_node import AsrNode
-    from tinyalign_ros.nodes.common import EVENT_QOS
 
     budget = 1
     asr = ros.add(AsrNode(namespace="tinyalign", context=ros.context, parameter_overrides=[
@@ -212,15 +208,12 @@ def test_reordered_late_duplicated_and_malformed_hints_through_asr_node(ros, fus
         Parameter("exit.max_layer", value=0), Parameter("echo_gate", value=False),
         Parameter("boost.fusion_file", value=str(fusion_file)), Parameter("boost.max_delay_chunks", value=budget)]))
     fuser = asr.boost.fuser
-    probe = ros.node("probe")
-    utterances: list[Utterance] = []
-    diagnostics: list = []
-    probe.create_subscription(Utterance, "utterance", utterances.append, EVENT_QOS)
-    probe.create_subscription(DiagnosticArray, "/diagnostics", diagnostics.append, 10)
-    audio = probe.create_publisher(AudioChunk, "audio", AUDIO_QOS)
-    hints = probe.create_publisher(HintMsg, "hints", HINT_QOS)
-    wait_for(lambda: audio.get_subscription_count() > 0 and hints.get_subscription_count() > 0
-             and asr.utterance_pub.get_subscription_count() > 0, 20, "discovery")
+    probe = Probe(ros)
+    utterances: list[Utterance] = probe.collect(Utterance, "utterance")
+    diagnostics: list = probe.collect(DiagnosticArray, "/diagnostics", 10)
+    audio = probe.publisher(AudioChunk, "audio", AUDIO_QOS)
+    hints = probe.publisher(HintMsg, "hints", HINT_QOS)
+    probe.connected(audio, hints, asr.utterance_pub)
 
     def hint_msg(j: int, sign: float = 1.0):
         data = sign * np.random.default_rng(j).normal(size=(5, HINT_DIM)).astype(np.float32)
@@ -246,7 +239,7 @@ def test_reordered_late_duplicated_and_malformed_hints_through_asr_node(ros, fus
 
     for k in range(n_chunks):
         msg = AudioChunk(sample_rate=16000, offset=k * CHUNK_SAMPLES, samples=x[k * CHUNK_SAMPLES:(k + 1) * CHUNK_SAMPLES])
-        msg.header.stamp = probe.get_clock().now().to_msg()
+        msg.header.stamp = probe.node.get_clock().now().to_msg()
         audio.publish(msg)
         wait_for(lambda: asr.chunks_received == k + 1, 10, "the audio chunk")
         due = sorted((j for j in range(k + 1) if arrival(j) == k), reverse=True)  # newest first

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from std_msgs.msg import String
 
-from conftest import wait_for
+from conftest import Probe, wait_for
 from tinyalign_ros.core.corpus import Voice, synthesize
 from tinyalign_ros.msg import AudioChunk, Utterance
-from tinyalign_ros.nodes.common import AUDIO_QOS, EVENT_QOS
+from tinyalign_ros.nodes.common import AUDIO_QOS
 
 ALICE = Voice("alice", "espeak", "en-gb+f2")
 STRANGER = Voice("stranger", "festival", "kal_diphone")
@@ -39,10 +39,9 @@ def graph(ros, tmp_path):
         Parameter("samples.dir", value=str(tmp_path / "samples")),
         Parameter("adapters.dir", value=str(tmp_path / "adapters")),
         Parameter("checkpoint_dir", value=str(tmp_path / "ckpt")), Parameter("idle_s", value=3600.0)]))
-    probe = ros.node("probe")
-    utterances: list[Utterance] = []
-    probe.create_subscription(Utterance, "utterance", utterances.append, EVENT_QOS)
-    pub = probe.create_publisher(AudioChunk, "audio", AUDIO_QOS)
+    probe = Probe(ros)
+    utterances: list[Utterance] = probe.collect(Utterance, "utterance")
+    pub = probe.publisher(AudioChunk, "audio", AUDIO_QOS)
     wait_for(lambda: pub.get_subscription_count() > 0 and asr.utterance_pub.get_subscription_count() >= 2,
              what="discovery")
     offset = 0
@@ -53,7 +52,7 @@ def graph(ros, tmp_path):
         audio = np.concatenate([silence, samples, silence, silence]).astype(np.float32)
         for i in range(0, len(audio), 1600):
             msg = AudioChunk(sample_rate=16000, offset=offset)
-            msg.header.stamp = probe.get_clock().now().to_msg()
+            msg.header.stamp = probe.node.get_clock().now().to_msg()
             part = audio[i:i + 1600]
             msg.samples = part
             pub.publish(msg)
@@ -105,9 +104,9 @@ def test_enrollment_labels_consents_and_makes_the_voice_recognizable(graph):
     assert pers.samples.count("alice") == 0 and not pers.samples.has_consent("alice")
 
 
-def test_malformed_enrollments_are_ignored(graph):
+def test_malformed_enrollments_are_ignored(ros, graph):
     asr, pers, _, _ = graph
-    pub = asr.create_publisher(String, "enroll", EVENT_QOS)
+    pub = Probe(ros, "enroller").publisher(String, "enroll")
     wait_for(lambda: pub.get_subscription_count() >= 2, what="discovery")
     for bad in ("not json", '{"text": "no speaker"}', '{"speaker": "../etc"}', '{"speaker": 3, "text": 4}', "[]"):
         pub.publish(String(data=bad))
@@ -117,13 +116,14 @@ def test_malformed_enrollments_are_ignored(graph):
     assert pers.consented == {"bob"} and not pers.enrolling
 
 
-def test_a_prompt_taken_before_the_previous_prompts_utterance_labels_nothing_wrong(graph):
+def test_a_prompt_taken_before_the_previous_prompts_utterance_labels_nothing_wrong(ros, graph):
     """`enroll` and `utterance` are separate topics: the client's next prompt can reach
     personalizer_node before the utterance that answered the previous one. Each utterance still
     gets its own prompt's sentence, oldest first."""
     _, pers, _, _ = graph
-    prompts = pers.create_publisher(String, "enroll", EVENT_QOS)
-    speech = pers.create_publisher(Utterance, "utterance", EVENT_QOS)
+    probe = Probe(ros, "enroller")
+    prompts = probe.publisher(String, "enroll")
+    speech = probe.publisher(Utterance, "utterance")
     wait_for(lambda: prompts.get_subscription_count() >= 2 and speech.get_subscription_count() >= 2,
              what="discovery")
     for text in PROMPTS:

@@ -6,10 +6,10 @@ import pytest
 from rclpy.parameter import Parameter
 from std_srvs.srv import Trigger
 
-from conftest import wait_for
+from conftest import Probe, wait_for
 from tinyalign_ros.msg import AudioChunk, Utterance
 from tinyalign_ros.nodes.asr_node import AsrNode
-from tinyalign_ros.nodes.common import AUDIO_QOS, EVENT_QOS, to_time_msg
+from tinyalign_ros.nodes.common import AUDIO_QOS, to_time_msg
 
 SR = 16000
 
@@ -30,13 +30,12 @@ class Mic:
     they were being captured now (sent faster than real time, stamped as real time)."""
 
     def __init__(self, ros, node: AsrNode) -> None:
-        self.node, self.probe = node, ros.node("probe")
-        self.utterances: list[Utterance] = []
-        self.probe.create_subscription(Utterance, "utterance", self.utterances.append, EVENT_QOS)
-        self.pub = self.probe.create_publisher(AudioChunk, "audio", AUDIO_QOS)
-        self.listen = self.probe.create_client(Trigger, "listen")
-        wait_for(lambda: self.pub.get_subscription_count() > 0 and node.utterance_pub.get_subscription_count() > 0
-                 and self.listen.service_is_ready(), what="discovery of asr_node's topics and listen service")
+        self.node, self.probe = node, Probe(ros)
+        self.utterances: list[Utterance] = self.probe.collect(Utterance, "utterance")
+        self.pub = self.probe.publisher(AudioChunk, "audio", AUDIO_QOS)
+        self.listen = self.probe.node.create_client(Trigger, "listen")
+        self.probe.connected(self.pub, node.utterance_pub, what="discovery of asr_node's topics")
+        wait_for(self.listen.service_is_ready, what="asr_node's listen service")
         self.offset = 0
         self.base = -float("inf")  # wall time of stream sample 0
 

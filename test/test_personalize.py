@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from conftest import wait_for
+from conftest import Probe, wait_for
 
 from tinyalign_ros.core.adapters import AdapterStore
 from tinyalign_ros.core.align import AlignedLLM, AlignPrompt
@@ -251,7 +251,6 @@ def call(ros, srv_type, name: str, **fields):
 
 def test_personalize_service_refusals_and_sample_collection(ros, pnode):
     from tinyalign_ros.msg import Utterance
-    from tinyalign_ros.nodes.common import EVENT_QOS
     from tinyalign_ros.srv import Personalize
 
     node = pnode(**{"train.max_steps": 100000, "train.budget_s": 600.0})
@@ -260,9 +259,9 @@ def test_personalize_service_refusals_and_sample_collection(ros, pnode):
     refused = call(ros, Personalize, "personalize", speaker=SPEAKER)
     assert not refused.accepted and "too few samples" in refused.message
 
-    probe = ros.node("probe")
-    pub = probe.create_publisher(Utterance, "utterance", EVENT_QOS)
-    wait_for(lambda: pub.get_subscription_count() > 0, what="discovery")
+    probe = Probe(ros)
+    pub = probe.publisher(Utterance, "utterance")
+    probe.connected(pub)
     for i in range(5):
         pub.publish(utterance(f"a{i}"))
     pub.publish(utterance("low", confidence=0.5))  # below min_confidence: no teacher label
@@ -283,14 +282,13 @@ def test_personalize_service_refusals_and_sample_collection(ros, pnode):
 
 def test_correction_relabels_a_recent_utterance(ros, pnode):
     from tinyalign_ros.msg import Utterance
-    from tinyalign_ros.nodes.common import EVENT_QOS
     from std_msgs.msg import String
 
     node = pnode()
-    probe = ros.node("probe")
-    pub = probe.create_publisher(Utterance, "utterance", EVENT_QOS)
-    fix = probe.create_publisher(String, "correction", EVENT_QOS)
-    wait_for(lambda: pub.get_subscription_count() > 0 and fix.get_subscription_count() > 0, what="discovery")
+    probe = Probe(ros)
+    pub = probe.publisher(Utterance, "utterance")
+    fix = probe.publisher(String, "correction")
+    probe.connected(pub, fix)
     pub.publish(utterance("u1", text="bring me the bed cup"))
     wait_for(lambda: node.samples.count(SPEAKER) == 1, what="teacher sample")
     fix.publish(String(data="not json"))
@@ -367,13 +365,13 @@ def test_assistant_hot_swaps_a_new_adapter_for_the_next_utterance_of_that_speake
         Parameter("mode", value="aligned"), Parameter("projector.file", value=str(tiny_projector_file)),
         Parameter("llm.model", value=str(tiny_model_dir)), Parameter("aligned.task", value="repeat"),
         Parameter("llm.max_new_tokens", value=4)]))
-    probe = ros.node("probe")
+    probe = Probe(ros)
     responses: dict[str, Response] = {}
-    probe.create_subscription(Response, "response", lambda r: responses.__setitem__(r.utterance_id, r), EVENT_QOS)
-    pub = probe.create_publisher(Utterance, "utterance", EVENT_QOS)
-    announce = probe.create_publisher(String, "adapter", LATCHED_QOS)
-    wait_for(lambda: pub.get_subscription_count() > 0 and announce.get_subscription_count() > 0, timeout=60,
-             what="discovery")
+    probe.node.create_subscription(Response, "response", lambda r: responses.__setitem__(r.utterance_id, r),
+                                   EVENT_QOS)
+    pub = probe.publisher(Utterance, "utterance")
+    announce = probe.publisher(String, "adapter", LATCHED_QOS)
+    probe.connected(pub, announce, timeout=60)
 
     def ask(uid: str, speaker: str) -> str:
         m = utterance("same-audio", speaker=speaker)
