@@ -1,7 +1,7 @@
 """The embedded node graph: every node in one process, on one MultiThreadedExecutor.
 
 `launch/assistant.launch.py` starts the same nodes as separate processes on a real ROS install;
-this module is the same graph for a venv with no launch system (DESIGN.md section 3), built
+this module is the same graph for a venv with no launch system (docs/design.md section 3), built
 from the same YAML. `NODES` is the single list both must agree on (tested).
 
 personalizer_node is part of the graph but cheap to carry: it loads its LLM copy only for its
