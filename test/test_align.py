@@ -265,3 +265,30 @@ def test_transcribe_anchors_hybrid_outputs_only_when_asked(tokenizer, tiny_llm):
     assert raw[0] != heard[0] and anchored == heard  # a random projector's babble is not a small correction
     audio_only = AlignedLLM(tiny_llm, tokenizer, proj, max_new_tokens=6, max_change=0.2)
     assert audio_only.transcribe(feats) == audio_only.transcribe(feats, None, None)  # nothing to anchor to
+
+
+def test_aligned_generation_never_repeats_an_ngram_of_its_output(tiny_llm, tokenizer):
+    """The aligned path has the chat model's repetition control (this random tiny LLM repeats a 3-gram)."""
+    from types import SimpleNamespace
+
+    torch.manual_seed(1)
+    proj = build_projector("mlp", in_dim=16, out_dim=64, stack=4, hidden=32)
+    feats = torch.randn(2, 12, 16)
+
+    def generated(no_repeat_ngram: int) -> list[list[int]]:
+        aligned = AlignedLLM(tiny_llm, tokenizer, proj, max_new_tokens=40, no_repeat_ngram=no_repeat_ngram)
+        with torch.inference_mode():
+            out = aligned._generate(aligned.batch(feats, torch.tensor([12, 9]), None, "left"), 40)
+        rows = [row.tolist() for row in out]
+        return [row[:row.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in row else row for row in rows]
+
+    def repeats_a_3gram(ids: list[int]) -> bool:
+        grams = [tuple(ids[i:i + 3]) for i in range(len(ids) - 2)]
+        return len(grams) != len(set(grams))
+
+    assert any(repeats_a_3gram(row) for row in generated(0))  # unguarded, it repeats itself
+    guarded = generated(3)
+    assert all(len(row) >= 8 for row in guarded) and not any(repeats_a_3gram(row) for row in guarded)
+    chat = SimpleNamespace(model=tiny_llm, tokenizer=tokenizer, no_repeat_ngram=3, repetition_penalty=1.1)
+    assert (AlignedLLM.from_chat(chat, proj).no_repeat_ngram, AlignedLLM.from_chat(chat, proj).repetition_penalty) \
+        == (3, 1.1)  # the assistant's llm.* settings reach its aligned path

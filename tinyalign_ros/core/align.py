@@ -47,7 +47,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as save_safetensors
 from transformers import TextIteratorStreamer
 
-from .llm import check_user_text
+from .llm import DEFAULT_NO_REPEAT_NGRAM, DEFAULT_REPETITION_PENALTY, check_user_text, repetition_guard
 from .files import atomic_write_bytes
 from .projector import Projector, ProjectorLoadError, save_projector
 
@@ -146,11 +146,14 @@ class AlignedLLM:
     """The frozen LLM reading projected audio: loss for training, streamed/batched generation.
 
     `model`/`tokenizer` are the ones of a ChatLLM (`AlignedLLM.from_chat(chat, projector)`), so
-    cascade and aligned modes share one copy of the weights.
+    cascade and aligned modes share one copy of the weights. Generation (streamed answers and
+    batched transcripts alike) has the chat model's repetition control (llm.RepetitionGuard: no
+    `no_repeat_ngram`-gram twice in the output; None = the chat's, or llm's defaults).
     """
 
     def __init__(self, model, tokenizer, projector: Projector, prompt: AlignPrompt | None = None,
-                 max_new_tokens: int = 48, max_change: float | None = None) -> None:
+                 max_new_tokens: int = 48, max_change: float | None = None, no_repeat_ngram: int | None = None,
+                 repetition_penalty: float | None = None) -> None:
         hidden = model.get_input_embeddings().embedding_dim
         if projector.cfg.out_dim != hidden:
             raise ProjectorLoadError(f"projector outputs {projector.cfg.out_dim}-dim embeddings, "
@@ -162,10 +165,15 @@ class AlignedLLM:
         # hybrid prompt: outputs are anchored to the ASR transcripts (`anchor`; None or < 0 = raw outputs)
         self.max_change = max_change if max_change is not None and max_change >= 0 else None
         self.eos_id = tokenizer.eos_token_id
+        self.no_repeat_ngram = DEFAULT_NO_REPEAT_NGRAM if no_repeat_ngram is None else no_repeat_ngram
+        self.repetition_penalty = DEFAULT_REPETITION_PENALTY if repetition_penalty is None else repetition_penalty
+        repetition_guard(0, self.no_repeat_ngram, self.repetition_penalty)  # validated now
         self.set_prompt(prompt or AlignPrompt())
 
     @classmethod
     def from_chat(cls, chat, projector: Projector, prompt: AlignPrompt | None = None, **kwargs) -> "AlignedLLM":
+        kwargs.setdefault("no_repeat_ngram", chat.no_repeat_ngram)
+        kwargs.setdefault("repetition_penalty", chat.repetition_penalty)
         return cls(chat.model, chat.tokenizer, projector, prompt, **kwargs)
 
     def set_prompt(self, prompt: AlignPrompt) -> None:
@@ -212,6 +220,8 @@ class AlignedLLM:
         return self.model.generate(
             inputs_embeds=b.inputs_embeds, attention_mask=b.attention_mask, max_new_tokens=max_new_tokens,
             do_sample=False, streamer=streamer, pad_token_id=self.eos_id, eos_token_id=self.eos_id,
+            # from inputs_embeds, generate's ids are the output alone: the guard's prompt length is 0
+            logits_processor=repetition_guard(0, self.no_repeat_ngram, self.repetition_penalty),
         )
 
     @torch.inference_mode()

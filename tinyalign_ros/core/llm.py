@@ -15,7 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer
+from transformers import (AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList,
+                          TextIteratorStreamer)
 from transformers.utils import logging as hf_logging
 
 from .models import default_llm_dir, smollm2_gguf
@@ -32,6 +33,62 @@ DEFAULT_SYSTEM_PROMPT = (
 # 30 s of speech (the encoder's window) is well under 1000 characters: a longer "transcript" is
 # malformed input, and refusing it keeps the prompt's attention cost (quadratic in its length) bounded.
 MAX_USER_CHARS = 2000
+
+
+# Repetition control: greedy SmolLM2-135M loops ("I'm sorry, I'm not a superlative." six times until
+# the token cap). Chosen on 40 prompts (the 26 of the first 60 data/questions.txt lines and 20
+# data/commands.tsv ones that looped or hit the 48-token cap, plus 14 that did not; robot system
+# prompt, greedy, 48 new tokens). Answers repeating a clause of 2+ words / hitting the cap:
+#   none 8 / 26;  n-gram 4: 4 / 19;  n-gram 3: 1 / 21;  penalty 1.2: 0 / 18;  n-gram 4 + penalty 1.1: 0 / 15.
+# The last is the default: the n-gram rule guarantees no sentence of 4+ tokens twice, the mild
+# penalty ends the short stutters it lets through ("I'm sorry, I'm sorry, sorry."); the short
+# factual answers (capital, Shakespeare, moon) were unchanged except one figure.
+DEFAULT_NO_REPEAT_NGRAM = 4
+DEFAULT_REPETITION_PENALTY = 1.1
+
+
+class RepetitionGuard(LogitsProcessor):
+    """No n-gram twice in the *answer*, and an optional penalty on tokens the answer already used.
+
+    transformers' own `no_repeat_ngram_size` and `repetition_penalty` also count the prompt's tokens
+    (system prompt and the operator's words), which would forbid the robot from repeating the
+    command it confirms ("turn on the lights in the living room"); this looks only at the tokens
+    after `prompt_len` (0 with `inputs_embeds`, where generate's ids are the answer alone). With
+    `ngram_size` n, no sentence of n tokens or more can come twice in an answer.
+    """
+
+    def __init__(self, prompt_len: int, ngram_size: int = DEFAULT_NO_REPEAT_NGRAM,
+                 penalty: float = DEFAULT_REPETITION_PENALTY) -> None:
+        if ngram_size < 0 or penalty < 1.0:
+            raise ValueError(f"no-repeat n-gram size must be >= 0 (0 = off) and repetition penalty >= 1 (1 = off), "
+                             f"got {ngram_size} and {penalty}")
+        self.prompt_len, self.ngram_size, self.penalty = prompt_len, ngram_size, penalty
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        answer = input_ids[:, self.prompt_len:]
+        if answer.shape[1] == 0:
+            return scores
+        if self.penalty != 1.0:  # as transformers' RepetitionPenaltyLogitsProcessor, on the answer's tokens
+            used = torch.gather(scores, 1, answer)
+            used = torch.where(used < 0, used * self.penalty, used / self.penalty)
+            scores = scores.scatter(1, answer, used)
+        n = self.ngram_size
+        if n and answer.shape[1] >= n:
+            scores = scores.clone() if self.penalty == 1.0 else scores
+            for row in range(answer.shape[0]):
+                tokens = answer[row].tolist()
+                prefix = tokens[len(tokens) - n + 1:]  # the next token would complete the n-gram prefix + it
+                banned = {tokens[i + n - 1] for i in range(len(tokens) - n + 1) if tokens[i:i + n - 1] == prefix}
+                if banned:
+                    scores[row, list(banned)] = -float("inf")
+        return scores
+
+
+def repetition_guard(prompt_len: int, ngram_size: int, penalty: float) -> LogitsProcessorList:
+    """The `logits_processor` argument of generate (empty when both controls are off)."""
+    if not ngram_size and penalty == 1.0:
+        return LogitsProcessorList()
+    return LogitsProcessorList([RepetitionGuard(prompt_len, ngram_size, penalty)])
 
 
 class PromptTooLong(ValueError):
@@ -81,6 +138,8 @@ class ChatLLM:
         system_prompt: str = DEFAULT_SYSTEM_PROMPT,
         max_new_tokens: int = 64,
         threads: int = 0,
+        no_repeat_ngram: int = DEFAULT_NO_REPEAT_NGRAM,
+        repetition_penalty: float = DEFAULT_REPETITION_PENALTY,
     ) -> None:
         model_dir = Path(model_dir) if model_dir else default_llm_dir()
         if not (model_dir / "config.json").is_file():
@@ -96,6 +155,8 @@ class ChatLLM:
         self.model.requires_grad_(False)
         self.system_prompt = system_prompt
         self.max_new_tokens = max_new_tokens
+        repetition_guard(0, no_repeat_ngram, repetition_penalty)  # validated now, not at the first answer
+        self.no_repeat_ngram, self.repetition_penalty = no_repeat_ngram, repetition_penalty
 
     def prompt_ids(self, user_text: str) -> torch.Tensor:
         # An explicit system message: SmolLM2's template inserts its own default one otherwise.
@@ -121,6 +182,8 @@ class ChatLLM:
                         do_sample=False,
                         streamer=streamer,
                         pad_token_id=self.tokenizer.eos_token_id,
+                        logits_processor=repetition_guard(ids.shape[1], self.no_repeat_ngram,
+                                                          self.repetition_penalty),
                     )
             except BaseException as exc:  # surfaced to the caller below, never lost in the thread
                 errors.append(exc)

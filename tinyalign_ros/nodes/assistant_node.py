@@ -40,7 +40,8 @@ from std_msgs.msg import Float32, String
 from visualization_msgs.msg import Marker
 
 from tinyalign_ros.core.align import DEFAULT_MAX_CHANGE
-from tinyalign_ros.core.llm import DEFAULT_SYSTEM_PROMPT, ChatLLM, PromptTooLong
+from tinyalign_ros.core.llm import (DEFAULT_NO_REPEAT_NGRAM, DEFAULT_REPETITION_PENALTY, DEFAULT_SYSTEM_PROMPT, ChatLLM,
+                                   PromptTooLong)
 from tinyalign_ros.core.models import resolve_llm, shipped_model
 from tinyalign_ros.core.projector import FeatureMismatch, LayerMismatch, check_features
 from tinyalign_ros.msg import Response, ResponseToken, Utterance
@@ -74,6 +75,8 @@ class AssistantNode(Node):
             system_prompt=p("llm.system_prompt", DEFAULT_SYSTEM_PROMPT).value,
             max_new_tokens=int(p("llm.max_new_tokens", 48).value),
             threads=int(p("llm.threads", 2).value),
+            no_repeat_ngram=int(p("llm.no_repeat_ngram", DEFAULT_NO_REPEAT_NGRAM).value),
+            repetition_penalty=float(p("llm.repetition_penalty", DEFAULT_REPETITION_PENALTY).value),
         )
         # declared in every mode, so the YAML documents one fixed set of parameters
         self.task = p("aligned.task", "answer").value
