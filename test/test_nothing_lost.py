@@ -106,7 +106,7 @@ def test_overloaded_live_graph_reports_every_drop(ros, short_file, tmp_path):
     def params(node: str) -> dict:
         return config[f"/{NAMESPACE}/{node}"]["ros__parameters"]
 
-    params("mic_node")["playback_rate"] = 4.0  # live (unpaced) audio, faster than the models keep up with
+    params("mic_node")["playback_rate"] = 8.0  # live (unpaced) audio, faster than the models keep up with
     params("asr_node")["max_pending_utterances"] = 1
     params("assistant_node")["max_pending_utterances"] = 1
     params("tts_node")["realtime"] = False
