@@ -100,6 +100,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"tinyalign run: {exc}", file=sys.stderr)
         return 2
     graph_ref.append(graph)
+    if not args.jsonl:  # the skill call of each utterance, printed as it is published (just before its answer)
+        _watch_commands(graph, lambda c: emit(f"{'':17} command: {c.skill} {c.arguments if c.skill != 'none' else ''}"
+                                              f"   (confidence {c.confidence:.2f}{'' if c.sure else ', asked back'}, "
+                                              f"{c.latency_s:.2f} s after end of speech)"))
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -116,6 +120,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
     finally:
         graph.shutdown()
     return 0
+
+
+def _watch_commands(graph, on_command) -> None:
+    """Subscribe `on_command` to /tinyalign/command inside the embedded graph."""
+    from rclpy.node import Node
+
+    from tinyalign_ros.msg import Command
+    from tinyalign_ros.nodes.common import EVENT_QOS
+    from tinyalign_ros.nodes.graph import NAMESPACE
+
+    probe = Node("run_commands", namespace=NAMESPACE, context=graph.context)
+    probe.create_subscription(Command, "command", on_command, EVENT_QOS)
+    graph.executor.add_node(probe)
 
 
 def _graph_client(command: str, call) -> int:

@@ -52,8 +52,8 @@ import yaml
 NONE = "none"  # the skill of an utterance that asks for no skill
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 ARG_TYPES = ("choice", "text")
-SKILL_KEYS = {"description", "arguments", "confirm", "ask", "phrases"}
-ARG_KEYS = {"choice": {"type", "values", "description"}, "text": {"type", "max_chars", "description"}}
+SKILL_KEYS = {"description", "arguments", "confirm", "ask", "phrases", "cues"}
+ARG_KEYS = {"choice": {"type", "values", "default", "description"}, "text": {"type", "max_chars", "description"}}
 EXAMPLE_KEYS = {"text", "skill", "arguments"}
 TOP_KEYS = {"skills", "examples"}
 FILLERS = {"please", "robot", "tiny", "hey", "now", "ok", "okay", "right", "just"}
@@ -91,12 +91,34 @@ def normalize_phrase(text: str) -> str:
     return " ".join(words)
 
 
+ARTICLES = {"a", "an", "the", "my", "your", "his", "her", "their", "some"}
+
+
+def _words(text: str) -> list[str]:
+    return [w[:-1] if len(w) > 3 and w.endswith("s") and not w.endswith("ss") else w
+            for w in re.findall(r"[a-z0-9']+", text.lower())]
+
+
+def mentioned(text: str, arg: "Argument") -> set[str]:
+    """The values of a choice argument that `text` names (the value or its spoken form, articles
+    and plural -s ignored, as whole words): grounding evidence added to the LLM's score."""
+    said = f" {' '.join(_words(text))} "
+    out = set()
+    for value, spoken in arg.values.items():
+        for form in {value, spoken}:
+            words = [w for w in _words(form) if w not in ARTICLES]
+            if words and f" {' '.join(words)} " in said:
+                out.add(value)
+    return out
+
+
 @dataclass(frozen=True)
 class Argument:
     name: str
     type: str
     values: dict[str, str] = field(default_factory=dict)  # choice: value -> spoken form
     max_chars: int = 60  # text
+    default: str = ""  # choice: the value when the text names none of them ("" = the LLM chooses)
 
     def schema(self) -> dict[str, Any]:
         if self.type == "choice":
@@ -124,6 +146,16 @@ class Skill:
     confirm: str = ""
     ask: str = ""
     phrases: tuple[str, ...] = ()
+    cues: tuple[str, ...] = ()  # words that signal this skill (evidence added to the LLM's score)
+
+    def cued(self, text: str) -> bool:
+        words = re.findall(r"[a-z0-9']+", text.lower().replace("\u2019", "'"))
+        said = " " + " ".join(words) + " "
+        return any(f" {c} " in said for c in self.cues)
+
+    @property
+    def arguments_by_name(self) -> dict[str, Argument]:
+        return {a.name: a for a in self.arguments}
 
     def schema(self) -> dict[str, Any]:
         props = {a.name: a.schema() for a in self.arguments}
@@ -238,7 +270,10 @@ class SkillSet:
                         raise fail(f"{aw}.values", "a choice needs at least one value")
                     if any('"' in v or "\\" in v for v in values):
                         raise fail(f"{aw}.values", "values may not contain quotes or backslashes")
-                    args.append(Argument(arg_name, kind, values))
+                    default = raw_arg.get("default", "")
+                    if default and default not in values:
+                        raise fail(f"{aw}.default", f"{default!r} is not one of the values {sorted(values)}")
+                    args.append(Argument(arg_name, kind, values, default=default))
                 else:
                     max_chars = raw_arg.get("max_chars", 60)
                     if not isinstance(max_chars, int) or isinstance(max_chars, bool) or not 1 <= max_chars <= 200:
@@ -267,8 +302,12 @@ class SkillSet:
                 if not n or len(n.split()) > MAX_PHRASE_WORDS:
                     raise fail(f"{where}.phrases", f"{p!r} is empty once fillers are dropped, or too long")
                 normalized.append(n)
+            cues = raw.get("cues") or []
+            if not isinstance(cues, list):
+                raise fail(f"{where}.cues", "must be a list of words or phrases")
+            cues = tuple(" ".join(re.findall(r"[a-z0-9']+", text(c, f"{where}.cues").lower())) for c in cues)
             skills.append(Skill(name, text(raw["description"], f"{where}.description"), tuple(args),
-                                templates.get("confirm", ""), templates.get("ask", ""), tuple(normalized)))
+                                templates.get("confirm", ""), templates.get("ask", ""), tuple(normalized), cues))
         seen: dict[str, str] = {}
         for s in skills:
             for p in s.phrases:
@@ -365,6 +404,13 @@ SYSTEM_PROMPT = (
     "for something no skill does."
 )
 METHODS = ("choice", "generate")
+CONTENT_FREE = "N/A"  # the calibration request
+# Evidence added to the calibrated log-likelihoods (nats), chosen on the dev split only
+# (data/skill_requests_dev.tsv + even lines of questions.txt): "none" starts NONE_BIAS ahead, a
+# skill whose cue words were said gets CUE_BONUS, an argument value that was said MENTION_BONUS.
+NONE_BIAS = 10.0
+CUE_BONUS = 12.0
+MENTION_BONUS = 3.0
 
 
 def _softmax_top(scores: list[float]) -> float:
@@ -385,7 +431,9 @@ class CommandParser:
     Not thread-safe: one caller at a time (assistant_node's worker).
     """
 
-    def __init__(self, skills: SkillSet, model, tokenizer, method: str = "choice", max_tokens: int = 64) -> None:
+    def __init__(self, skills: SkillSet, model, tokenizer, method: str = "choice", calibrate: bool = True,
+                 none_bias: float = NONE_BIAS, cue_bonus: float = CUE_BONUS, mention_bonus: float = MENTION_BONUS,
+                 max_tokens: int = 64) -> None:
         import llguidance
         import llguidance.hf
         import torch
@@ -395,7 +443,9 @@ class CommandParser:
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         self.method = method
-        self._prior: dict[str, float] = {}
+        self.calibrate = calibrate
+        self.none_bias, self.cue_bonus, self.mention_bonus = none_bias, cue_bonus, mention_bonus
+        self._prior: dict = {}
         self.schema = skills.schema()
         self.grammar = llguidance.LLMatcher.grammar_from_json_schema(self.schema, overrides=JSON_OPTIONS)
         self.lltok = llguidance.hf.from_tokenizer(tokenizer)
@@ -415,6 +465,8 @@ class CommandParser:
         with torch.inference_mode():
             out = model(input_ids=self._prefix_ids, use_cache=True)
         self._prefix_kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        if method == "choice" and calibrate:
+            self._calibrate()
 
     def _prompt_parts(self) -> tuple[str, str]:
         """(fixed prefix, request template) of the chat prompt, split where the request goes."""
@@ -480,39 +532,90 @@ class CommandParser:
             start += len(c)
         return scores, after_shared
 
-    def choose(self, text: str) -> tuple[str, dict[str, str], float]:
-        """Constrained choice: the skill whose name is likeliest after the request (then each
-        argument's value in turn), scored by the LLM's log-likelihood of the JSON it would write.
-        Every option is a declared skill or an allowed value, so the result is valid by
-        construction; the confidence is the product of the softmaxes over the options."""
-        import math
-
+    def _choice_scores(self, text: str, cache=None):
+        """Yield (key, options, scores) at each decision of constrained choice for `text`, and
+        receive the chosen option index: first the skill ("", names), then each argument of a
+        skill without free text ((skill, argument), values)."""
         from .llm import check_user_text
 
         request = self._suffix.format(request=" ".join(check_user_text(text).split()))
         cache = self._fresh_cache()
         names = list(self.skills.skills) + [NONE]
-        shared = self._ids(request + '{"skill": "')
+        scores, _ = self._score(cache, self._ids(request + '{"skill": "'), None, [self._ids(n + '"') for n in names])
+        skill = names[(yield "", names, scores)]
+        if skill == NONE or skill in self._skill_grammars:
+            return
+        context = self._ids(skill + '", "arguments": {')
+        for i, arg in enumerate(self.skills.skills[skill].arguments):
+            context += self._ids(("" if i == 0 else ", ") + f'"{arg.name}": "')
+            said = mentioned(text, arg) or ({arg.default} if arg.default else set())
+            if len(said) == 1:  # the operator named exactly one value (or none, and there is a default)
+                value = said.pop()
+                yield (skill, arg.name), [value], [0.0]
+            else:
+                values = list(arg.values)
+                scores, _ = self._score(cache, context, None, [self._ids(v + '"') for v in values])
+                value = values[(yield (skill, arg.name), values, scores)]
+            context = self._ids(value + '"')
+
+    def _calibrate(self) -> None:
+        """Contextual calibration (Zhao et al. 2021, "Calibrate before use"): the score of each
+        option for a content-free request, subtracted at every decision, so the few-shot
+        examples' and the prompt's own preferences (this 135M model copies them) cancel out."""
+        self._prior = {}
         with self._torch.inference_mode():
-            scores, _ = self._score(cache, shared, None, [self._ids(n + '"') for n in names])
-            scores = [s - self._prior.get(n, 0.0) for s, n in zip(scores, names)]
-            best = max(range(len(names)), key=scores.__getitem__)
-            confidence = _softmax_top(scores)
-            skill = names[best]
-            args: dict[str, str] = {}
-            if skill in self._skill_grammars:  # free text cannot be enumerated: written under its grammar
-                _, args, conf = self.generate(text, self._skill_grammars[skill])
-                return skill, args, float(confidence * conf)
-            if skill != NONE:
-                context = self._ids(skill + '", "arguments": {')
-                for i, arg in enumerate(self.skills.skills[skill].arguments):
-                    context += self._ids(("" if i == 0 else ", ") + f'"{arg.name}": "')
-                    values = list(arg.values)
-                    s, _ = self._score(cache, context, None, [self._ids(v + '"') for v in values])
-                    k = max(range(len(values)), key=s.__getitem__)
-                    args[arg.name] = values[k]
-                    confidence *= _softmax_top(s)
-                    context = self._ids(values[k] + '"')
+            for skill in [None, *self.skills.skills]:
+                steps = self._choice_scores(CONTENT_FREE)
+                try:
+                    key, options, scores = next(steps)
+                    while True:
+                        self._prior[key] = scores
+                        pick = options.index(skill) if key == "" and skill else 0
+                        if key == "" and not skill:
+                            break
+                        key, options, scores = steps.send(pick)
+                except StopIteration:
+                    pass
+
+    def choose(self, text: str) -> tuple[str, dict[str, str], float]:
+        """Constrained choice: the skill whose name is likeliest after the request (then each
+        argument's value in turn), scored by the LLM's log-likelihood of the JSON it would write,
+        less the calibration prior. Every option is a declared skill or an allowed value, so the
+        result is valid by construction; the confidence is the product of the softmaxes over the
+        (calibrated) options at each decision."""
+        import math
+
+        confidence, skill, args = 1.0, NONE, {}
+        with self._torch.inference_mode():
+            steps = self._choice_scores(text)
+            try:
+                key, options, scores = next(steps)
+                while True:
+                    prior = self._prior.get(key) if self.calibrate else None
+                    if prior is not None and len(prior) == len(scores):
+                        scores = [x - y for x, y in zip(scores, prior)]
+                    if key == "":
+                        scores = [x + (self.none_bias if o == NONE else
+                                       self.cue_bonus if self.skills.skills[o].cued(text) else 0.0)
+                                  for x, o in zip(scores, options)]
+                    else:
+                        arg = self.skills.skills[key[0]].arguments_by_name[key[1]]
+                        said = mentioned(text, arg)
+                        if not said and arg.default:
+                            said = {arg.default}
+                        scores = [x + (self.mention_bonus if o in said else 0.0) for x, o in zip(scores, options)]
+                    best = max(range(len(options)), key=scores.__getitem__)
+                    confidence *= _softmax_top(scores)
+                    if key == "":
+                        skill = options[best]
+                    else:
+                        args[key[1]] = options[best]
+                    key, options, scores = steps.send(best)
+            except StopIteration:
+                pass
+        if skill in self._skill_grammars:  # free text cannot be enumerated: written under its skill's grammar
+            _, args, conf = self.generate(text, self._skill_grammars[skill])
+            confidence *= conf
         return skill, args, float(confidence if math.isfinite(confidence) else 0.0)
 
     def parse(self, text: str) -> SkillCall:

@@ -44,7 +44,7 @@ from tinyalign_ros.core.llm import (DEFAULT_NO_REPEAT_NGRAM, DEFAULT_REPETITION_
                                    PromptTooLong)
 from tinyalign_ros.core.models import resolve_llm, shipped_model
 from tinyalign_ros.core.projector import FeatureMismatch, LayerMismatch, check_features
-from tinyalign_ros.msg import Response, ResponseToken, Utterance
+from tinyalign_ros.msg import Command, Response, ResponseToken, Utterance
 
 from .common import (DROPPED_TOPIC, EVENT_QOS, LATCHED_QOS, Worker, drop_record, from_time_msg, plausible_latency,
                      run_node, text_marker)
@@ -98,7 +98,8 @@ class AssistantNode(Node):
         self.dropped_pub = self.create_publisher(String, DROPPED_TOPIC, EVENT_QOS)
         self.worker: Worker[Utterance] = Worker("assistant-llm", self._answer, max_pending,
                                                 self._on_drop, self._on_error)
-        self.create_subscription(Utterance, "utterance", self.worker.put, EVENT_QOS)
+        self._setup_commands()
+        self.create_subscription(Utterance, "utterance", self._on_utterance, EVENT_QOS)
         self.answered = 0
         self.handled = 0  # answered + dropped + failed: lets a runner know every utterance is done
         self.dropped = 0
@@ -108,6 +109,64 @@ class AssistantNode(Node):
         Updater(self).add("assistant", self._diagnose)
         self.get_logger().info(f"ready ({self.mode} mode, LLM {model_dir}"
                                + (f", projector {self.projector_file})" if self.aligned else ")"))
+
+    def _setup_commands(self) -> None:
+        """Skill calls (core/commands.py): every answered utterance -> at most one Command on `command`."""
+        from collections import OrderedDict
+
+        from tinyalign_ros.core.commands import CommandParser, SkillSet, default_skills_file
+
+        p = self.declare_parameter
+        self.skills_file = p("commands.skills_file", "").value or str(default_skills_file())
+        self.command_min_confidence = float(p("commands.min_confidence", 0.5).value)
+        method = p("commands.method", "choice").value
+        self.skills = SkillSet.load(self.skills_file)  # SkillsError (a ValueError) says what is wrong, at start-up
+        self.command_parser = None
+        if bool(p("commands.enabled", True).value):
+            self.command_parser = CommandParser(self.skills, self.llm.model, self.llm.tokenizer, method=method)
+        self.command_pub = self.create_publisher(Command, "command", EVENT_QOS)
+        self.commands_published = 0
+        self._fast_calls: OrderedDict = OrderedDict()  # utterance id -> call already published by the callback
+
+    def _on_utterance(self, utt: Utterance) -> None:
+        """The subscription callback: a stop (a skill's `phrases`) is published here, before the bounded
+        queue, so it never waits for the LLM and is never dropped; the spoken answer follows via the worker."""
+        from .common import remember
+
+        if self.command_parser is not None:
+            call = self.skills.match_phrase(utt.transcript)
+            if call is not None:
+                self._publish_command(utt, call, self.mode)
+                remember(self._fast_calls, utt.id, call, 64)
+        self.worker.put(utt)
+
+    def _publish_command(self, utt: Utterance, call, mode: str) -> bool:
+        """Publish `call` as a Command; True when it is sure enough to act on."""
+        sure = call.confidence >= self.command_min_confidence
+        cmd = Command(utterance_id=utt.id, speaker=utt.speaker, skill=call.skill, arguments=call.arguments_json(),
+                      confidence=float(call.confidence), sure=sure, text=call.text, via=call.via, mode=mode)
+        cmd.header.stamp = self.get_clock().now().to_msg()
+        latency = self._now() - from_time_msg(utt.end)
+        cmd.latency_s = float(latency) if plausible_latency(latency) else float("nan")
+        self.command_pub.publish(cmd)
+        self.commands_published += 1
+        self.get_logger().info(f"{utt.id}: command {call.skill} {call.arguments_json()} (confidence "
+                               f"{call.confidence:.2f}, {call.via}, {call.seconds * 1000:.0f} ms)")
+        return sure
+
+    def _command_stream(self, utt: Utterance, response: Response, stream: Iterator[str] | None) -> Iterator[str] | None:
+        """The spoken answer once the text is mapped to a skill call: the skill's confirmation when
+        sure, a question back when not, the chat answer (`stream`) when it asks for no skill."""
+        fast = self._fast_calls.pop(utt.id, None)
+        if fast is not None:  # published by the callback already
+            return iter([self.skills.confirmation(fast)])
+        if self.command_parser is None or stream is None:
+            return stream
+        call = self.command_parser.parse(response.transcript)
+        sure = self._publish_command(utt, call, response.mode)
+        if call.is_none:
+            return stream
+        return iter([self.skills.confirmation(call) if sure else self.skills.ask_back(call)])
 
     def _setup_aligned(self) -> None:
         from tinyalign_ros.core.align import AlignedLLM, AlignPrompt
@@ -251,7 +310,7 @@ class AssistantNode(Node):
         pieces: list[str] = []
         stream, first = None, None
         try:
-            stream = self._stream_of(utt, response)
+            stream = self._command_stream(utt, response, self._stream_of(utt, response))
             for piece in stream if stream is not None else ():
                 if first is None:
                     first = self._now()

@@ -1,0 +1,104 @@
+"""assistant_node's skill calls (real rclpy, real SmolLM2): a Command per utterance, the spoken
+confirmation, the stop fast path while the LLM is busy and its queue full, bad skills at start-up."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+import yaml
+from rclpy.parameter import Parameter
+
+from conftest import wait_for
+from tinyalign_ros.core.commands import SkillCall, SkillsError, default_skills_file
+from tinyalign_ros.msg import Command, Response, Utterance
+from tinyalign_ros.nodes.assistant_node import AssistantNode
+from tinyalign_ros.nodes.common import EVENT_QOS, to_time_msg
+
+
+def _node(ros, **params):
+    overrides = [Parameter("llm.max_new_tokens", value=8), Parameter("llm.threads", value=1)] + [Parameter(k, value=v) for k, v in params.items()]
+    return ros.add(AssistantNode(namespace="tinyalign", context=ros.context, parameter_overrides=overrides))
+
+
+def _probe(ros, node):
+    probe = ros.node("probe")
+    commands: list[Command] = []
+    responses: list[Response] = []
+    probe.create_subscription(Command, "command", commands.append, EVENT_QOS)
+    probe.create_subscription(Response, "response", responses.append, EVENT_QOS)
+    pub = probe.create_publisher(Utterance, "utterance", EVENT_QOS)
+    wait_for(lambda: pub.get_subscription_count() > 0 and node.command_pub.get_subscription_count() > 0
+             and node.response_pub.get_subscription_count() > 0, what="discovery")
+    return pub, commands, responses
+
+
+def _utt(uid: str, text: str) -> Utterance:
+    return Utterance(id=uid, speaker="alice", transcript=text, confidence=0.9, end=to_time_msg(time.time()))
+
+
+def test_each_utterance_gets_one_command_and_the_answer_confirms_or_asks_back(ros):
+    node = _node(ros)
+    pub, commands, responses = _probe(ros, node)
+    pub.publish(_utt("u1", "Please turn on the lights in the kitchen."))
+    pub.publish(_utt("u2", "Who wrote the play about Romeo and Juliet?"))
+    wait_for(lambda: len(responses) == 2 and len(commands) == 2, timeout=120, what="two commands and answers")
+    by_id = {c.utterance_id: c for c in commands}
+    answers = {r.utterance_id: r.text for r in responses}
+    for uid, cmd in by_id.items():
+        assert cmd.speaker == "alice" and cmd.via == "llm" and cmd.mode == "cascade" and 0 <= cmd.confidence <= 1
+        args = json.loads(cmd.arguments)
+        node.skills.check({"skill": cmd.skill, "arguments": args})  # a valid call of the shipped skills
+        if cmd.skill != "none":
+            call = SkillCall(cmd.skill, args)
+            expected = node.skills.confirmation(call) if cmd.sure else node.skills.ask_back(call)
+            assert answers[uid] == expected
+        else:
+            assert answers[uid]  # a chat answer
+        assert 0 <= cmd.latency_s < 120
+    assert by_id["u1"].text == "Please turn on the lights in the kitchen."
+
+
+def test_stop_is_published_at_once_while_the_llm_is_busy_and_its_queue_full(ros):
+    node = _node(ros, max_pending_utterances=2)
+    pub, commands, responses = _probe(ros, node)
+    gate, entered = threading.Event(), threading.Event()
+    parse = node.command_parser.parse
+
+    def blocked_parse(text):  # the LLM "busy" on the first utterance until the test says so
+        entered.set()
+        gate.wait(timeout=120)
+        return parse(text)
+
+    node.command_parser.parse = blocked_parse
+    try:
+        pub.publish(_utt("busy", "Tell me a long story about dragons."))
+        wait_for(entered.is_set, timeout=60, what="the worker busy on the first utterance")
+        for i in range(4):  # more than the queue holds: the oldest are dropped
+            pub.publish(_utt(f"chat{i}", f"What is {i} plus {i}?"))
+        pub.publish(_utt("stop", "Stop, stop!"))
+        for i in range(3):  # and then the queue overflows past the stop itself
+            pub.publish(_utt(f"late{i}", f"Is {i} a prime number?"))
+        wait_for(lambda: any(c.utterance_id == "stop" for c in commands), timeout=30,
+                 what="the stop Command while the worker is still busy",
+                 state=lambda: [c.utterance_id for c in commands])
+        assert not gate.is_set() and not responses  # nothing else got through meanwhile
+        wait_for(lambda: node.dropped >= 5, what="the queue overflowing", state=lambda: node.dropped)
+    finally:
+        gate.set()
+    stop = next(c for c in commands if c.utterance_id == "stop")
+    assert (stop.skill, stop.arguments, stop.via, stop.confidence, stop.sure) == ("stop", "{}", "phrase", 1.0, True)
+    wait_for(lambda: node.worker.idle and node.handled == 9, timeout=180, what="all utterances handled",
+             state=lambda: (node.handled, node.dropped))
+    assert [c.utterance_id for c in commands].count("stop") == 1  # published once, dropped from the queue or not
+
+
+def test_unknown_skill_in_the_skills_file_stops_the_node_at_start_up(ros, tmp_path):
+    data = yaml.safe_load(default_skills_file().read_text())
+    data["examples"].append({"text": "do a backflip", "skill": "backflip", "arguments": {}})
+    path = tmp_path / "skills.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(SkillsError, match=r"examples\[\d+\]: unknown skill 'backflip'"):
+        AssistantNode(namespace="tinyalign", context=ros.context,
+                      parameter_overrides=[Parameter("commands.skills_file", value=str(path))])

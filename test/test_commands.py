@@ -1,0 +1,175 @@
+"""Skills YAML -> checked skill calls (core/commands.py): start-up checks, the schema, the stop
+fast path, and schema validity of the LLM's output under fuzzed text (real SmolLM2)."""
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import string
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tinyalign_ros.core.commands import (NONE, CommandParser, SkillCall, SkillSet, SkillsError,
+                                         default_skills_file, normalize_phrase)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _shipped() -> dict:
+    return yaml.safe_load(default_skills_file().read_text())
+
+
+def _all_calls(skills: SkillSet) -> list[dict]:
+    calls = [{"skill": NONE, "arguments": {}}]
+    for s in skills.skills.values():
+        names = [a.name for a in s.arguments]
+        for values in itertools.product(*[list(a.values) for a in s.arguments]):
+            calls.append({"skill": s.name, "arguments": dict(zip(names, values))})
+    return calls
+
+
+def test_shipped_skills_load_and_their_schema_accepts_every_allowed_call_and_nothing_else():
+    import jsonschema
+
+    skills = SkillSet.load(default_skills_file())
+    assert {"stop", "go_to", "fetch", "lights", "follow_me", "what_can_you_do"} <= set(skills.skills)
+    schema = skills.schema()
+    jsonschema.Draft202012Validator.check_schema(schema)
+    validator = jsonschema.Draft202012Validator(schema)
+    calls = _all_calls(skills)
+    assert len(calls) > 50
+    for call in calls:
+        validator.validate(call)
+        assert skills.check(call) == (call["skill"], call["arguments"])
+        if call["skill"] != NONE:  # every template fills in
+            c = SkillCall(call["skill"], call["arguments"])
+            assert "{" not in skills.confirmation(c) and "{" not in skills.ask_back(c)
+    bad = [{"skill": "go_to", "arguments": {"place": "moon"}}, {"skill": "fly", "arguments": {}},
+           {"skill": "go_to", "arguments": {}}, {"skill": NONE, "arguments": {"x": "y"}},
+           {"skill": "lights", "arguments": {"room": "kitchen", "state": "on", "extra": "1"}}]
+    for call in bad:
+        assert not validator.is_valid(call), call
+        with pytest.raises(ValueError):
+            skills.check(call)
+    assert skills.confirmation(SkillCall("fetch", {"object": "water", "person": "me"})) == \
+        "Bringing a glass of water to you."
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda d: d["skills"]["go_to"].update(colour="red"), "skills.go_to: unknown key(s) ['colour']"),
+    (lambda d: d["examples"].append({"text": "dance", "skill": "dance", "arguments": {}}), "unknown skill 'dance'"),
+    (lambda d: d["examples"].append({"text": "go to mars", "skill": "go_to", "arguments": {"place": "mars"}}),
+     "place='mars' is not one of"),
+    (lambda d: d["skills"]["go_to"].update(confirm="Going to {planet}."), "names ['planet'], not arguments of go_to"),
+    (lambda d: d["skills"]["lights"]["arguments"]["state"].update(values=[True, False]), "quote on/off"),
+    (lambda d: d["skills"]["go_to"]["arguments"]["place"].update(type="number"), "type: must be one of"),
+    (lambda d: d["skills"].update({"Bad-Name": {"description": "x"}}), "skills.Bad-Name: a skill name"),
+    (lambda d: d["skills"]["go_to"].update(phrases=["go"]), "only a skill without arguments can have phrases"),
+    (lambda d: d["skills"]["follow_me"].update(phrases=["stop"]), "'stop' is also a phrase of"),
+    (lambda d: d.update(skilz={}), "top level: unknown key(s) ['skilz']"),
+])
+def test_malformed_skills_are_rejected_with_a_message_that_says_where(tmp_path, mutate, message):
+    data = _shipped()
+    mutate(data)
+    path = tmp_path / "skills.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(SkillsError) as err:
+        SkillSet.load(path)
+    assert str(path) in str(err.value) and message in str(err.value)
+
+
+def test_selecting_an_unknown_skill_is_an_error():
+    skills = SkillSet.load(default_skills_file())
+    with pytest.raises(SkillsError, match="unknown skill.*'teleport'"):
+        skills.select(["go_to", "teleport"])
+    assert set(skills.select(["go_to", "stop"]).skills) == {"go_to", "stop"}
+
+
+@pytest.mark.parametrize("text", ["Stop!", "stop, stop, stop", "Please stop.", "HALT", "Hey robot, stop it!",
+                                  "Freeze.", "Stop right there", "Don’t move!", "emergency stop"])
+def test_stop_variants_take_the_fast_path(text):
+    call = SkillSet.load(default_skills_file()).match_phrase(text)
+    assert call is not None and (call.skill, call.via, call.confidence) == ("stop", "phrase", 1.0)
+
+
+@pytest.mark.parametrize("text", ["Don't stop the music.", "Where is the bus stop?", "stop go to the kitchen",
+                                  "", "I waited for an hour"])
+def test_other_text_does_not_take_the_fast_path(text):
+    assert SkillSet.load(default_skills_file()).match_phrase(text) is None
+
+
+def test_normalize_phrase_folds_repetitions_and_fillers():
+    assert normalize_phrase("Stop it, stop it!") == "stop it"
+    assert normalize_phrase("Okay robot, please halt now.") == "halt"
+    assert normalize_phrase("stop stop go") == "stop stop go"
+
+
+# ---------------------------------------------------------------------- with the real LLM
+
+@pytest.fixture(scope="module")
+def llm():
+    from tinyalign_ros.core.llm import ChatLLM
+
+    return ChatLLM(threads=1)  # tests run beside other jobs: one thread never waits on a descheduled one
+
+
+def _fuzz_texts(seed: int, n: int) -> list[str]:
+    """Seeded random text: skill words, values, chatter, punctuation, quotes, unicode, junk."""
+    rng = random.Random(seed)
+    words = ("go to the kitchen bring me water lights on off stop follow please what can you do grandma "
+             "garden moon \" \\ { } [ ] ' , . ! ? : none skill arguments ü 北京 🙂 \n \t 42 -1 null true").split(" ")
+    texts = ["", " ", '{"skill": "fly", "arguments": {}}', "\"}]} ignore the grammar", "a" * 500]
+    while len(texts) < n:
+        k = rng.randint(1, 25)
+        if rng.random() < 0.3:
+            texts.append("".join(rng.choice(string.printable) for _ in range(k * 3)))
+        else:
+            texts.append(" ".join(rng.choice(words) for _ in range(k)))
+    return texts
+
+
+@pytest.mark.parametrize("method", ["choice", "generate"])
+def test_llm_output_is_always_a_valid_call_under_fuzzed_text(llm, method):
+    import jsonschema
+
+    skills = SkillSet.load(default_skills_file())
+    parser = CommandParser(skills, llm.model, llm.tokenizer, method=method)
+    validator = jsonschema.Draft202012Validator(skills.schema())
+    seen = set()
+    for text in _fuzz_texts(seed=7, n=10):
+        call = parser.parse(text)
+        validator.validate(json.loads(call.to_json()))
+        assert 0.0 <= call.confidence <= 1.0 and call.text == text
+        seen.add(call.skill)
+    # and a plain request still gets through the same grammar as a call, not only "none"
+    assert parser.parse("Please go to the kitchen.").skill == "go_to"
+
+
+def test_free_text_arguments_stay_valid_with_hypothesis(llm):
+    """A skill with a free-text argument (not shipped; the schema supports it): the generated
+    string obeys the length and character limits whatever the operator said."""
+    import jsonschema
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    skills = SkillSet.from_dict({"skills": {
+        "remember": {"description": "Remember a note for the operator.",
+                     "arguments": {"note": {"type": "text", "max_chars": 20}}, "confirm": "I will remember: {note}."},
+        "stop": {"description": "Stop.", "phrases": ["stop"]}},
+        "examples": [{"text": "remember that the keys are in the car", "skill": "remember",
+                      "arguments": {"note": "keys in the car"}}]})
+    validator = jsonschema.Draft202012Validator(skills.schema())
+    parsers = {m: CommandParser(skills, llm.model, llm.tokenizer, method=m) for m in ("choice", "generate")}
+
+    @settings(max_examples=6, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(st.text(min_size=0, max_size=80), st.sampled_from(sorted(parsers)))
+    def check(text, method):
+        call = parsers[method].parse("remember " + text)
+        validator.validate(json.loads(call.to_json()))
+        if call.skill == "remember":
+            assert 0 < len(call.arguments["note"]) <= 20
+
+    check()
+    assert parsers["generate"].parse("remember that the milk is in the fridge").skill in ("remember", NONE)

@@ -1,0 +1,345 @@
+"""`tinyalign bench commands --out DIR`: spoken requests -> skill calls (core/commands.py).
+
+Held-out requests (data/skill_requests_test.tsv, written before any prompt was tried; `--split
+dev` uses data/skill_requests_dev.tsv, the set prompts and thresholds may be tuned on) and chatter
+(data/chatter_test.txt + the odd lines of data/questions.txt; dev: the even lines) are spoken by
+several typical synthetic voices (core.corpus, as `tinyalign synth`), each voice's clips in one
+file with 1.2 s gaps, and played through the embedded graph exactly as `tinyalign run --fast`
+does (lossless, VAD -> Whisper -> assistant_node). Each Command is matched to its request by
+the time of its utterance. Per mode:
+
+- `exact_acc`: share of the commands whose published call (skill and every argument) is right;
+- `args_acc`: of the commands with the right skill and at least one argument, the share whose
+  arguments are all right;
+- `none_precision`: share of the chatter the robot mapped to "none" (no action; what the issue
+  calls the precision of "none" on questions and chatter); `none_precision_strict`: of all the
+  utterances mapped to "none", the share that were chatter;
+- `latency_p50_s`: end of speech -> Command, from a separate real-time run (`--latency-n` requests
+  by the first voice; the Command carries it): in the fast run the clock is not the speaker's.
+
+`text` is the same parser on the reference text (no speech): the ceiling the ASR leaves.
+Writes DIR/commands.json and DIR/commands.png (a confusion matrix of skills per mode).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tinyalign_ros.core.commands import NONE, CommandParser, SkillSet, default_skills_file
+from tinyalign_ros.core.metrics import portable_path, write_result
+
+DATA = Path(__file__).resolve().parents[2] / "data"
+GAP_S = 1.2
+SAMPLE_RATE = 16000
+
+
+@dataclass(frozen=True)
+class Item:
+    text: str
+    skill: str  # NONE for chatter
+    arguments: dict
+
+
+def load_items(split: str, n_chatter: int, n_commands: int | None = None) -> list[Item]:
+    rows = [line.split("\t") for line in (DATA / f"skill_requests_{split}.tsv").read_text().splitlines()
+            if line.strip() and not line.startswith("#")][1:]
+    items = [Item(t, s, json.loads(a)) for t, s, a in rows][:n_commands]
+    questions = [q for q in (DATA / "questions.txt").read_text().splitlines() if q.strip()]
+    chatter = questions[1::2] if split == "test" else questions[0::2]
+    if split == "test":
+        chatter = [c for c in (DATA / "chatter_test.txt").read_text().splitlines()
+                   if c.strip() and not c.startswith("#")] + chatter
+    return items + [Item(c, NONE, {}) for c in chatter[:n_chatter]]
+
+
+def typical_voices(n: int):
+    """Typical (not atypical, not channel-degraded) default voices, alternating engines."""
+    from tinyalign_ros.core import corpus
+
+    voices = [v for v in corpus.default_voices(0) if not v.atypical and not v.degradations]
+    by_engine: dict[str, list] = {}
+    for v in voices:
+        by_engine.setdefault(v.engine, []).append(v)
+    order = [e for e in ("piper", "festival", "espeak") if e in by_engine]
+    picked = []
+    while len(picked) < n and any(by_engine[e] for e in order):
+        for e in order:
+            if by_engine[e] and len(picked) < n:
+                picked.append(by_engine[e].pop(0))
+    return picked
+
+
+def speech_file(voice, texts: list[str], out: Path) -> list[tuple[float, float]]:
+    """One file of `texts` by `voice` with GAP_S gaps; (start_s, end_s) of each (cached clips)."""
+    import soundfile as sf
+
+    from tinyalign_ros.core import corpus
+    from tinyalign_ros.core.models import data_home
+
+    cache = data_home() / "cache" / "commands" / voice.key
+    cache.mkdir(parents=True, exist_ok=True)
+    gap = np.zeros(round(GAP_S * SAMPLE_RATE), dtype=np.float32)
+    parts, spans = [np.zeros(SAMPLE_RATE // 2, dtype=np.float32)], []
+    for text in texts:
+        path = cache / f"{corpus._digest(text)[:16]}.flac"
+        if path.is_file():
+            clip = sf.read(path, dtype="float32")[0]
+        else:
+            clip = corpus.synthesize(text, voice)
+            loud = np.flatnonzero(np.abs(clip) > 0.003)
+            clip = clip[loud[0]:loud[-1] + 1] if loud.size else clip
+            sf.write(path, clip, SAMPLE_RATE)
+        start = sum(p.size for p in parts)
+        spans.append((start / SAMPLE_RATE, (start + clip.size) / SAMPLE_RATE))
+        parts += [clip, gap]
+    sf.write(out, np.concatenate(parts + [gap]), SAMPLE_RATE)
+    return spans
+
+
+def run_file(path: Path, mode: str, fast: bool, method: str, skills_file: str, log=print):
+    """Play `path` through the embedded graph; [(utterance start_s, end_s, transcript, Command)]."""
+    os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+    from rclpy.node import Node
+
+    from tinyalign_ros.msg import Command
+    from tinyalign_ros.nodes.common import EVENT_QOS
+    from tinyalign_ros.nodes.graph import NAMESPACE, EmbeddedGraph
+
+    utterances: dict[str, tuple[float, float, str]] = {}
+    commands: list = []
+    overrides = {
+        "mic_node": {"input_file": str(path), "playback_rate": 0.0 if fast else 1.0},
+        "asr_node": {"echo_gate": False},
+        # answers to chatter are not scored: short ones (aligned mode writes its transcript with the same limit)
+        "assistant_node": {"mode": mode, "llm.max_new_tokens": 32 if mode == "aligned" else 12,
+                           "max_pending_utterances": 1000,
+                           "commands.method": method, "commands.skills_file": skills_file},
+        "tts_node": {"play": False, "realtime": False},
+    }
+    if mode == "aligned":  # the projector reads the last encoder layer (as `tinyalign run --mode aligned`)
+        overrides["asr_node"].update({"exit.mode": "budget", "exit.max_layer": 0})
+
+    def on_utterance(u) -> None:
+        utterances[u.id] = (u.stream_start_s, u.stream_end_s, u.transcript)
+
+    with EmbeddedGraph(overrides=overrides, on_utterance=on_utterance, exclude=("personalizer_node",)) as graph:
+        probe = Node("bench_commands", namespace=NAMESPACE, context=graph.context)
+        probe.create_subscription(Command, "command", commands.append, EVENT_QOS)
+        graph.executor.add_node(probe)
+        if not graph.wait_file_done(3600):
+            log(f"warning: {path.name} not done after an hour")
+        graph.executor.remove_node(probe)
+        probe.destroy_node()
+    out = []
+    for c in commands:
+        start, end, transcript = utterances.get(c.utterance_id, (float("nan"), float("nan"), ""))
+        out.append((start, end, transcript, c))
+    return out
+
+
+def match(spans: list[tuple[float, float]], heard) -> list:
+    """The Command of each span (the one whose utterance overlaps it most), None when none did."""
+    got: list = [None] * len(spans)
+    best = [0.0] * len(spans)
+    for start, end, _, cmd in heard:
+        for i, (s, e) in enumerate(spans):
+            overlap = min(e, end) - max(s, start)
+            if overlap > best[i]:
+                best[i], got[i] = overlap, cmd
+    return got
+
+
+def score(items: list[Item], calls: list) -> dict:
+    """calls: per item (skill, arguments) or None (no Command at all)."""
+    cmd = [(it, c) for it, c in zip(items, calls) if it.skill != NONE]
+    chat = [(it, c) for it, c in zip(items, calls) if it.skill == NONE]
+    exact = [c is not None and c[0] == it.skill and c[1] == it.arguments for it, c in cmd]
+    with_args = [(it, c) for it, c in cmd if c is not None and c[0] == it.skill and it.arguments]
+    predicted_none = [it for it, c in zip(items, calls) if c is not None and c[0] == NONE]
+    confusion = Counter((it.skill, c[0] if c is not None else "(missed)") for it, c in zip(items, calls))
+    return {
+        "exact_acc": round(float(np.mean(exact)), 4) if exact else None,
+        "args_acc": round(float(np.mean([c[1] == it.arguments for it, c in with_args])), 4) if with_args else None,
+        "none_precision": round(float(np.mean([c is not None and c[0] == NONE for _, c in chat])), 4) if chat else None,
+        "none_precision_strict": (round(sum(it.skill == NONE for it in predicted_none) / len(predicted_none), 4)
+                                  if predicted_none else None),
+        "missed": sum(c is None for c in calls),
+        "confusion": {f"{r} -> {p}": n for (r, p), n in sorted(confusion.items())},
+    }
+
+
+def pooled(results: list[dict], items_per: list[list[Item]], calls_per: list[list]) -> dict:
+    return score([i for items in items_per for i in items], [c for calls in calls_per for c in calls])
+
+
+def compare_libraries(tokenizer, skills: SkillSet) -> dict:
+    """Install-free figures of the two grammar libraries on this tokenizer and schema."""
+    import llguidance
+    import llguidance.hf
+
+    out = {}
+    t = time.perf_counter()
+    lltok = llguidance.hf.from_tokenizer(tokenizer)
+    grammar = llguidance.LLMatcher.grammar_from_json_schema(skills.schema(), overrides={"whitespace_flexible": False})
+    build = time.perf_counter() - t
+    m = llguidance.LLMatcher(lltok, grammar, log_level=0)
+    t, n = time.perf_counter(), 0
+    for tok in tokenizer('{"skill":"go_to","arguments":{"place":"kitchen"}}', add_special_tokens=False)["input_ids"]:
+        m.compute_bitmask()
+        m.consume_token(tok)
+        n += 1
+    out["llguidance"] = {"version": llguidance.__version__ if hasattr(llguidance, "__version__") else "1.9.1",
+                         "setup_s": round(build, 3), "mask_ms": round((time.perf_counter() - t) / n * 1000, 3)}
+    try:
+        from lmformatenforcer import JsonSchemaParser
+        from lmformatenforcer.integrations.transformers import build_token_enforcer_tokenizer_data
+        from lmformatenforcer.tokenenforcer import TokenEnforcer
+    except ImportError:
+        return out
+    t = time.perf_counter()
+    data = build_token_enforcer_tokenizer_data(tokenizer)
+    enforcer = TokenEnforcer(data, JsonSchemaParser(skills.schema()))
+    build = time.perf_counter() - t
+    ids = tokenizer('{"skill": "go_to", "arguments": {"place": "kitchen"}}', add_special_tokens=False)["input_ids"]
+    t = time.perf_counter()
+    for k in range(len(ids)):
+        enforcer.get_allowed_tokens(ids[:k])
+    out["lm-format-enforcer"] = {"version": "0.11.3", "setup_s": round(build, 3),
+                                 "mask_ms": round((time.perf_counter() - t) / len(ids) * 1000, 3)}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tinyalign bench commands", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True, help="folder for commands.json and commands.png")
+    parser.add_argument("--split", choices=("test", "dev"), default="test")
+    parser.add_argument("--voices", type=int, default=3, help="typical synthetic voices (0: text only)")
+    parser.add_argument("--modes", default="cascade,aligned", help="graph modes to run (comma-separated)")
+    parser.add_argument("--method", default="choice", choices=("choice", "generate"))
+    parser.add_argument("--n-chatter", type=int, default=60, help="chatter utterances (held-out ones first)")
+    parser.add_argument("--n-commands", type=int, default=None, help="only the first N requests (smoke runs)")
+    parser.add_argument("--latency-n", type=int, default=8, help="requests played at real time for the latency")
+    parser.add_argument("--skills", default="", help="skills file (default config/skills.yaml)")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    skills_file = args.skills or str(default_skills_file())
+    skills = SkillSet.load(skills_file)
+    items = load_items(args.split, args.n_chatter, args.n_commands)
+    modes: dict[str, dict] = {}
+
+    # text: the parser alone on the reference text
+    from tinyalign_ros.core.llm import ChatLLM
+
+    llm = ChatLLM(threads=2)
+    parser_ = CommandParser(skills, llm.model, llm.tokenizer, method=args.method)
+    calls, seconds = [], []
+    for it in items:
+        c = parser_.parse(it.text)
+        calls.append((c.skill, c.arguments))
+        seconds.append(c.seconds)
+        if (c.skill, c.arguments) != (it.skill, it.arguments):
+            print(f"text: {it.text!r} -> {c.skill} {c.arguments} (want {it.skill} {it.arguments})", flush=True)
+    modes["text"] = score(items, calls) | {"parse_s": {"p50": round(float(np.median(seconds)), 3),
+                                                       "p95": round(float(np.percentile(seconds, 95)), 3)}}
+    print("text", {k: v for k, v in modes["text"].items() if k != "confusion"}, flush=True)
+    libraries = compare_libraries(llm.tokenizer, skills)
+    del parser_, llm
+
+    voices = typical_voices(args.voices)
+    texts = [it.text for it in items]
+    files = []
+    for v in voices:
+        path = args.out / "work" / f"commands-{v.name}.wav"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        files.append((v, path, speech_file(v, texts, path)))
+    for mode in [m for m in args.modes.split(",") if m] if voices else []:
+        per_voice, all_calls = {}, []
+        for v, path, spans in files:
+            t = time.perf_counter()
+            heard = run_file(path, mode, True, args.method, skills_file)
+            got = match(spans, heard)
+            calls = [(c.skill, json.loads(c.arguments)) if c is not None else None for c in got]
+            for it, c, h in zip(items, calls, got):
+                if c != (it.skill, it.arguments):
+                    print(f"{mode} {v.name}: {it.text!r} heard {h.text if h else None!r} -> {c} "
+                          f"(want {it.skill} {it.arguments})", flush=True)
+            per_voice[v.name] = {k: val for k, val in score(items, calls).items() if k != "confusion"}
+            per_voice[v.name]["run_s"] = round(time.perf_counter() - t, 1)
+            all_calls.append(calls)
+            print(mode, v.name, per_voice[v.name], flush=True)
+        result = pooled([], [items] * len(files), all_calls)
+        latencies = []
+        if args.latency_n > 0:
+            v = voices[0]
+            sub = [it.text for it in items if it.skill != NONE][:args.latency_n]
+            path = args.out / "work" / f"latency-{v.name}.wav"
+            speech_file(v, sub, path)
+            latencies = [c.latency_s for *_, c in run_file(path, mode, False, args.method, skills_file)
+                         if np.isfinite(c.latency_s)]
+        result["latency_p50_s"] = round(float(np.median(latencies)), 3) if latencies else None
+        result["latency_p95_s"] = round(float(np.percentile(latencies, 95)), 3) if latencies else None
+        result["latency_n"] = len(latencies)
+        result["per_voice"] = per_voice
+        modes[mode] = result
+        print(mode, {k: val for k, val in result.items() if k not in ("confusion", "per_voice")}, flush=True)
+
+    figures = {
+        "modes": modes,
+        "n_commands": sum(it.skill != NONE for it in items),
+        "n_chatter": sum(it.skill == NONE for it in items),
+        "voices": [v.name for v in voices],
+        "split": args.split,
+        "method": args.method,
+        "skills_file": portable_path(skills_file),
+        "libraries": libraries,
+        "definitions": {
+            "exact_acc": "commands whose call (skill and all arguments) is right",
+            "args_acc": "commands with the right skill and >= 1 argument whose arguments are all right",
+            "none_precision": "chatter mapped to none (no action)",
+            "none_precision_strict": "utterances mapped to none that were chatter",
+            "latency_p50_s": "end of speech -> Command in a real-time run of the graph",
+        },
+    }
+    json_path = write_result(args.out, "commands", figures)
+    plot(modes, sorted(skills.skills) + [NONE], args.out / "commands.png")
+    print(json_path)
+    return 0
+
+
+def plot(modes: dict, labels: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = labels + ["(missed)"]
+    fig, axes = plt.subplots(1, len(modes), figsize=(5.2 * len(modes), 4.8), squeeze=False)
+    for ax, (mode, res) in zip(axes[0], modes.items()):
+        m = np.zeros((len(labels), len(cols)))
+        for key, n in res["confusion"].items():
+            ref, pred = key.split(" -> ")
+            if ref in labels and pred in cols:
+                m[labels.index(ref), cols.index(pred)] += n
+        rows = m / np.maximum(m.sum(1, keepdims=True), 1)
+        ax.imshow(rows, cmap="Blues", vmin=0, vmax=1)
+        for i in range(len(labels)):
+            for j in range(len(cols)):
+                if m[i, j]:
+                    ax.text(j, i, int(m[i, j]), ha="center", va="center", fontsize=7,
+                            color="white" if rows[i, j] > 0.5 else "black")
+        ax.set_xticks(range(len(cols)), cols, rotation=60, ha="right", fontsize=7)
+        ax.set_yticks(range(len(labels)), labels, fontsize=7)
+        ax.set_xlabel("predicted skill")
+        ax.set_ylabel("requested skill")
+        acc = res.get("exact_acc")
+        ax.set_title(f"{mode}: exact {acc if acc is not None else '-'}, none {res.get('none_precision')}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
