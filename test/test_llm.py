@@ -98,3 +98,30 @@ def test_without_repetition_control_those_prompts_loop(robot_llm):
         robot_llm.no_repeat_ngram, robot_llm.repetition_penalty = DEFAULT_NO_REPEAT_NGRAM, DEFAULT_REPETITION_PENALTY
     looped = [p for p, a in answers.items() if len(set(sentences(a))) < len(sentences(a))]
     assert len(looped) >= 2, answers
+
+
+def test_the_cached_system_turn_gives_the_same_answers_as_the_whole_prompt(llm):
+    """Only the operator's turn is run per answer (the system turn's cache is copied): the same greedy
+    answers as running the whole prompt, and the shared cache is never extended by an answer."""
+    uncached = ChatLLM(system_prompt=llm.system_prompt, max_new_tokens=24, threads=2, cache_system_prompt=False)
+    n = llm._system_ids.shape[1]
+    assert torch.equal(llm.prompt_ids("hi")[0, :n], llm._system_ids[0])  # the system turn is a prefix
+    for text in ("What is your name?", "Turn on the lights in the living room.", "What time is it right now?"):
+        assert llm.answer(text) == uncached.answer(text)
+    assert llm._system_cache.get_seq_length() == n
+    assert uncached._cache_for(uncached.prompt_ids("hi")) is None
+
+
+def test_stream_reports_its_prompt_pass_and_first_piece_to_the_calling_thread(llm):
+    llm.stages.begin()
+    list(llm.stream("Hello there."))
+    assert llm.stages.marked("llm_start") is not None
+    stages = llm.stages.take()
+    assert set(stages) == {"llm_prefill_s", "llm_first_text_s"} and all(v >= 0 for v in stages.values())
+    list(llm.stream("Hello there."))  # no record begun: nothing kept, nothing raised
+    assert llm.stages.take() == {}
+
+
+def test_an_unknown_dtype_is_refused():
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        ChatLLM(dtype="float16")
