@@ -56,13 +56,14 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from .adapters import Adapter, AdapterInfo, AdapterStore, atomic_write_bytes, validate_speaker_id
+from .asr_adapt import ASR_KIND, AsrAdaptConfig, AsrBase, make_optimizer, train_step
 from .metrics import wer
 from .projector import Projector
 from .samples import SampleInfo, SampleStore
 
 log = logging.getLogger(__name__)
 
-ADAPTER_KINDS = ("full", "lora")
+ADAPTER_KINDS = ("full", "lora", ASR_KIND)
 CHECKPOINT_FORMAT = "tinyalign-personalize-ckpt/1"
 
 
@@ -90,6 +91,14 @@ class PersonalizeConfig:
     seed: int = 0
     max_new_tokens: int = 40  # greedy decoding length for the validation WER
     eval_batch: int = 8
+    # kind "asr" (core/asr_adapt.py): LoRA in Whisper's top encoder layers and decoder
+    asr_rank: int = 16
+    asr_encoder_layers: int = 2
+    asr_batch: int = 8
+    asr_time_mask: float = 0.1
+    # kind "asr": the gate judges only with at least this many held-out reference words; fewer (a
+    # store of ~10 utterances) cannot tell a better adapter from luck, so nothing is swapped in
+    gate_min_words: int = 25
 
     def __post_init__(self) -> None:
         if self.kind not in ADAPTER_KINDS:
@@ -101,7 +110,12 @@ class PersonalizeConfig:
 
     @property
     def learning_rate(self) -> float:
-        return self.lr or (3e-4 if self.kind == "full" else 2e-3)
+        return self.lr or {"full": 3e-4, "lora": 2e-3, ASR_KIND: 1e-3}[self.kind]
+
+    def asr(self) -> AsrAdaptConfig:
+        return AsrAdaptConfig(rank=self.asr_rank, alpha=2.0 * self.asr_rank, encoder_layers=self.asr_encoder_layers,
+                              lr=self.learning_rate, batch=self.asr_batch, time_mask=self.asr_time_mask,
+                              grad_clip=self.grad_clip)
 
 
 @dataclass(frozen=True)
@@ -286,7 +300,7 @@ class Personalizer:
     """
 
     def __init__(self, aligned, samples: SampleStore, adapters: AdapterStore, work_dir: str | Path,
-                 base_sha: str, config: PersonalizeConfig | None = None) -> None:
+                 base_sha: str, config: PersonalizeConfig | None = None, asr: AsrBase | None = None) -> None:
         self._loader = aligned if callable(aligned) else None
         self._aligned = None if callable(aligned) else aligned
         self._load_lock = threading.Lock()
@@ -299,6 +313,7 @@ class Personalizer:
         self._thread: threading.Thread | None = None
         self.speaker: str | None = None  # speaker of the running round
         self._base: Projector | None = None
+        self.asr = asr if asr is not None else AsrBase()  # loads nothing until an "asr" round runs
 
     @property
     def aligned(self):
@@ -436,9 +451,166 @@ class Personalizer:
         refs = [i.text for i in data.infos]
         return wer(refs, hyps), list(zip(refs, hyps))
 
+    # ------------------------------------------------------------ what every round shares
+
+    def _begin(self, speaker: str, base_sha: str, current: Adapter | None, module: nn.Module,
+               opt: torch.optim.Optimizer, result: PersonalizeResult) -> tuple[dict[str, Any], Path]:
+        """A round's state, resumed from its checkpoint when there is a matching one."""
+        state: dict[str, Any] = {
+            "format": CHECKPOINT_FORMAT, "speaker": speaker, "kind": self.config.kind, "base_sha": base_sha,
+            "start": f"v{current.info.version}" if current is not None else "base",
+            "step": 0, "elapsed_s": 0.0, "epoch": 0, "pos": 0, "loss_ema": None, "val_wer_before": None,
+        }
+        ckpt = self.checkpoint_path(speaker)
+        if self._load_checkpoint(ckpt, module, opt, state):
+            log.info("resuming %s adapter of %s at step %d", self.config.kind, speaker, state["step"])
+        result.resumed_from_step = state["step"]
+        return state, ckpt
+
+    def _reporter(self, speaker: str, state: dict[str, Any], budget: float,
+                  on_progress: Callable[[Progress], None] | None) -> Callable[[str, float], None]:
+        cfg = self.config
+
+        def report(phase: str, step_s: float) -> None:
+            if on_progress is None:
+                return
+            left = max(0.0, budget - state["elapsed_s"])
+            if step_s > 0:
+                left = min(left, (cfg.max_steps - state["step"]) * step_s)
+            ema = state["loss_ema"]
+            on_progress(Progress(speaker, cfg.kind, phase, state["step"], cfg.max_steps,
+                                 float("nan") if ema is None else ema, state["elapsed_s"], left))
+        return report
+
+    def _train_loop(self, state: dict[str, Any], budget: float, n_train: int, batch: int,
+                    step: Callable[[list[int]], float], hooks: "_PreemptionHooks", ckpt: Path, module: nn.Module,
+                    opt: torch.optim.Optimizer, report: Callable[[str, float], None]) -> None:
+        """Steps over seeded per-epoch permutations of the training samples until the step or time
+        budget is spent; the position, loss EMA and checkpoints live in `state` (so a resumed round
+        continues where it stopped)."""
+        cfg = self.config
+
+        def order(epoch: int) -> list[int]:
+            perm = list(range(n_train))
+            random.Random(cfg.seed * 1000003 + epoch).shuffle(perm)
+            return perm
+
+        perm = order(state["epoch"])
+        last_ckpt = state["elapsed_s"]
+        batch = min(batch, n_train)
+        while state["step"] < cfg.max_steps and state["elapsed_s"] < budget:
+            hooks.check()
+            if state["pos"] + batch > len(perm):
+                state["epoch"], state["pos"] = state["epoch"] + 1, 0
+                perm = order(state["epoch"])
+            t0 = time.perf_counter()
+            value = step(perm[state["pos"]:state["pos"] + batch])
+            step_s = time.perf_counter() - t0
+            state["pos"] += batch
+            state["step"] += 1
+            state["elapsed_s"] += step_s
+            state["loss_ema"] = value if state["loss_ema"] is None else 0.9 * state["loss_ema"] + 0.1 * value
+            report("training", step_s)
+            if state["elapsed_s"] - last_ckpt >= cfg.ckpt_every_s:
+                self._save_checkpoint(ckpt, module, opt, state)
+                last_ckpt = state["elapsed_s"]
+
+    def _preempted(self, result: PersonalizeResult, ckpt: Path, module: nn.Module, opt: torch.optim.Optimizer,
+                   state: dict[str, Any]) -> PersonalizeResult:
+        opt.zero_grad(set_to_none=True)
+        self._save_checkpoint(ckpt, module, opt, state)
+        result.status, result.steps, result.train_s = "preempted", state["step"], state["elapsed_s"]
+        result.val_wer_before = state["val_wer_before"]
+        result.message = f"stopped at step {state['step']}; the next round resumes from the checkpoint"
+        return result
+
+    # ------------------------------------------------------------ one round of an ASR adapter
+
+    def latest_asr_adapter(self, speaker: str) -> Adapter | None:
+        """The speaker's newest ASR adapter made for this Whisper (projector adapters are skipped)."""
+        for version in reversed(self.adapters.list_versions(speaker)):
+            try:
+                info = self.adapters.info(speaker, version)
+                if info.extra.get("kind") == ASR_KIND and info.base_hashes.get("whisper") == self.asr.sha:
+                    return self.adapters.load(speaker, version)
+            except Exception as exc:  # noqa: BLE001 - a bad version is skipped, as load_latest does
+                log.warning("skipping adapter v%d of %s: %s", version, speaker, exc)
+        return None
+
+    def _run_asr(self, speaker: str, budget_s: float | None,
+                 on_progress: Callable[[Progress], None] | None) -> PersonalizeResult:
+        """A round of kind "asr": LoRA in Whisper trained on the speaker's audio samples.
+
+        The same round as the projector's (split, resume, preemption, checkpoints, gate), with
+        what an ASR adapter needs: only samples that carry audio count; the gate compares the
+        held-out WER of the transcript the speaker gets now (their current ASR adapter, else the
+        faster-whisper cascade) with the candidate's.
+        """
+        cfg, acfg = self.config, self.config.asr()
+        budget = float(budget_s) if budget_s and budget_s > 0 else cfg.budget_s
+        train_infos, val_infos = self.samples.split(speaker, cfg.held_out_fraction, cfg.min_held_out)
+        train_infos = [i for i in train_infos if i.audio_s > 0]
+        val_infos = [i for i in val_infos if i.audio_s > 0]
+        result = PersonalizeResult(speaker, cfg.kind, "too_few_samples", n_train=len(train_infos), n_val=len(val_infos))
+        if len(train_infos) + len(val_infos) < cfg.min_samples or not val_infos or not train_infos:
+            result.message = (f"{len(train_infos) + len(val_infos)} samples with audio, at least {cfg.min_samples} "
+                              "needed (with one held out)")
+            return result
+        current = self.latest_asr_adapter(speaker)
+        if current is not None:  # continuing an adapter keeps its shape
+            acfg = AsrAdaptConfig.from_metadata(current.info.extra)
+            acfg = AsrAdaptConfig(**{**acfg.__dict__, "lr": cfg.learning_rate, "batch": cfg.asr_batch,
+                                     "time_mask": cfg.asr_time_mask, "grad_clip": cfg.grad_clip})
+        model = self.asr.model(acfg, current.tensors if current is not None else None)
+        opt = make_optimizer(model)
+        state, ckpt = self._begin(speaker, self.asr.sha, current, model, opt, result)
+        report = self._reporter(speaker, state, budget, on_progress)
+
+        def items(infos: list[SampleInfo]) -> list[tuple]:
+            return [(s.audio, s.info.text) for s in (self.samples.load(speaker, i.id) for i in infos)]
+
+        hooks = _PreemptionHooks(list(model.encoder.blocks) + list(model.decoder.blocks), self._stop)
+        rng = random.Random(cfg.seed * 1000003 + state["step"])  # the time masks
+        try:
+            with hooks:
+                report("preparing", 0.0)
+                train_items, val_items = items(train_infos), items(val_infos)
+                val = model.prepare(val_items)
+                refs = [text for _, text in val_items]
+                if state["val_wer_before"] is None:
+                    report("validating-before", 0.0)
+                    if current is not None:
+                        before_hyps = [model.transcribe_states(val.states[i], val.seconds[i])[0] for i in range(len(refs))]
+                    else:
+                        before_hyps = [self.asr.cascade(audio) for audio, _ in val_items]
+                    state["val_wer_before"] = wer(refs, before_hyps)
+                    self._save_checkpoint(ckpt, model, opt, state)
+                train = model.prepare(train_items)
+                self._train_loop(state, budget, len(train_items), acfg.batch,
+                                 lambda idx: train_step(model, opt, train, idx, state["step"], rng),
+                                 hooks, ckpt, model, opt, report)
+                report("validating-after", 0.0)
+                hyps = [model.transcribe_states(val.states[i], val.seconds[i])[0] for i in range(len(refs))]
+                after, examples = wer(refs, hyps), list(zip(refs, hyps))
+        except Preempted:
+            return self._preempted(result, ckpt, model, opt, state)
+        words = sum(len(text.split()) for text in refs)
+        if words < cfg.gate_min_words:
+            self.discard_checkpoints(speaker)
+            result.status, result.steps, result.train_s = "rejected", state["step"], state["elapsed_s"]
+            result.val_wer_before, result.val_wer_after, result.examples = state["val_wer_before"], after, examples
+            result.message = (f"only {words} held-out words (at least {cfg.gate_min_words} needed to judge): "
+                              f"validation WER {state['val_wer_before']:.3f} -> {after:.3f} not trusted, nothing swapped")
+            return result
+        return self._gate(speaker, result, state, after, examples, model.adapter_state(),
+                          {"whisper": self.asr.sha}, {**acfg.metadata(), "start": state["start"]},
+                          len(train_infos), len(val_infos))
+
     def run(self, speaker: str, budget_s: float | None = None,
             on_progress: Callable[[Progress], None] | None = None) -> PersonalizeResult:
         """One round for `speaker` (see the module docstring); never raises Preempted."""
+        if self.config.kind == ASR_KIND:
+            return self._run_asr(speaker, budget_s, on_progress)
         cfg = self.config
         budget = float(budget_s) if budget_s and budget_s > 0 else cfg.budget_s
         train_infos, val_infos = self.samples.split(speaker, cfg.held_out_fraction, cfg.min_held_out)
@@ -459,34 +631,29 @@ class Personalizer:
         module = trainable_module(self.base, cfg.kind, current if same_kind else None, rank, alpha)
         params = [p for p in module.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-        state: dict[str, Any] = {
-            "format": CHECKPOINT_FORMAT, "speaker": speaker, "kind": cfg.kind, "base_sha": self.base_sha,
-            "start": f"v{current.info.version}" if current is not None else "base",
-            "step": 0, "elapsed_s": 0.0, "epoch": 0, "pos": 0, "loss_ema": None, "val_wer_before": None,
-        }
-        ckpt = self.checkpoint_path(speaker)
-        if self._load_checkpoint(ckpt, module, opt, state):
-            log.info("resuming %s adapter of %s at step %d", cfg.kind, speaker, state["step"])
-        result.resumed_from_step = state["step"]
+        state, ckpt = self._begin(speaker, self.base_sha, current, module, opt, result)
         train, val = self._load(speaker, train_infos), self._load(speaker, val_infos)
         hybrid = self._hybrid()
-
-        def report(phase: str, step_s: float) -> None:
-            if on_progress is None:
-                return
-            left = max(0.0, budget - state["elapsed_s"])
-            if step_s > 0:
-                left = min(left, (cfg.max_steps - state["step"]) * step_s)
-            ema = state["loss_ema"]
-            on_progress(Progress(speaker, cfg.kind, phase, state["step"], cfg.max_steps,
-                                 float("nan") if ema is None else ema, state["elapsed_s"], left))
-
-        def order(epoch: int) -> list[int]:
-            perm = list(range(len(train.infos)))
-            random.Random(cfg.seed * 1000003 + epoch).shuffle(perm)
-            return perm
-
+        report = self._reporter(speaker, state, budget, on_progress)
         hooks = _PreemptionHooks(_llm_layers(self.aligned.model), self._stop)
+
+        def step(idx: list[int]) -> float:
+            feats = [train.features[i] for i in idx]
+            lengths = torch.tensor([f.shape[0] for f in feats])
+            padded = torch.nn.utils.rnn.pad_sequence(feats, batch_first=True)
+            self.aligned.projector = module
+            try:
+                loss = self.aligned.loss(padded, lengths, [train.targets[i] for i in idx],
+                                         transcripts=train.transcripts(idx) if hybrid else None)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+            finally:
+                self.aligned.projector = self.base
+            hooks.check()  # a stop that came during this step: do not apply a half-decided update
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            return float(loss.detach())
+
         try:
             with hooks:
                 if state["val_wer_before"] is None:
@@ -494,62 +661,30 @@ class Personalizer:
                     now = apply_adapter(self.base, current) if current is not None else self.base
                     state["val_wer_before"] = self.evaluate(now, val)[0]
                     self._save_checkpoint(ckpt, module, opt, state)
-                perm = order(state["epoch"])
-                last_ckpt, step_s = state["elapsed_s"], 0.0
-                batch = min(cfg.batch, len(train.infos))
-                while state["step"] < cfg.max_steps and state["elapsed_s"] < budget:
-                    hooks.check()
-                    if state["pos"] + batch > len(perm):
-                        state["epoch"], state["pos"] = state["epoch"] + 1, 0
-                        perm = order(state["epoch"])
-                    idx = perm[state["pos"]:state["pos"] + batch]
-                    t0 = time.perf_counter()
-                    feats = [train.features[i] for i in idx]
-                    lengths = torch.tensor([f.shape[0] for f in feats])
-                    padded = torch.nn.utils.rnn.pad_sequence(feats, batch_first=True)
-                    self.aligned.projector = module
-                    try:
-                        loss = self.aligned.loss(padded, lengths, [train.targets[i] for i in idx],
-                                                 transcripts=train.transcripts(idx) if hybrid else None)
-                        opt.zero_grad(set_to_none=True)
-                        loss.backward()
-                    finally:
-                        self.aligned.projector = self.base
-                    hooks.check()  # a stop that came during this step: do not apply a half-decided update
-                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                    opt.step()
-                    step_s = time.perf_counter() - t0
-                    state["pos"] += batch
-                    state["step"] += 1
-                    state["elapsed_s"] += step_s
-                    value = float(loss.detach())
-                    state["loss_ema"] = value if state["loss_ema"] is None else 0.9 * state["loss_ema"] + 0.1 * value
-                    report("training", step_s)
-                    if state["elapsed_s"] - last_ckpt >= cfg.ckpt_every_s:
-                        self._save_checkpoint(ckpt, module, opt, state)
-                        last_ckpt = state["elapsed_s"]
+                self._train_loop(state, budget, len(train.infos), cfg.batch, step, hooks, ckpt, module, opt, report)
                 report("validating-after", 0.0)
                 after, examples = self.evaluate(module, val)
         except Preempted:
-            opt.zero_grad(set_to_none=True)
-            self._save_checkpoint(ckpt, module, opt, state)
-            result.status, result.steps, result.train_s = "preempted", state["step"], state["elapsed_s"]
-            result.val_wer_before = state["val_wer_before"]
-            result.message = f"stopped at step {state['step']}; the next round resumes from the checkpoint"
-            return result
+            return self._preempted(result, ckpt, module, opt, state)
 
+        extra: dict[str, Any] = {"kind": cfg.kind, "start": state["start"], "hybrid": hybrid}
+        if cfg.kind == "lora":
+            extra.update(lora_rank=rank, lora_alpha=alpha)
+        return self._gate(speaker, result, state, after, examples, adapter_tensors(module, cfg.kind),
+                          {"projector": self.base_sha}, extra, len(train_infos), len(val_infos))
+
+    def _gate(self, speaker: str, result: PersonalizeResult, state: dict, after: float, examples: list,
+              tensors: dict[str, torch.Tensor], base_hashes: dict[str, str], extra: dict[str, Any],
+              n_train: int, n_val: int) -> PersonalizeResult:
+        """Keep the candidate only if its held-out WER is strictly lower than what is used now."""
         result.steps, result.train_s = state["step"], state["elapsed_s"]
         result.val_wer_before, result.val_wer_after, result.examples = state["val_wer_before"], after, examples
         if after < state["val_wer_before"]:
-            extra: dict[str, Any] = {"kind": cfg.kind, "start": state["start"], "steps": state["step"],
-                                     "train_s": round(state["elapsed_s"], 1), "hybrid": hybrid}
-            if cfg.kind == "lora":
-                extra.update(lora_rank=rank, lora_alpha=alpha)
+            extra = {**extra, "steps": state["step"], "train_s": round(state["elapsed_s"], 1)}
             result.adapter = self.adapters.save(
-                speaker, adapter_tensors(module, cfg.kind), data_count=len(train_infos),
-                base_hashes={"projector": self.base_sha},
+                speaker, tensors, data_count=n_train, base_hashes=base_hashes,
                 metrics={"val_wer_before": state["val_wer_before"], "val_wer_after": after,
-                         "n_train": len(train_infos), "n_val": len(val_infos)},
+                         "n_train": n_train, "n_val": n_val},
                 extra=extra)
             result.status = "saved"
             result.message = (f"validation WER {state['val_wer_before']:.3f} -> {after:.3f}: "
@@ -559,6 +694,6 @@ class Personalizer:
             result.message = (f"validation WER {state['val_wer_before']:.3f} -> {after:.3f}: no improvement, "
                               "the current adapter stays")
         self.discard_checkpoints(speaker)
-        log.info("%s adapter of %s: %s", cfg.kind, speaker, result.message)
+        log.info("%s adapter of %s: %s", self.config.kind, speaker, result.message)
         return result
 

@@ -1,8 +1,9 @@
 """Consented, bounded, deletable per-speaker training samples for personalization.
 
 A sample is what the personalizer trains the speaker's adapter on: the encoder features of one
-utterance (float16, as the ASR path produced them), the text it is labelled with, where that
-label came from, and how sure we are of it:
+utterance (float16, as the ASR path produced them), its audio (16 kHz int16 PCM, optional: the
+ASR adapters of core/asr_adapt.py train on it; samples stored before this field have none), the
+text it is labelled with, where that label came from, and how sure we are of it:
 
 - "enrollment": the robot asked the speaker to read a sentence; the sentence is the label.
 - "correction": the operator corrected a transcript; the corrected text is the label.
@@ -44,6 +45,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as save_safetensors
 
 from .adapters import _fsync_dir, atomic_write_bytes, validate_speaker_id
+from .audio import SAMPLE_RATE
 from .models import data_home
 
 log = logging.getLogger(__name__)
@@ -56,6 +58,7 @@ _FP16_MAX = 65504.0
 # What 30 s of speech can say, with room to spare (the same bound as llm.MAX_USER_CHARS): a longer
 # label or transcript is malformed input, and would make every training round of its speaker fail.
 MAX_TEXT_CHARS = 2000
+MAX_AUDIO_S = 30.0  # Whisper's window: a longer utterance is cut by the VAD before it gets here
 
 
 class ConsentError(PermissionError):
@@ -80,12 +83,14 @@ class SampleInfo:
     # What the cascade ASR heard (the hybrid prompt's text input); "" for samples stored before
     # this field existed or when no transcript was available.
     asr_transcript: str = ""
+    audio_s: float = 0.0  # seconds of stored audio (0 = features only)
 
 
 @dataclass(frozen=True)
 class Sample:
     features: torch.Tensor  # (frames, d) float16
     info: SampleInfo
+    audio: np.ndarray | None = None  # 16 kHz mono float32 in [-1, 1], when stored
 
 
 class SampleStore:
@@ -138,13 +143,15 @@ class SampleStore:
 
     def add(self, speaker: str, features: torch.Tensor | np.ndarray, text: str, source: str,
             confidence: float = 1.0, *, utterance_id: str = "", layer: int = 0,
-            created: float | None = None, asr_transcript: str = "") -> str | None:
+            created: float | None = None, asr_transcript: str = "",
+            audio: np.ndarray | None = None) -> str | None:
         """Store one labelled utterance; returns its sample id, or None when the rules drop it.
 
         Dropped (None): a teacher label below `teacher_min_confidence`, or a teacher label for an
         utterance a person already labelled. Refused (exception): no consent (ConsentError), an
         unknown source, empty text, text or asr_transcript longer than MAX_TEXT_CHARS, a confidence
-        outside [0, 1], features that are not (frames, d).
+        outside [0, 1], features that are not (frames, d), audio that is not 1-D finite samples of at
+        most MAX_AUDIO_S seconds.
         """
         folder = self._dir(speaker)
         if source not in SOURCES:
@@ -165,6 +172,13 @@ class SampleStore:
                              f"{tuple(features.shape)}")
         if not torch.isfinite(features).all():
             raise ValueError("features contain NaN or infinity")
+        pcm = None
+        if audio is not None and np.asarray(audio).size:
+            audio = np.asarray(audio, dtype=np.float32)
+            if audio.ndim != 1 or audio.size > MAX_AUDIO_S * SAMPLE_RATE or not np.isfinite(audio).all():
+                raise ValueError(f"audio must be finite 1-D 16 kHz samples of at most {MAX_AUDIO_S:.0f} s, got "
+                                 f"shape {audio.shape}")
+            pcm = torch.from_numpy(np.round(np.clip(audio, -1.0, 1.0) * 32767.0).astype(np.int16))
         if not self.has_consent(speaker):
             raise ConsentError(f"speaker {speaker!r} has not consented to storing samples: "
                                "grant_consent first (enrollment or the consent parameter)")
@@ -181,11 +195,14 @@ class SampleStore:
         # and the same data gives the same id (so the held-out split does not change between runs)
         content = hashlib.sha256(f"{speaker}\0{source}\0{utterance_id}\0{text}\0".encode())
         content.update(f16.view(torch.int16).numpy().tobytes())
+        if pcm is not None:
+            content.update(pcm.numpy().tobytes())
         sample_id = f"{int(created * 1e6):017d}-{content.hexdigest()[:8]}"
         metadata = {"format": SAMPLE_FORMAT, "speaker": speaker, "text": text, "source": source,
                     "confidence": repr(confidence), "created": repr(created), "utterance_id": str(utterance_id),
                     "layer": str(int(layer)), "asr_transcript": asr_transcript}
-        atomic_write_bytes(folder / f"{sample_id}.safetensors", save_safetensors({"features": f16}, metadata=metadata))
+        tensors = {"features": f16} if pcm is None else {"features": f16, "audio": pcm}
+        atomic_write_bytes(folder / f"{sample_id}.safetensors", save_safetensors(tensors, metadata=metadata))
         for old in previous:  # the new label supersedes the old one (written first: never zero copies)
             if old.id != sample_id:
                 self._remove(speaker, old.id)
@@ -225,6 +242,9 @@ class SampleStore:
                 meta = f.metadata() or {}
                 features = f.get_tensor("features") if with_features else None
                 frames = f.get_slice("features").get_shape()[0]
+                has_audio = "audio" in f.keys()
+                pcm = f.get_tensor("audio") if with_features and has_audio else None
+                audio_n = f.get_slice("audio").get_shape()[0] if has_audio else 0
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
             raise SampleStoreError(f"sample {path} is unreadable: {exc}") from exc
         if meta.get("format") != SAMPLE_FORMAT or meta.get("speaker") != speaker:
@@ -233,10 +253,12 @@ class SampleStore:
             info = SampleInfo(id=path.stem, speaker=speaker, text=meta["text"], source=meta["source"],
                               confidence=float(meta["confidence"]), created=float(meta["created"]),
                               utterance_id=meta.get("utterance_id", ""), layer=int(meta.get("layer", 0)),
-                              frames=int(frames), asr_transcript=meta.get("asr_transcript", ""))
+                              frames=int(frames), asr_transcript=meta.get("asr_transcript", ""),
+                              audio_s=audio_n / SAMPLE_RATE)
         except (KeyError, ValueError) as exc:
             raise SampleStoreError(f"sample {path} has unusable metadata: {exc}") from exc
-        return Sample(features, info)  # type: ignore[arg-type]
+        audio = None if pcm is None else pcm.numpy().astype(np.float32) / 32767.0
+        return Sample(features, info, audio)  # type: ignore[arg-type]
 
     def list(self, speaker: str) -> list[SampleInfo]:
         """The speaker's samples, oldest first (expired ones are pruned; unreadable ones skipped)."""

@@ -1,0 +1,269 @@
+"""A speaker's adapter inside the ASR: LoRA in Whisper's top encoder layers and its decoder.
+
+Where the voice is heard is where it is learned (DESIGN §5): a projector behind a frozen Whisper
+cannot change what Whisper misheard, so the speaker adapter of `kind: asr` is a low-rank delta
+(LoRA, peft's `inject_adapter_in_model` on a plain module, as core/personalize.py does for the
+projector) on
+
+- the top `encoder_layers` blocks of the Whisper encoder (attention q/k/v + output, MLP), and
+- every decoder block (self-attention, cross-attention query/output, MLP; the cross-attention
+  K/V projection stays frozen),
+
+trained with the decoder's teacher-forced cross-entropy on the speaker's labelled utterances
+(Tomanek et al. 2021: residual adapters / LoRA in the ASR for atypical speech).
+
+Cheap on a CPU because every frozen part runs once per sample: the log-mel (30 s window, as the
+decoder needs it: unpadded encoder output makes it loop, DESIGN §4) and the lower encoder layers
+are computed when the data is prepared and kept as fp16 (1500 x 384 per sample, 1.2 MB), so a
+training step runs only the adapted top layers and the decoder. Regularized as the field does
+for small data: time masking of the cached states inside the speech (SpecAugment-like), a small
+learning rate with warm-up, weight decay on the LoRA matrices, gradient clipping, and a fixed
+short schedule; the gate (core/personalize.py) keeps the candidate only if the speaker's held-out
+WER of the final transcript drops.
+
+At inference `SpeakerAsr.transcribe` runs the adapted encoder (padded) and our PyTorch decoder
+greedily, with the length guard of core/decoder.py. Unknown speakers never reach this module:
+they keep faster-whisper, unchanged.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .audio import SAMPLE_RATE
+from .decoder import (EOT, NO_TIMESTAMPS, SOT, WhisperDecoder, decode_text, encode_text, looks_looped,
+                      max_tokens_for)
+from .encoder import WhisperEncoder, log_mel
+
+ASR_KIND = "asr"
+
+
+@dataclass(frozen=True)
+class AsrAdaptConfig:
+    rank: int = 16
+    alpha: float = 32.0
+    encoder_layers: int = 2  # top encoder blocks with LoRA (0 = decoder only)
+    decoder: bool = True  # LoRA in the decoder blocks
+    lr: float = 1e-3
+    warmup_steps: int = 10
+    weight_decay: float = 0.01
+    batch: int = 8
+    time_mask: float = 0.1  # fraction of the speech frames masked per sample in training (0 = off)
+    grad_clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.rank < 1 or self.encoder_layers < 0 or self.batch < 1:
+            raise ValueError("rank and batch must be >= 1, encoder_layers >= 0")
+        if not self.decoder and self.encoder_layers == 0:
+            raise ValueError("an ASR adapter needs encoder_layers > 0 or decoder: true")
+        if not 0.0 <= self.time_mask < 0.5:
+            raise ValueError(f"time_mask must be in [0, 0.5), got {self.time_mask}")
+
+    def metadata(self) -> dict:
+        return {"kind": ASR_KIND, "lora_rank": self.rank, "lora_alpha": self.alpha,
+                "encoder_layers": self.encoder_layers, "decoder_lora": self.decoder}
+
+    @classmethod
+    def from_metadata(cls, extra: dict) -> "AsrAdaptConfig":
+        return cls(rank=int(extra["lora_rank"]), alpha=float(extra["lora_alpha"]),
+                   encoder_layers=int(extra["encoder_layers"]), decoder=bool(extra["decoder_lora"]))
+
+
+def lora_targets(encoder: WhisperEncoder, decoder: WhisperDecoder, cfg: AsrAdaptConfig) -> list[str]:
+    names = [f"encoder.blocks.{i}.{m}" for i in range(encoder.n_layers - cfg.encoder_layers, encoder.n_layers)
+             for m in ("attn.qkv", "attn.out", "mlp.0", "mlp.2")]
+    if cfg.decoder:
+        names += [f"decoder.blocks.{i}.{m}" for i in range(decoder.config.n_layers)
+                  for m in ("attn.qkv", "attn.out", "cross.q", "cross.out", "mlp.0", "mlp.2")]
+    return names
+
+
+@dataclass
+class Prepared:
+    """What training reads per sample: the frozen lower encoder states and the label tokens."""
+    states: list[torch.Tensor]  # (1500, d) fp16, output of block (n_layers - encoder_layers)
+    speech_frames: list[int]  # how many of those frames hold speech (the rest is the 30 s padding)
+    tokens: list[list[int]]  # [SOT, NO_TIMESTAMPS, text..., EOT]
+    seconds: list[float]
+    texts: list[str]
+
+
+class SpeakerAsr(nn.Module):
+    """Whisper encoder + decoder (copies of the frozen base) with a speaker's LoRA injected."""
+
+    def __init__(self, encoder: WhisperEncoder, decoder: WhisperDecoder, cfg: AsrAdaptConfig) -> None:
+        super().__init__()
+        from peft import LoraConfig, inject_adapter_in_model
+
+        self.cfg = cfg
+        self.encoder = copy.deepcopy(encoder)
+        self.decoder = copy.deepcopy(decoder)
+        self.decoder.suppress, self.decoder.suppress_begin = decoder.suppress, decoder.suppress_begin
+        self.requires_grad_(False)
+        lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=0.0,
+                          target_modules=lora_targets(self.encoder, self.decoder, cfg))
+        inject_adapter_in_model(lora, self)  # only the lora_* parameters require grad
+        self.split = self.encoder.n_layers - cfg.encoder_layers  # blocks below run frozen, once
+        self.eval()
+
+    # -- adapter tensors ------------------------------------------------------------------
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        from peft import get_peft_model_state_dict
+
+        return {k: v.detach().clone().contiguous() for k, v in get_peft_model_state_dict(self).items()}
+
+    def load_adapter_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        from peft import set_peft_model_state_dict
+
+        expected = set(self.adapter_state())
+        if set(tensors) != expected:
+            missing, unknown = sorted(expected - set(tensors))[:3], sorted(set(tensors) - expected)[:3]
+            raise ValueError(f"ASR adapter tensors do not fit this model (missing {missing}, unknown {unknown})")
+        set_peft_model_state_dict(self, {k: v.float() for k, v in tensors.items()})
+
+    def trainable(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    # -- the two halves of the encoder ----------------------------------------------------
+    @torch.no_grad()
+    def lower(self, mel: torch.Tensor) -> torch.Tensor:
+        """Output of the frozen blocks below the adapted ones (stem + positions when none)."""
+        for i, h in enumerate(self.encoder.layers(mel)):
+            if i == self.split:
+                return h
+        raise AssertionError("unreachable: split <= n_layers")
+
+    def upper(self, h: torch.Tensor) -> torch.Tensor:
+        for block in self.encoder.blocks[self.split:]:
+            h = block(h)
+        return self.encoder.ln_post(h)
+
+    # -- training -------------------------------------------------------------------------
+    def prepare(self, items: Sequence[tuple[np.ndarray, str]]) -> Prepared:
+        """Run every frozen part once: (16 kHz samples, label text) -> cached states and tokens."""
+        out = Prepared([], [], [], [], [])
+        for samples, text in items:
+            mel = log_mel(samples, pad_to_30s=True)
+            out.states.append(self.lower(mel)[0].to(torch.float16))
+            out.speech_frames.append(min(self.encoder.config.n_ctx, math.ceil(samples.size / SAMPLE_RATE * 50)))
+            out.tokens.append([SOT, NO_TIMESTAMPS] + encode_text(text) + [EOT])
+            out.seconds.append(samples.size / SAMPLE_RATE)
+            out.texts.append(text)
+        return out
+
+    def loss(self, data: Prepared, idx: Sequence[int], rng: random.Random | None = None) -> torch.Tensor:
+        """Teacher-forced cross-entropy of the label tokens (after the prompt) for samples `idx`."""
+        h = torch.stack([data.states[i] for i in idx]).float()
+        if rng is not None and self.cfg.time_mask > 0:
+            for row, i in enumerate(idx):  # one span per sample, inside its speech
+                n = data.speech_frames[i]
+                width = int(n * self.cfg.time_mask)
+                if width > 0:
+                    start = rng.randrange(0, n - width + 1)
+                    h[row, start:start + width] = 0.0
+        xa = self.upper(h)
+        length = max(len(data.tokens[i]) for i in idx) - 1
+        inp = torch.full((len(idx), length), EOT, dtype=torch.long)
+        tgt = torch.full((len(idx), length), -100, dtype=torch.long)
+        for row, i in enumerate(idx):
+            seq = torch.tensor(data.tokens[i])
+            inp[row, : len(seq) - 1] = seq[:-1]
+            tgt[row, 1: len(seq) - 1] = seq[2:]  # position 0 predicts NO_TIMESTAMPS: the prompt, not learned
+        logits, _ = self.decoder(inp, xa)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tgt.reshape(-1), ignore_index=-100)
+
+    # -- inference ------------------------------------------------------------------------
+    @torch.no_grad()
+    def transcribe_states(self, state: torch.Tensor, seconds: float) -> tuple[str, float]:
+        xa = self.upper(state.float().unsqueeze(0))
+        tokens, logprob = self.decoder.greedy(xa, max_tokens_for(seconds))
+        text = decode_text(tokens)
+        if looks_looped(text):
+            return "", 0.0  # a looped decode is no transcript (the gate counts it as all deletions)
+        return text, float(math.exp(min(logprob, 0.0)))
+
+    @torch.no_grad()
+    def transcribe(self, samples: np.ndarray) -> tuple[str, float]:
+        """(text, confidence) of one utterance (16 kHz mono, <= 30 s) with this speaker's adapter."""
+        state = self.lower(log_mel(samples, pad_to_30s=True))[0]
+        return self.transcribe_states(state, samples.size / SAMPLE_RATE)
+
+
+def make_optimizer(model: SpeakerAsr) -> torch.optim.Optimizer:
+    cfg = model.cfg
+    return torch.optim.AdamW(model.trainable(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def train_step(model: SpeakerAsr, opt: torch.optim.Optimizer, data: Prepared, idx: Sequence[int], step: int,
+               rng: random.Random) -> float:
+    """One AdamW step (linear warm-up of the learning rate); returns the loss."""
+    model.train()
+    for group in opt.param_groups:
+        group["lr"] = model.cfg.lr * min(1.0, (step + 1) / max(model.cfg.warmup_steps, 1))
+    loss = model.loss(data, idx, rng)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.trainable(), model.cfg.grad_clip)
+    opt.step()
+    model.eval()
+    return float(loss.detach())
+
+
+class AsrBase:
+    """The frozen Whisper that speakers' ASR adapters are made for, loaded on first use.
+
+    `sha` (of model.bin) is the base hash an adapter records: an adapter made for another Whisper
+    is never applied. `cascade` is what an unknown speaker gets (faster-whisper, int8, greedy):
+    the yardstick of the personalizer's gate when a speaker has no ASR adapter yet.
+    """
+
+    def __init__(self, model_dir=None, transcriber=None) -> None:
+        import threading
+
+        from .models import whisper_tiny_dir
+
+        self.model_dir = model_dir or whisper_tiny_dir()
+        self._transcriber = transcriber
+        self._lock = threading.Lock()
+        self._encoder: WhisperEncoder | None = None
+        self._decoder: WhisperDecoder | None = None
+        self._sha: str | None = None
+
+    @property
+    def sha(self) -> str:
+        if self._sha is None:
+            from .adapters import file_sha256
+
+            self._sha = file_sha256(f"{self.model_dir}/model.bin")
+        return self._sha
+
+    def parts(self) -> tuple[WhisperEncoder, WhisperDecoder]:
+        with self._lock:
+            if self._encoder is None:
+                from .decoder import load_whisper_decoder
+                from .encoder import load_whisper_encoder
+
+                self._encoder, self._decoder = load_whisper_encoder(self.model_dir), load_whisper_decoder(self.model_dir)
+            return self._encoder, self._decoder  # type: ignore[return-value]
+
+    def model(self, cfg: AsrAdaptConfig, tensors: dict[str, torch.Tensor] | None = None) -> SpeakerAsr:
+        model = SpeakerAsr(*self.parts(), cfg)
+        if tensors is not None:
+            model.load_adapter_state(tensors)
+        return model
+
+    def cascade(self, samples: np.ndarray) -> str:
+        with self._lock:
+            if self._transcriber is None:
+                from .asr import WhisperTranscriber
+
+                self._transcriber = WhisperTranscriber(self.model_dir, threads=1)
+        return self._transcriber.transcribe(samples).text

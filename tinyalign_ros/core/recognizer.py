@@ -1,0 +1,129 @@
+"""One utterance's recognition, in one place: samples + speaker -> transcript + encoder features.
+
+asr_node calls `Recognizer.recognize` once per utterance and the benches call the same method,
+so what is measured is what runs. The pipeline:
+
+1. our PyTorch Whisper encoder with early exits (features for the aligned assistant and the
+   personalizer; the exit layer),
+2. the transcript, from the first that applies:
+   - `exit_head` transcriber: the booster-fused exit head (when `fuse` says it boosted), else
+     the exit head's own text;
+   - the speaker has an ASR adapter (core/asr_adapt.py): the adapted Whisper;
+   - everyone else: faster-whisper, exactly as without personalization (same speed).
+
+Adapters are hot-swapped with `set_adapter` / `drop_adapter` from any thread; a swap takes the
+lock that `recognize` holds while it transcribes, so it lands between utterances, never inside
+one. One `SpeakerAsr` model is kept per adapter shape and each speaker's LoRA tensors (a few MB)
+are loaded into it for that speaker's utterance, so N speakers cost N small tensor sets, not N
+copies of Whisper.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .adapters import Adapter
+from .asr_adapt import ASR_KIND, AsrAdaptConfig, AsrBase, SpeakerAsr
+from .early_exit import EncodedUtterance, ExitHeads, ExitPolicy, encode_utterance
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Recognition:
+    text: str
+    confidence: float
+    encoded: EncodedUtterance | None  # None without the PyTorch encoder
+    source: str  # "whisper", "adapter", "exit_head" or "boost"
+    adapter_version: int = 0  # the speaker's ASR adapter version that produced the text (0 = none)
+    boosted: object | None = None  # what `fuse` returned
+
+
+class AdapterMismatch(ValueError):
+    """An adapter that is not an ASR adapter of this Whisper (the message says why)."""
+
+
+class Recognizer:
+    def __init__(self, transcriber, encoder=None, heads: ExitHeads | None = None, base: AsrBase | None = None,
+                 exit_head_transcripts: bool = False) -> None:
+        self.transcriber = transcriber
+        self.encoder, self.heads = encoder, heads
+        self.base = base if base is not None else AsrBase()
+        self.exit_head_transcripts = exit_head_transcripts
+        self._lock = threading.Lock()
+        self._models: dict[tuple, SpeakerAsr] = {}
+        self._adapters: dict[str, tuple[tuple, dict[str, torch.Tensor], int]] = {}
+        self._loaded: str | None = None  # whose tensors are in the model now
+
+    # -- adapters ----------------------------------------------------------------------------
+    @property
+    def adapted_speakers(self) -> dict[str, int]:
+        return {s: v for s, (_, _, v) in self._adapters.items()}
+
+    def set_adapter(self, speaker: str, adapter: Adapter) -> None:
+        """Use `adapter` for `speaker` from the next utterance on (AdapterMismatch if it does not fit)."""
+        extra = adapter.info.extra
+        if extra.get("kind") != ASR_KIND:
+            raise AdapterMismatch(f"adapter v{adapter.info.version} of {speaker} is a {extra.get('kind')!r} adapter, "
+                                  "not an ASR one")
+        if adapter.info.base_hashes.get("whisper") != self.base.sha:
+            raise AdapterMismatch(f"adapter v{adapter.info.version} of {speaker} was made for another Whisper model")
+        try:
+            cfg = AsrAdaptConfig.from_metadata(extra)
+        except (KeyError, ValueError, TypeError) as exc:
+            raise AdapterMismatch(f"adapter v{adapter.info.version} of {speaker} has unusable metadata: {exc}") from exc
+        key = (cfg.rank, cfg.alpha, cfg.encoder_layers, cfg.decoder)
+        model = self._models.get(key)
+        if model is None:
+            model = self.base.model(cfg)
+        try:
+            with self._lock:
+                model.load_adapter_state(adapter.tensors)  # checks that the tensors fit
+                self._models[key] = model
+                self._adapters[speaker] = (key, {k: v.float() for k, v in adapter.tensors.items()},
+                                           adapter.info.version)
+                self._loaded = speaker
+        except (ValueError, RuntimeError) as exc:
+            raise AdapterMismatch(f"adapter v{adapter.info.version} of {speaker} does not fit: {exc}") from exc
+
+    def drop_adapter(self, speaker: str) -> bool:
+        with self._lock:
+            if self._loaded == speaker:
+                self._loaded = None
+            return self._adapters.pop(speaker, None) is not None
+
+    def _adapted(self, speaker: str, samples: np.ndarray) -> tuple[str, float, int] | None:
+        entry = self._adapters.get(speaker) if speaker else None
+        if entry is None:
+            return None
+        key, tensors, version = entry
+        model = self._models[key]
+        if self._loaded != speaker:
+            model.load_adapter_state(tensors)
+            self._loaded = speaker
+        text, confidence = model.transcribe(samples)
+        return text, confidence, version
+
+    # -- one utterance ----------------------------------------------------------------------
+    def recognize(self, samples: np.ndarray, speaker: str = "", policy: ExitPolicy | None = None,
+                  pad_to_30s: bool = False, fuse: Callable[[EncodedUtterance], object] | None = None) -> Recognition:
+        encoded = None
+        if self.encoder is not None:
+            encoded = encode_utterance(self.encoder, self.heads, policy or ExitPolicy(), samples, pad_to_30s)
+        boosted = fuse(encoded) if fuse is not None and encoded is not None else None
+        if self.exit_head_transcripts and boosted is not None and getattr(boosted, "boosted", False):
+            return Recognition(boosted.text, boosted.confidence, encoded, "boost", boosted=boosted)
+        if self.exit_head_transcripts and encoded is not None and encoded.exit is not None:
+            return Recognition(encoded.exit.text, encoded.exit.confidence, encoded, "exit_head", boosted=boosted)
+        with self._lock:
+            adapted = self._adapted(speaker, samples)
+        if adapted is not None:
+            text, confidence, version = adapted
+            return Recognition(text, confidence, encoded, "adapter", version, boosted)
+        transcript = self.transcriber.transcribe(samples)
+        return Recognition(transcript.text, transcript.confidence, encoded, "whisper", boosted=boosted)
