@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import rclpy
@@ -16,11 +16,12 @@ from visualization_msgs.msg import Marker
 
 from tinyalign_ros.core.asr import WhisperTranscriber
 from tinyalign_ros.core.audio import SAMPLE_RATE, AudioError, normalize
-from tinyalign_ros.core.early_exit import (DEFAULT_THRESHOLD, FULL_DEPTH, ExitHeads, ExitPolicy, encode_utterance,
-                                          load_heads)
+from tinyalign_ros.core.asr_adapt import ASR_KIND
+from tinyalign_ros.core.early_exit import DEFAULT_THRESHOLD, FULL_DEPTH, ExitHeads, ExitPolicy, load_heads
 from tinyalign_ros.core.encoder import load_whisper_encoder
 from tinyalign_ros.core.listen import ListenGate, Verdict
 from tinyalign_ros.core.models import data_home, shipped_model
+from tinyalign_ros.core.recognizer import AdapterMismatch, Recognizer
 from tinyalign_ros.core.speaker import SpeakerEmbedder, SpeakerIdentifier, SpeakerRegistryError
 from tinyalign_ros.core.vad import Segment, StreamingSegmenter, VadConfig
 from tinyalign_ros.msg import AudioChunk, Utterance
@@ -35,6 +36,7 @@ from .hints import RobotBoost
 class _Job:
     segment: Segment
     wall_offset: float  # wall time minus stream time, from the chunk that closed the segment
+    emitted: float = field(default_factory=time.time)  # wall time the VAD handed it over (metrics/stages)
 
 
 TRANSCRIBERS = ("whisper", "exit_head")
@@ -48,9 +50,13 @@ class AsrNode(Node):
     the models work; finished segments wait in a bounded queue (oldest dropped when full).
     Each utterance goes through our PyTorch Whisper encoder with early exits (its features, of
     the layer it exited at, go to the aligned assistant and the personalizer); the transcript
-    comes from faster-whisper (`transcriber: whisper`) or from the exit head (`exit_head`). An
-    utterance that answers an enrollment prompt always runs the full depth: it becomes a
-    training sample of its speaker's projector, which reads the last layer.
+    comes from the recognized speaker's ASR adapter when the personalizer made one (announced on
+    the latched `adapter` table, loaded in the background, swapped in between utterances), else
+    from faster-whisper (`transcriber: whisper`) or the exit head (`exit_head`): one
+    `core.recognizer.Recognizer` call per utterance, the same one the benches make. The Utterance
+    carries the audio too (`utterance_audio`), which the personalizer keeps as a consented
+    speaker's training sample. An utterance that answers an enrollment prompt always runs the
+    full depth and the base model: it becomes a training sample of its speaker.
     """
 
     def __init__(self, **kwargs) -> None:
@@ -94,6 +100,13 @@ class AsrNode(Node):
             raise ValueError(f"transcriber must be one of {TRANSCRIBERS}, got '{self.transcriber_name}'")
         if self.transcriber_name == "exit_head" and self.heads is None:
             raise ValueError("transcriber 'exit_head' needs exit heads (exit.heads_file)")
+        self.recognizer = Recognizer(self.transcriber, self.encoder, self.heads,
+                                     exit_head_transcripts=self.transcriber_name == "exit_head")
+        self.utterance_audio = bool(p("utterance_audio", True).value)
+        self.last_source = ""
+        self.adapter_errors = 0
+        if bool(p("adapters.enabled", True).value):
+            self.create_subscription(String, "adapter", self._on_adapter, LATCHED_QOS)
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self.utterance_pub = self.create_publisher(Utterance, "utterance", EVENT_QOS)
         self.transcript_pub = self.create_publisher(String, "transcript", EVENT_QOS)
@@ -102,8 +115,9 @@ class AsrNode(Node):
         # per utterance, for rqt_plot: compute cost (RTF) and how deep the encoder went
         self.rtf_pub = self.create_publisher(Float32, "metrics/rtf", EVENT_QOS)
         self.exit_layer_pub = self.create_publisher(Float32, "metrics/exit_layer", EVENT_QOS)
-        self.worker: Worker[_Job] = Worker("asr-transcribe", self._transcribe, max_pending,
+        self.worker: Worker[_Job] = Worker("asr-transcribe", self._timed_transcribe, max_pending,
                                            self._on_drop, self._on_error)
+        self._setup_stages()
         self.create_subscription(AudioChunk, "audio", self._on_audio, AUDIO_QOS)
         self.create_subscription(Bool, "speaking", self._on_speaking, LATCHED_QOS)
         self.create_service(Trigger, "listen", self._on_listen)
@@ -191,6 +205,38 @@ class AsrNode(Node):
             self.get_logger().info(f"enrolled an utterance of {decision.speaker} "
                                    f"({len(self.speaker_id.speakers)} speakers known)")
         return decision.speaker or self.speaker
+
+    def _on_adapter(self, msg: String) -> None:
+        """The personalizer's adapter table: load each new ASR adapter in a thread of its own (building
+        the adapted Whisper takes ~1 s: the audio callback must not wait), drop those that are gone."""
+        try:
+            table = {str(k): dict(v) for k, v in json.loads(msg.data)["adapters"].items()}
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            self.get_logger().error(f"ignoring a malformed adapter announcement: {exc!r}")
+            return
+        wanted = {s: e for s, e in table.items() if e.get("kind") == ASR_KIND}
+        for speaker in set(self.recognizer.adapted_speakers) - set(wanted):
+            self.recognizer.drop_adapter(speaker)
+            self.get_logger().info(f"{speaker} has no ASR adapter any more: base Whisper")
+        for speaker, entry in wanted.items():
+            if self.recognizer.adapted_speakers.get(speaker) != entry.get("version"):
+                threading.Thread(target=self._load_adapter, args=(speaker, entry), daemon=True,
+                                 name=f"asr-adapter-{speaker}").start()
+
+    def _load_adapter(self, speaker: str, entry: dict) -> None:
+        from pathlib import Path
+
+        from tinyalign_ros.core.adapters import AdapterStore, AdapterStoreError
+
+        try:
+            path = Path(entry["path"])
+            adapter = AdapterStore(path.parents[1]).load(speaker, int(entry["version"]))  # checksum verified
+            self.recognizer.set_adapter(speaker, adapter)
+        except (AdapterStoreError, AdapterMismatch, KeyError, ValueError, TypeError, OSError) as exc:
+            self.adapter_errors += 1
+            self.get_logger().error(f"ASR adapter v{entry.get('version')} of {speaker} refused: {exc}")
+            return
+        self.get_logger().info(f"ASR adapter v{adapter.info.version} of {speaker} in use from the next utterance")
 
     def _apply_exit_params(self, mode: str, threshold: float, max_layer: int) -> None:
         """Validate all three first (ExitPolicy checks on assignment), then switch atomically."""
@@ -317,30 +363,56 @@ class AsrNode(Node):
         self._expected_offset = None
         self.stream_ended.set()
 
+    # -- where the time goes (core/latency.py): one record per published utterance on metrics/stages --
+    def _setup_stages(self) -> None:
+        from tinyalign_ros.core.latency import STAGES_TOPIC, StageTimer
+
+        self.stages = StageTimer()
+        self.stages_pub = self.create_publisher(String, STAGES_TOPIC, EVENT_QOS)
+        # the recognizer's whole call (encoder, exits, fusion, transcript) and, inside it, the transcript
+        self.recognizer.recognize = self.stages.wrap("recognize_s", self.recognizer.recognize)
+        self.transcriber.transcribe = self.stages.wrap("asr_s", self.transcriber.transcribe)
+
+    def _timed_transcribe(self, job: _Job) -> None:
+        """`_transcribe`, timed: endpointing, queue, encoder, transcript and the rest of the worker's time."""
+        from tinyalign_ros.core.latency import stage_record
+
+        started, published = time.time(), self.published
+        self.stages.begin()
+        try:
+            self._transcribe(job)
+        finally:
+            stages = self.stages.take()
+        if self.published == published:  # not passed on (listen gate): no utterance to report on
+            return
+        recognize, asr = stages.get("recognize_s", 0.0), stages.get("asr_s", 0.0)
+        record = {"endpointing_s": job.emitted - (job.wall_offset + job.segment.end_s),
+                  "asr_queue_s": started - job.emitted,
+                  "encoder_s": max(recognize - asr, 0.0),  # with a speaker's ASR adapter: its transcript too
+                  "asr_s": asr,
+                  "asr_other_s": max(time.time() - started - recognize, 0.0)}
+        uid = f"{self.get_name()}-{self._count:06d}"  # the id _transcribe gave the Utterance it published
+        self.stages_pub.publish(String(data=stage_record(uid, self.get_name(), record)))
+
     # -- worker thread ------------------------------------------------------------------------
     def _transcribe(self, job: _Job) -> None:
         seg = job.segment
         if not self._listening(seg, self.listen.check_segment(job.wall_offset + seg.start_s)):
             return  # push-to-talk without a listen call: not worth the recognizer's time
         started = time.monotonic()
-        encoded = None
         enrolling = self.speaker_id is not None and self.speaker_id.pending is not None
-        # who spoke decides how deep to encode; an enrollment's speaker is taken once the
-        # utterance has passed the listen checks (taking it consumes the enrollment request)
+        # who spoke decides how deep to encode and whose ASR adapter transcribes; an enrollment's
+        # speaker is taken once the utterance has passed the listen checks (taking it consumes the
+        # enrollment request), and an enrollment is transcribed by the base model
         speaker = None if enrolling else self._speaker_of(seg.samples)
-        if self.encoder is not None:
-            policy = FULL_DEPTH if enrolling else self.policy.for_utterance(known_speaker=bool(speaker))
-            encoded = encode_utterance(self.encoder, self.heads, policy, seg.samples, self.pad_to_30s)
+        policy = FULL_DEPTH if enrolling else self.policy.for_utterance(known_speaker=bool(speaker))
         # the hints that are here now (never waited for); the Utterance keeps the unfused features
         # the projector was trained on, the fused ones only feed the boost head (core/boost.py)
-        boosted = self.boost.fuse(encoded.features, encoded.layer, seg.start_s, seg.end_s) if encoded else None
-        if self.transcriber_name == "exit_head" and boosted is not None and boosted.boosted:
-            text, confidence = boosted.text, boosted.confidence
-        elif self.transcriber_name == "exit_head" and encoded is not None and encoded.exit is not None:
-            text, confidence = encoded.exit.text, encoded.exit.confidence
-        else:
-            transcript = self.transcriber.transcribe(seg.samples)
-            text, confidence = transcript.text, transcript.confidence
+        heard = self.recognizer.recognize(
+            seg.samples, speaker or "", policy, self.pad_to_30s,
+            lambda enc: self.boost.fuse(enc.features, enc.layer, seg.start_s, seg.end_s))
+        encoded, text, confidence = heard.encoded, heard.text, heard.confidence
+        self.last_source = heard.source if not heard.adapter_version else f"adapter v{heard.adapter_version}"
         verdict = self.listen.check_transcript(text, job.wall_offset + seg.start_s, job.wall_offset + seg.end_s)
         if not self._listening(seg, verdict, text):
             return
@@ -359,6 +431,8 @@ class AsrNode(Node):
         msg.confidence = confidence
         msg.truncated = seg.truncated
         msg.feature_layer = -1
+        if self.utterance_audio:
+            msg.audio = np.round(np.clip(seg.samples, -1.0, 1.0) * 32767.0).astype(np.int16)
         if encoded is not None:
             features = encoded.features.float().contiguous().numpy()
             msg.features = features.reshape(-1)
@@ -374,7 +448,7 @@ class AsrNode(Node):
         self.transcript_pub.publish(String(data=text))
         self.marker_pub.publish(text_marker(f"heard: {text}", msg.header.stamp, self.marker_frame, "transcript", 1.2))
         self.get_logger().info(f"[{seg.start_s:.2f}-{seg.end_s:.2f} s] '{text}' (confidence {confidence:.2f}, "
-                               f"encoder layer {msg.feature_layer})")
+                               f"encoder layer {msg.feature_layer}, {self.last_source})")
 
     def _listening(self, seg: Segment, verdict: Verdict, text: str = "") -> bool:
         """Log and count an utterance the listen gate kept from the assistant (not addressed to it)."""
@@ -401,6 +475,10 @@ class AsrNode(Node):
         status.add("exit_policy", f"{self.policy.mode} threshold={self.policy.threshold} max_layer={self.policy.max_layer} "
                                   f"full_depth_for_known_speakers={self.policy.full_depth_for_known_speakers}")
         status.add("transcriber", self.transcriber_name)
+        status.add("asr_adapters", ", ".join(f"{s} v{v}" for s, v in sorted(self.recognizer.adapted_speakers.items()))
+                   or "none")
+        status.add("asr_adapter_errors", self.adapter_errors)
+        status.add("last_transcript_from", self.last_source)
         status.add("enrolled_speakers", ", ".join(self.speaker_id.speakers) if self.speaker_id else "disabled")
         status.add("last_speaker_score", self.last_speaker_score)
         status.add("listen_mode", self.listen.mode)

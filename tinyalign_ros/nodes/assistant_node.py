@@ -217,6 +217,8 @@ class AssistantNode(Node):
             return
         current, projectors, versions = self._speaker_projectors, {}, {}
         for speaker, entry in table.items():
+            if entry.get("kind") == "asr":  # adapts asr_node's Whisper: this speaker keeps the base projector
+                continue
             version = int(entry.get("version", 0))
             versions[speaker] = version
             if self.aligned is None:  # cascade: nothing to load, the versions go to diagnostics

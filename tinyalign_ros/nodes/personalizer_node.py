@@ -53,6 +53,7 @@ from std_msgs.msg import Float32, String
 
 from tinyalign_ros.core.adapters import AdapterStore, InvalidSpeakerId, file_sha256, validate_speaker_id
 from tinyalign_ros.core.align import DEFAULT_MAX_CHANGE
+from tinyalign_ros.core.asr_adapt import ASR_KIND
 from tinyalign_ros.core.models import data_home, resolve_llm, shipped_model
 from tinyalign_ros.core.personalize import PersonalizeConfig, PersonalizeResult, Personalizer, Progress
 from tinyalign_ros.core.projector import (FeatureMismatch, LayerMismatch, ProjectorLoadError, check_features,
@@ -85,11 +86,16 @@ class PersonalizerNode(Node):
         checkpoints = Path(p("checkpoint_dir", "").value or home / "personalize")
         self.min_new_samples = int(p("train.min_new_samples", 10).value)
         config = PersonalizeConfig(
-            kind=p("train.kind", "lora").value, lr=float(p("train.lr", 0.0).value),
-            batch=int(p("train.batch", 4).value), max_steps=int(p("train.max_steps", 200).value),
+            kind=p("train.kind", ASR_KIND).value, lr=float(p("train.lr", 0.0).value),
+            batch=int(p("train.batch", 4).value), max_steps=int(p("train.max_steps", 40).value),
             budget_s=float(p("train.budget_s", 300.0).value), min_samples=int(p("train.min_samples", 20).value),
             ckpt_every_s=float(p("train.checkpoint_every_s", 30.0).value),
-            threads=int(p("train.threads", 1).value), nice=int(p("train.nice", 10).value))
+            threads=int(p("train.threads", 1).value), nice=int(p("train.nice", 10).value),
+            asr_rank=int(p("train.asr.rank", 16).value),
+            asr_encoder_layers=int(p("train.asr.encoder_layers", 2).value),
+            asr_batch=int(p("train.asr.batch", 8).value),
+            asr_time_mask=float(p("train.asr.time_mask", 0.1).value),
+            gate_min_words=int(p("train.asr.gate_min_words", 25).value))
         projector_file = p("projector.file", "").value or str(shipped_model("projector.safetensors"))
         inject = bool(p("aligned.inject_instruction", True).value)
         max_change = float(p("aligned.max_change", DEFAULT_MAX_CHANGE).value)
@@ -153,11 +159,17 @@ class PersonalizerNode(Node):
 
     # -- adapters --------------------------------------------------------------------------------
     def _adapter_table(self) -> dict[str, dict]:
-        """Every speaker's newest good adapter made for our base projector."""
+        """Every speaker's newest good adapter made for our base projector (or, ASR adapters, our Whisper)."""
         table = {}
         for speaker in self.adapters.speakers():
             adapter = self.adapters.load_latest(speaker)
-            if adapter is not None and adapter.info.base_hashes.get("projector") == self.personalizer.base_sha:
+            if adapter is None:
+                continue
+            if adapter.info.extra.get("kind") == ASR_KIND:
+                fits = adapter.info.base_hashes.get("whisper") == self.personalizer.asr.sha
+            else:
+                fits = adapter.info.base_hashes.get("projector") == self.personalizer.base_sha
+            if fits:
                 table[speaker] = {"version": adapter.info.version, "path": str(adapter.info.path),
                                   "kind": adapter.info.extra.get("kind", "")}
         return table
@@ -191,8 +203,9 @@ class PersonalizerNode(Node):
         if feats is None:
             return None
         try:
+            audio = np.asarray(utt.audio, dtype=np.int16).astype(np.float32) / 32767.0 if len(utt.audio) else None
             sample_id = self.samples.add(utt.speaker, feats, text, source, confidence, utterance_id=utt.id,
-                                         layer=utt.feature_layer, asr_transcript=utt.transcript)
+                                         layer=utt.feature_layer, asr_transcript=utt.transcript, audio=audio)
         except (ConsentError, InvalidSpeakerId, ValueError) as exc:
             self.get_logger().warning(f"{utt.id}: sample refused: {exc}")
             return None
