@@ -77,6 +77,8 @@ class AssistantNode(Node):
             threads=int(p("llm.threads", 2).value),
             no_repeat_ngram=int(p("llm.no_repeat_ngram", DEFAULT_NO_REPEAT_NGRAM).value),
             repetition_penalty=float(p("llm.repetition_penalty", DEFAULT_REPETITION_PENALTY).value),
+            cache_system_prompt=bool(p("llm.cache_system_prompt", True).value),
+            dtype=p("llm.dtype", "float32").value,
         )
         # declared in every mode, so the YAML documents one fixed set of parameters
         self.task = p("aligned.task", "answer").value
@@ -96,8 +98,9 @@ class AssistantNode(Node):
         self.last_token_pub = self.create_publisher(Float32, "metrics/latency_last_token_s", EVENT_QOS)
         # every utterance that gets no Response (queue full, failure) is announced (common.drop_record)
         self.dropped_pub = self.create_publisher(String, DROPPED_TOPIC, EVENT_QOS)
-        self.worker: Worker[Utterance] = Worker("assistant-llm", self._answer, max_pending,
+        self.worker: Worker[Utterance] = Worker("assistant-llm", self._timed_answer, max_pending,
                                                 self._on_drop, self._on_error)
+        self._setup_stages()
         self._setup_commands()
         self.create_subscription(Utterance, "utterance", self._on_utterance, EVENT_QOS)
         self.answered = 0
@@ -295,6 +298,8 @@ class AssistantNode(Node):
         return self.get_clock().now().nanoseconds * 1e-9
 
     def _publish_token(self, utt: Utterance, index: int, text: str, final: bool) -> None:
+        if not final:
+            self.stages.mark("first_piece")
         tok = ResponseToken(utterance_id=utt.id, index=index, text=text, final=final)
         tok.header.stamp = self.get_clock().now().to_msg()
         self.token_pub.publish(tok)
@@ -346,6 +351,36 @@ class AssistantNode(Node):
         self.handled += 1
         self.get_logger().info(f"{utt.id}: '{response.text}' (first token after "
                                f"{response.latency_first_token_s:.2f} s)")
+
+    # -- where the time goes (core/latency.py): one record per answered utterance on metrics/stages --
+    def _setup_stages(self) -> None:
+        from tinyalign_ros.core.latency import STAGES_TOPIC
+
+        self.stages = self.llm.stages  # the chat LLM adds its prompt pass and first piece to the worker's record
+        self.stages_pub = self.create_publisher(String, STAGES_TOPIC, EVENT_QOS)
+
+    def _timed_answer(self, utt: Utterance) -> None:
+        """`_answer`, timed: delivery, what comes before the chat LLM, its prompt pass, its first piece."""
+        import time
+
+        from tinyalign_ros.core.latency import stage_record
+
+        started, t0 = time.time(), time.perf_counter()
+        self.stages.begin()
+        try:
+            self._answer(utt)
+        finally:
+            first, llm_start = self.stages.marked("first_piece"), self.stages.marked("llm_start")
+            stages = self.stages.take()
+        if first is None:  # nothing was said
+            return
+        record = {"to_assistant_s": started - from_time_msg(utt.header.stamp)}
+        if llm_start is not None and llm_start <= first and "llm_prefill_s" in stages:
+            record["pre_llm_s"] = llm_start - t0  # skill-call parsing, the aligned transcript
+            record.update(stages)
+        else:  # a skill's confirmation, an aligned `repeat`: no chat LLM before the first piece
+            record["pre_llm_s"] = first - t0
+        self.stages_pub.publish(String(data=stage_record(utt.id, self.get_name(), record)))
 
     def _on_drop(self, utt: Utterance) -> None:
         self.handled += 1
