@@ -90,6 +90,30 @@ def test_run_on_text_is_cut_at_a_clause_and_punctuation_only_is_dropped():
     assert clean_text("**Bold** and `code`\n# head") == "Bold and code head"
 
 
+
+def test_the_first_clause_is_spoken_on_its_own_then_whole_sentences():
+    pieces = ["Sure", ",", " I", " will", " bring", " it", ",", " right", " away", ".", " Then", ",", " more", "."]
+    buffer = SentenceBuffer(first_clause_chars=4)
+    # "Sure," goes out once the next word has started (a comma in "1,000" is no clause mark)
+    assert _stream(buffer, pieces) == [(2, "Sure,"), (10, "I will bring it, right away.")]
+    assert buffer.flush() == ["Then, more."]  # later sentences are not cut at their commas
+    # a whole first sentence at once is cut too (a skill's confirmation): its clause is synthesized sooner
+    assert buffer.push("Yes, 1,000 of them. Ok, then. ") == ["Yes,", "1,000 of them.", "Ok, then."]
+    assert SentenceBuffer(first_clause_chars=8).push("Sure, I will, yes ") == ["Sure, I will,"]  # too short a clause
+    assert SentenceBuffer().push("Sure, I will bring it ") == []  # 0: off, as before
+    assert SentenceBuffer(first_clause_chars=1).push(", , and so ") == []  # a clause needs a word
+    with pytest.raises(ValueError, match="first_clause_chars"):
+        SentenceBuffer(max_chars=40, first_clause_chars=41)
+
+
+def test_answer_streams_pass_the_first_clause_setting_to_each_answer():
+    streams = AnswerStreams(first_clause_chars=4)
+    assert [s.text for s in streams.token("u1", 0, "Okay, I am on", False)] == ["Okay,"]
+    assert [s.text for s in streams.token("u2", 0, "Fine, thanks", False)] == ["Fine,"]
+    assert [s.text for s in AnswerStreams(stream_tokens=False, first_clause_chars=4).response("u3", "No, it is off.")] \
+        == ["No,", "it is off."]
+
+
 # ------------------------------------------------ AnswerStreams / AnswerLatency (tts_node's logic)
 def _tokens(streams: AnswerStreams, uid: str, text: str, start: int = 0, final: bool = True):
     """Feed `text` as word tokens of answer `uid`; the sentences they complete, as (generation, text)."""

@@ -152,13 +152,22 @@ class SentenceBuffer:
     period ("Dr.", "e.g.") and a period inside a number do not end one. Text running past
     `max_chars` without an end is cut at its last clause mark (`,;:—`) or space, so a run-on
     answer still starts speaking. Pieces with nothing speakable (only punctuation) are dropped.
+
+    `first_clause_chars` > 0: the answer's *first* piece may be a clause instead of a sentence: as
+    soon as a clause mark (`,;:—` then whitespace) ends at least that many characters, the text up
+    to it is handed out ("Sure," of "Sure, I will bring it."), so the voice starts while the LLM is
+    still writing the rest of the sentence; later pieces are whole sentences again. 0 = off.
     """
 
-    def __init__(self, max_chars: int = 200) -> None:
+    def __init__(self, max_chars: int = 200, first_clause_chars: int = 0) -> None:
         if max_chars < 20:
             raise ValueError(f"max_chars must be >= 20, got {max_chars}")
+        if not 0 <= first_clause_chars <= max_chars:
+            raise ValueError(f"first_clause_chars must be in [0, max_chars={max_chars}], got {first_clause_chars}")
         self.max_chars = max_chars
+        self.first_clause_chars = first_clause_chars
         self._text = ""
+        self._started = False  # a piece has been handed out
 
     @property
     def pending(self) -> str:
@@ -180,14 +189,35 @@ class SentenceBuffer:
             cut = cuts[-1] if cuts else self.max_chars
             out.append(self._text[:cut])
             self._text = self._text[cut:]
-        return self._speakable(out)
+        if not self._started and self.first_clause_chars:
+            # even a complete first sentence: its first clause is synthesized (and heard) sooner
+            head, rest = self._first_clause(out[0] if out else self._text)
+            if head and out:
+                out[0:1] = [head, rest]
+            elif head:
+                out.append(head)
+                self._text = rest
+        out = self._speakable(out)
+        self._started = self._started or bool(out)
+        return out
 
     def flush(self) -> list[str]:
         rest, self._text = self._text, ""
+        self._started = False
         return self._speakable([rest])
 
     def reset(self) -> None:
         self._text = ""
+        self._started = False
+
+    def _first_clause(self, text: str) -> tuple[str, str]:
+        """(text up to its first clause mark that ends >= first_clause_chars characters in, the rest),
+        or ("", text) when there is none or the clause has no word."""
+        for m in _CLAUSE.finditer(text):
+            if m.end() >= self.first_clause_chars:
+                head = text[:m.end()]
+                return (head, text[m.end():]) if any(c.isalnum() for c in head) else ("", text)
+        return "", text
 
     @staticmethod
     def _is_abbreviation(sentence: str) -> bool:
@@ -226,9 +256,11 @@ class AnswerStreams:
     is bounded (`RECENT_IDS`, `MAX_OPEN_ANSWERS`). Not thread-safe: its caller holds one lock.
     """
 
-    def __init__(self, max_sentence_chars: int = 200, stream_tokens: bool = True, logger: Any = None) -> None:
-        SentenceBuffer(max_sentence_chars)  # a bad length fails here, not on the first token
+    def __init__(self, max_sentence_chars: int = 200, stream_tokens: bool = True, logger: Any = None,
+                 first_clause_chars: int = 0) -> None:
+        SentenceBuffer(max_sentence_chars, first_clause_chars)  # a bad length fails here, not on the first token
         self.max_sentence_chars = max_sentence_chars
+        self.first_clause_chars = first_clause_chars
         self.stream_tokens = stream_tokens
         self.generation = 0
         self._log = logger or _log
@@ -259,7 +291,7 @@ class AnswerStreams:
             self._log.warning(f"{stale}: no final token; dropping its unspoken text")
             del self._buffers[stale]
             self._next_index.pop(stale, None)
-        buffer = self._buffers.setdefault(uid, SentenceBuffer(self.max_sentence_chars))
+        buffer = self._buffers.setdefault(uid, SentenceBuffer(self.max_sentence_chars, self.first_clause_chars))
         texts = buffer.push(text)
         if final:
             texts += buffer.flush()
@@ -276,7 +308,7 @@ class AnswerStreams:
             # its tokens may still be queued behind this response: they must not speak it twice
             remember(self._spoken_whole, uid, None, RECENT_IDS)
             self._log.info(f"{uid}: no token stream seen; speaking the whole response")
-        buffer = SentenceBuffer(self.max_sentence_chars)
+        buffer = SentenceBuffer(self.max_sentence_chars, self.first_clause_chars)
         return [Sentence(self.generation, uid, t) for t in buffer.push(text) + buffer.flush()]
 
     def current(self, generation: int) -> bool:

@@ -19,6 +19,7 @@ from std_msgs.msg import Bool, Empty, Float32, String
 from tinyalign_ros.core.audio import find_device
 from tinyalign_ros.core.corpus import SynthesisError
 from tinyalign_ros.core.echo import BargeIn, BargeInDetector, DoubleTalkConfig, VoiceBargeIn
+from tinyalign_ros.core.latency import STAGES_TOPIC, stage_record
 from tinyalign_ros.core.tts import ENGINES, AnswerLatency, AnswerStreams, Sentence, Synthesizer
 from tinyalign_ros.msg import AudioChunk, Response, ResponseToken
 
@@ -97,6 +98,7 @@ class TtsNode(Node):
         self.realtime = bool(p("realtime", True).value)
         self.max_queued = int(p("max_queued_sentences", 32).value)
         self.max_sentence_chars = int(p("max_sentence_chars", 200).value)
+        self.first_clause_chars = int(p("first_clause_chars", 4).value)
         if not 0.005 <= self.chunk_s <= 1.0:
             raise ValueError(f"chunk_s must be in [0.005, 1], got {self.chunk_s}")
         if self.tail_s < 0:
@@ -111,7 +113,8 @@ class TtsNode(Node):
                                f"(warm-up {time.monotonic() - started:.2f} s)")
 
         self._lock = threading.RLock()  # guards answers, latency and the speaking state
-        self.answers = AnswerStreams(self.max_sentence_chars, self.stream_tokens, logger=self.get_logger())
+        self.answers = AnswerStreams(self.max_sentence_chars, self.stream_tokens, logger=self.get_logger(),
+                                     first_clause_chars=self.first_clause_chars)
         self.latency = AnswerLatency()
         self._speaking = False
         self._playing = False
@@ -145,6 +148,7 @@ class TtsNode(Node):
         # per answer, for rqt_plot and `tinyalign bench latency`: when the robot's voice started
         self.latency_pubs = {name: self.create_publisher(Float32, f"metrics/{name}", EVENT_QOS)
                              for name in ("first_token_to_audio_s", "end_of_speech_to_audio_s")}
+        self.stages_pub = self.create_publisher(String, STAGES_TOPIC, EVENT_QOS)  # bench latency's breakdown
         # a sentence a full queue drops is announced (common.drop_record): the answer was not all spoken
         self.dropped_pub = self.create_publisher(String, DROPPED_TOPIC, EVENT_QOS)
         self.player: Worker[_Audio] = Worker("tts-play", self._play, 4 * self.max_queued,
@@ -435,6 +439,8 @@ class TtsNode(Node):
                 del figures[name]
                 continue
             self.latency_pubs[name].publish(Float32(data=float(value)))
+            if name == "first_token_to_audio_s":
+                self.stages_pub.publish(String(data=stage_record(uid, self.get_name(), {"tts_first_audio_s": value})))
         if figures:
             self.get_logger().info(f"{uid}: first audio sample: "
                                    f"{' '.join(f'{k}={v:.3f}' for k, v in figures.items())}")
