@@ -21,6 +21,16 @@ def test_run_graph_loops_the_file_and_samples_memory(demo_file):
     # delay is longer than the whole run (a clock mix-up would be; speed is `bench latency`'s job)
     first_tokens = sorted(r.latency_first_token_s for r in responses)
     assert min(run.spoken_s) > first_tokens[0] and max(run.spoken_s) < time.monotonic() - run.started
+    # every node reported its stages of each answered utterance (metrics/stages), and the utterances'
+    # padded ends lie just after the sentences' true ends (the VAD's end pad, 200 ms, give or take a window)
+    from tinyalign_ros.bench.latency import breakdown, speech_end_offsets
+
+    stages = breakdown(run, responses, set())
+    assert {"endpointing_s", "asr_queue_s", "encoder_s", "asr_s", "to_assistant_s", "pre_llm_s", "llm_prefill_s",
+            "tts_first_audio_s"} <= set(stages)
+    assert all(v["p50"] >= 0 for k, v in stages.items() if k != "endpointing_s")
+    offsets = speech_end_offsets(run, segments)
+    assert offsets and all(0.0 <= v <= 0.5 for v in offsets.values())
 
 
 def test_soak_growth_is_the_slope_after_the_warmup():
