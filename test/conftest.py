@@ -99,6 +99,27 @@ class Probe:
         wait_for(lambda: all(p.get_subscription_count() > 0 for p in publishers), timeout, what)
 
 
+def speech_feed(probe: Probe, pub) -> Callable[[np.ndarray], None]:
+    """`say(samples)`: publish one utterance on `pub` (AudioChunk) as mic_node would (0.1 s chunks,
+    stamped, numbered), with 0.5 s of silence before it and 1 s after, so the VAD closes it."""
+    from tinyalign_ros.msg import AudioChunk
+
+    offset = 0
+
+    def say(samples: np.ndarray) -> None:
+        nonlocal offset
+        silence = np.zeros(8000, np.float32)
+        audio = np.concatenate([silence, samples, silence, silence]).astype(np.float32)
+        for i in range(0, len(audio), 1600):
+            msg = AudioChunk(sample_rate=16000, offset=offset)
+            msg.header.stamp = probe.node.get_clock().now().to_msg()
+            msg.samples = audio[i:i + 1600]
+            pub.publish(msg)
+            offset += len(msg.samples)
+
+    return say
+
+
 @pytest.fixture
 def asr(ros):
     """A default asr_node, and a probe: (node, send(samples, rate, end, chunk), utterances, audio publisher).

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from std_msgs.msg import String
 
-from conftest import Probe, wait_for
+from conftest import Probe, speech_feed, wait_for
 from tinyalign_ros.core.corpus import Voice, synthesize
 from tinyalign_ros.msg import AudioChunk, Utterance
 from tinyalign_ros.nodes.common import AUDIO_QOS
@@ -44,21 +44,7 @@ def graph(ros, tmp_path):
     pub = probe.publisher(AudioChunk, "audio", AUDIO_QOS)
     wait_for(lambda: pub.get_subscription_count() > 0 and asr.utterance_pub.get_subscription_count() >= 2,
              what="discovery")
-    offset = 0
-
-    def say(samples: np.ndarray) -> None:
-        nonlocal offset
-        silence = np.zeros(8000, np.float32)
-        audio = np.concatenate([silence, samples, silence, silence]).astype(np.float32)
-        for i in range(0, len(audio), 1600):
-            msg = AudioChunk(sample_rate=16000, offset=offset)
-            msg.header.stamp = probe.node.get_clock().now().to_msg()
-            part = audio[i:i + 1600]
-            msg.samples = part
-            pub.publish(msg)
-            offset += part.size
-
-    return asr, pers, say, utterances
+    return asr, pers, speech_feed(probe, pub), utterances
 
 
 def test_enrollment_labels_consents_and_makes_the_voice_recognizable(graph):

@@ -30,7 +30,8 @@ def _config(tmp_path) -> "os.PathLike":
     pers.update({"idle_s": 3600.0, "min_confidence": 0.0, "consent": {"speakers": ["operator"]},
                  "samples": {**pers["samples"], "dir": str(tmp_path / "samples")},
                  "adapters": {"dir": str(tmp_path / "adapters")}, "checkpoint_dir": str(tmp_path / "ckpt")})
-    pers["train"].update({"min_samples": 3, "max_steps": 4, "batch": 2, "budget_s": 60.0, "lr": 3e-3})
+    # the projector adapter of aligned mode (the ASR adapters' round is test_asr_personalize_e2e's)
+    pers["train"].update({"kind": "lora", "min_samples": 3, "max_steps": 4, "batch": 2, "budget_s": 60.0, "lr": 3e-3})
     cfg["/tinyalign/tts_node"]["ros__parameters"]["play"] = False
     path = tmp_path / "assistant.yaml"
     path.write_text(yaml.safe_dump(cfg))

@@ -200,3 +200,19 @@ def test_sample_id_cannot_escape(store, clock):
     for bad in ("../consent", "../../x", ".hidden"):
         with pytest.raises(SampleStoreError):
             store.load("alice", bad)
+
+
+def test_audio_round_trips_as_16_bit_pcm_and_bad_audio_is_refused(store):
+    import numpy as np
+
+    audio = (0.5 * np.sin(np.arange(24000) / 10.0)).astype(np.float32)
+    sid = store.add("alice", feats(), "turn left", "enrollment", audio=audio)
+    sample = store.load("alice", sid)
+    assert sample.audio.dtype == np.float32 and np.abs(sample.audio - audio).max() < 1 / 30000
+    assert sample.info.audio_s == 1.5 and store.list("alice")[0].audio_s == 1.5
+    without = store.load("alice", store.add("alice", feats(), "turn right", "enrollment"))
+    assert without.audio is None and without.info.audio_s == 0.0
+    for bad in (np.zeros((2, 100), np.float32), np.full(100, np.nan, np.float32), np.zeros(31 * 16000, np.float32)):
+        with pytest.raises(ValueError, match="audio"):
+            store.add("alice", feats(), "go", "enrollment", audio=bad)
+    assert store.count("alice") == 2

@@ -43,7 +43,7 @@ def personalizer(ros, tmp_path: Path, tiny_model_dir: Path, tiny_projector_file:
     overrides = {"llm.model": str(tiny_model_dir), "projector.file": str(tiny_projector_file),
                  "samples.dir": str(tmp_path / "samples"), "adapters.dir": str(tmp_path / "adapters"),
                  "checkpoint_dir": str(tmp_path / "work"), "consent.speakers": [SPEAKER], "idle_s": 3600.0,
-                 "train.min_samples": 4, "train.nice": 0, "train.threads": 0, **params}
+                 "train.min_samples": 4, "train.nice": 0, "train.threads": 0, "train.kind": "lora", **params}
     return ros.add(PersonalizerNode(namespace="tinyalign", context=ros.context, parameter_overrides=[
         Parameter(k, value=v) for k, v in overrides.items()]))
 

@@ -1,35 +1,44 @@
 """`tinyalign bench personalize --out DIR`: does on-robot personalization help an unusual voice?
 
-For each held-out atypical voice of the corpus (speakers of the val/test splits marked atypical
-in `CORPUS/manifest.csv`: never seen by the base projector), and for the real recordings of
-`align.real_speech_clips()` taken as one more "speaker":
+Per voice, side by side in one run, with the same split: the speaker's adapter of each method
+(`--methods`), trained by one `Personalizer` round (the gate included, as personalizer_node runs
+it) on the first N utterances (N in `--n`), then judged on the last `--test` utterances by the
+transcript the robot would act on, produced by `core.recognizer.Recognizer` (what asr_node runs):
 
-- the voice's utterances are split once (seeded): the last `--test` are the test set, the first
-  N (N in `--n`, default 10, 25, 50; `--real-n` for the 10 real clips) are what the speaker
-  "said to the robot" (stored as consented samples with the text as a correction label and the
-  cascade transcript beside it);
-- one `Personalizer` round per adapter kind (`--kinds`, default lora and full) on those N, with
-  the round's own held-out gate, from the base projector (`--projector`);
-- the ASR-LLM WER (greedy "repeat what was said") on the test set before (base projector) and
-  after (what the gate let through: the new adapter, or the base when it was refused), with the
-  training time and the peak RSS while the round ran (sampled every 50 ms).
+- `asr`: LoRA in Whisper's top encoder layers (`--encoder-layers`, default 2) and decoder,
+  trained with the decoder's cross-entropy on the speaker's audio (core/asr_adapt.py);
+- `asr-dec`: the same with the decoder only (encoder output cached: ~5x cheaper steps);
+- `lora` / `full`: the projector adapters of before (aligned mode; greedy "repeat what was said"
+  through the frozen LLM, anchored to the cascade transcript): the transcript never changes, which
+  is why they could not help. They need the LLM and the corpus features; slow.
 
-The hybrid prompt is used when the projector's metadata says so, with the cascade transcripts
-of `CORPUS/asr.csv` (and faster-whisper's for the real clips), and its outputs are anchored to
-them (`--max-change`) as assistant_node and the personalizer's gate do. Writes DIR/personalize.json and
-DIR/personalize.png (WER before/after against N per voice and kind).
+Voices: the held-out atypical synthetic voices of the corpus (`CORPUS/manifest.csv`), the real
+recordings of pocketsphinx-testdata (`real-pocketsphinx`, 10 clips), and the same real clips made
+atypical with sox (`real-atypical`: slowed, pitch-lowered, band-limited, reverberant, noisy).
+`cascade_wer` is faster-whisper tiny.en (int8, greedy, temperature 0 so that it repeats) on the
+same test clips: the yardstick.
+Rows record training seconds, the round's wall time (data preparation and validation included),
+the process's peak RSS while the round ran (sampled every 50 ms; `round_added_mb`: above the RSS
+the process had when the round started, i.e. what a round costs beside a running graph) and the
+adapter's size.
+Writes DIR/personalize.json, DIR/personalize.csv and DIR/personalize.png (test WER against N and
+against training seconds per voice and method).
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import random
+import subprocess
 import tempfile
 import threading
 import time
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from tinyalign_ros.core.heap import rss_mb
@@ -54,134 +63,229 @@ class PeakRss:
         self._thread.join()
 
 
-def voice_sets(corpus: Path, encoder, layer: int, hybrid: bool, real: bool) -> dict[str, list[tuple]]:
-    """{voice: [(features, text, asr transcript)]} for the held-out atypical voices (+ real speech)."""
-    from tinyalign_ros.core.align import (encode_file, load_corpus_features, read_asr_transcripts, read_manifest,
-                                          real_speech_clips)
+REAL_VOICE = "real-pocketsphinx"
+REAL_ATYPICAL = "real-atypical"
+# a real voice made atypical, as a new user with a speech impairment or an unusual accent might sound
+ATYPICAL_SOX = ["tempo", "-s", "0.8", "pitch", "-300", "sinc", "300-3400", "reverb", "40", "50", "60",
+                "rate", "-v", "16000", "gain", "-n", "-3"]
+FIXED_CLOCK = 1.8e9
+ASR_METHODS = {"asr": None, "asr-dec": 0}  # method -> encoder layers with LoRA (None = --encoder-layers)
 
-    rows = read_manifest(corpus)
-    atypical = {r["speaker"] for r in rows if r["atypical"] == "1" and r["split"] in ("val", "test")}
-    asr = read_asr_transcripts(corpus / "asr.csv")
-    out: dict[str, list[tuple]] = {}
-    for split, fs in load_corpus_features(corpus, corpus / "features", encoder, layer, ("val", "test")).items():
-        for i, r in enumerate(fs.rows):
-            if r["speaker"] in atypical and (not hybrid or r["path"] in asr):
-                out.setdefault(r["speaker"], []).append((fs.get(i), r["text"], asr.get(r["path"], ("",))[0]))
-    if real:  # the cascade's transcripts are the yardstick (cascade_wer) and the hybrid prompt's input
-        from tinyalign_ros.core.asr import WhisperTranscriber
-        from tinyalign_ros.core.audio import load_audio
 
-        whisper = WhisperTranscriber(threads=2)
-        out[REAL_VOICE] = [(encode_file(encoder, path, layer).float(), text, whisper.transcribe(load_audio(path)).text)
-                           for path, text in real_speech_clips()]
+@dataclass
+class Item:
+    audio: np.ndarray
+    text: str
+    features: torch.Tensor | None = None  # projector methods only
+    heard: str = ""  # the cascade's transcript (the hybrid projector's input)
+
+
+def make_atypical(path: Path) -> np.ndarray:
+    """A real recording through the sox chain ATYPICAL_SOX, plus white noise at 20 dB SNR."""
+    import soundfile as sf
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "out.wav"
+        subprocess.run(["sox", str(path), "-c", "1", str(out), *ATYPICAL_SOX], check=True, capture_output=True)
+        audio, _ = sf.read(out, dtype="float32")
+    rng = np.random.default_rng(zlib.crc32(path.name.encode()))  # the same noise in every run
+    power = float(np.mean(audio.astype(np.float64) ** 2))
+    noisy = audio + rng.standard_normal(audio.size) * np.sqrt(power / 10 ** 2.0)
+    return (noisy * min(1.0, 0.99 / float(np.max(np.abs(noisy))))).astype(np.float32)
+
+
+def voice_sets(corpus: Path, voices: Sequence[str], real: bool) -> dict[str, list[Item]]:
+    """{voice: [Item]} for the held-out atypical voices of the corpus (+ the real recordings)."""
+    from tinyalign_ros.core.align import read_manifest, real_speech_clips
+    from tinyalign_ros.core.audio import load_audio
+
+    out: dict[str, list[Item]] = {}
+    if corpus.is_dir():
+        rows = read_manifest(corpus)
+        atypical = {r["speaker"] for r in rows if r["atypical"] == "1" and r["split"] in ("val", "test")}
+        for r in rows:
+            if r["speaker"] in atypical and (not voices or r["speaker"] in voices):
+                out.setdefault(r["speaker"], []).append(Item(load_audio(corpus / r["path"]), r["text"]))
+    if real:
+        clips = real_speech_clips()
+        out[REAL_VOICE] = [Item(load_audio(path), text) for path, text in clips]
+        out[REAL_ATYPICAL] = [Item(make_atypical(path), text) for path, text in clips]
     return out
 
 
-REAL_VOICE = "real-pocketsphinx"
+def _projector_round(args, kind: str, pool: list[Item], test: list[Item], tmp: Path, llm_state: dict) -> dict:
+    """One projector-adapter round (the pre-[8] methods), judged as before by the aligned LLM."""
+    from tinyalign_ros.core.adapters import AdapterStore
+    from tinyalign_ros.core.personalize import PersonalizeConfig, Personalizer, apply_adapter
+    from tinyalign_ros.core.samples import SampleStore
 
+    aligned, base, base_sha, hybrid, encoder = _llm(args, llm_state)
+    for item in pool + test:
+        if item.features is None:
+            from tinyalign_ros.core.early_exit import FULL_DEPTH, encode_utterance
 
-def heldout_wer(aligned, projector, items: Sequence[tuple], hybrid: bool, batch: int = 8) -> float:
+            item.features = encode_utterance(encoder, None, FULL_DEPTH, item.audio).features.float()
+            item.heard = llm_state["whisper"].transcribe(item.audio).text
+    samples, adapters = SampleStore(tmp / "s", clock=lambda: FIXED_CLOCK), AdapterStore(tmp / "a")
+    samples.grant_consent("bench")
+    for k, item in enumerate(pool):
+        samples.add("bench", item.features, item.text, "correction", utterance_id=str(k), asr_transcript=item.heard,
+                    created=FIXED_CLOCK - len(pool) + k)
+    config = PersonalizeConfig(kind=kind, budget_s=args.budget_s, max_steps=args.max_steps,
+                               min_samples=min(len(pool), 8), seed=args.seed, nice=0, threads=0)
+    trainer = Personalizer(aligned, samples, adapters, tmp / "w", base_sha, config)
+    with PeakRss() as rss:
+        start_mb = rss.peak
+        t0 = time.perf_counter()
+        result = trainer.run("bench")
+        wall = time.perf_counter() - t0
+    adapter = adapters.load_latest("bench")
+    projector = apply_adapter(base, adapter) if adapter else base
     aligned.projector = projector
     hyps: list[str] = []
-    for s in range(0, len(items), batch):
-        chunk = items[s:s + batch]
-        hyps += aligned.transcribe([c[0] for c in chunk], 40, [c[2] for c in chunk] if hybrid else None)
-    return wer([c[1] for c in items], hyps)
+    for s in range(0, len(test), 8):
+        chunk = test[s:s + 8]
+        hyps += aligned.transcribe([c.features for c in chunk], 40, [c.heard for c in chunk] if hybrid else None)
+    aligned.projector = base
+    return {"result": result, "hyps": hyps, "wall": wall, "rss": rss.peak, "added": rss.peak - start_mb,
+            "adapter_mb": adapter.info.path.stat().st_size / 1e6 if adapter else 0.0}
+
+
+def _llm(args, state: dict):
+    if "aligned" not in state:
+        from tinyalign_ros.core.adapters import file_sha256
+        from tinyalign_ros.core.align import DEFAULT_MAX_CHANGE, AlignedLLM, AlignPrompt
+        from tinyalign_ros.core.encoder import load_whisper_encoder
+        from tinyalign_ros.core.llm import ChatLLM
+        from tinyalign_ros.core.models import resolve_llm, shipped_model
+        from tinyalign_ros.core.projector import load_projector, read_projector_metadata
+
+        projector_file = args.projector or shipped_model("projector.safetensors")
+        hybrid = read_projector_metadata(projector_file).get("prompt") == "hybrid"
+        chat = ChatLLM(resolve_llm(args.llm), threads=args.threads)
+        base = load_projector(projector_file, out_dim=chat.model.get_input_embeddings().embedding_dim)
+        aligned = AlignedLLM.from_chat(chat, base, AlignPrompt(transcript=hybrid), max_change=DEFAULT_MAX_CHANGE)
+        state["aligned"] = (aligned, base, file_sha256(projector_file), hybrid, load_whisper_encoder())
+    return state["aligned"]
+
+
+def _asr_round(args, method: str, pool: list[Item], test: list[Item], tmp: Path, asr_base, transcriber) -> dict:
+    """One ASR-adapter round as personalizer_node runs it, judged by the Recognizer asr_node runs."""
+    from tinyalign_ros.core.adapters import AdapterStore
+    from tinyalign_ros.core.personalize import PersonalizeConfig, Personalizer
+    from tinyalign_ros.core.recognizer import Recognizer
+    from tinyalign_ros.core.samples import SampleStore
+
+    # a fixed clock: sample ids (hence the held-out split) are the same for every method and seed
+    samples, adapters = SampleStore(tmp / "s", clock=lambda: FIXED_CLOCK), AdapterStore(tmp / "a")
+    samples.grant_consent("bench")
+    for k, item in enumerate(pool):
+        samples.add("bench", torch.zeros(1, 1), item.text, "correction", utterance_id=str(k), audio=item.audio,
+                    created=FIXED_CLOCK - len(pool) + k)
+    layers = ASR_METHODS[method]
+    config = PersonalizeConfig(kind="asr", budget_s=args.budget_s, max_steps=args.max_steps,
+                               min_samples=min(len(pool), 8), seed=args.seed, nice=0, threads=0,
+                               asr_encoder_layers=args.encoder_layers if layers is None else layers,
+                               lr=args.lr, asr_epochs=args.epochs)
+    trainer = Personalizer(None, samples, adapters, tmp / "w", "", config, asr=asr_base)
+    torch.manual_seed(args.seed)
+    with PeakRss() as rss:
+        start_mb = rss.peak
+        t0 = time.perf_counter()
+        result = trainer.run("bench")
+        wall = time.perf_counter() - t0
+    recognizer = Recognizer(transcriber, base=asr_base)
+    adapter = trainer.latest_asr_adapter("bench")
+    hyps = None  # the gate kept the cascade: its transcripts, decoded once per voice (its fallback samples)
+    if adapter is not None:
+        recognizer.set_adapter("bench", adapter)
+        hyps = [recognizer.recognize(item.audio, "bench").text for item in test]
+    return {"result": result, "hyps": hyps, "wall": wall, "rss": rss.peak, "added": rss.peak - start_mb,
+            "adapter_mb": adapter.info.path.stat().st_size / 1e6 if adapter else 0.0}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="tinyalign bench personalize", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, required=True, help="folder for personalize.json and personalize.png")
+    ap.add_argument("--out", type=Path, required=True, help="folder for personalize.json, .csv and .png")
     ap.add_argument("--corpus", type=Path, default=Path("build/corpus"), help="folder with manifest.csv")
-    ap.add_argument("--projector", type=Path, default=None, help="base projector (default: the shipped one)")
-    ap.add_argument("--llm", default="", help="transformers model folder (default: SmolLM2 conversion)")
+    ap.add_argument("--methods", default="asr,asr-dec", help="comma-separated: asr, asr-dec, lora, full")
     ap.add_argument("--n", default="10,25,50", help="comma-separated numbers of personalization utterances")
     ap.add_argument("--real-n", default="5", help="the same for the real recordings (only 10 clips ship)")
     ap.add_argument("--test", type=int, default=25, help="test utterances per voice (the last ones)")
-    ap.add_argument("--kinds", default="lora,full", help="adapter kinds to compare")
-    ap.add_argument("--voices", default="", help="comma-separated speaker ids (default: every held-out atypical one)")
+    ap.add_argument("--voices", default="", help="comma-separated corpus speaker ids (default: every held-out "
+                                                 "atypical one)")
     ap.add_argument("--no-real", action="store_true", help="skip the real recordings")
-    ap.add_argument("--max-change", type=float, default=None,
-                    help="hybrid: anchor outputs to the ASR transcript as assistant_node does "
-                         "(default core.align.DEFAULT_MAX_CHANGE; -1 = raw outputs)")
-    ap.add_argument("--budget-s", type=float, default=120.0, help="training seconds per round")
-    ap.add_argument("--max-steps", type=int, default=200)
+    ap.add_argument("--seeds", default="0", help="comma-separated seeds (the spread over seeds is the stability)")
+    ap.add_argument("--budget-s", type=float, default=240.0, help="training seconds per round")
+    ap.add_argument("--max-steps", type=int, default=40, help="steps per round at most (as train.max_steps)")
+    ap.add_argument("--encoder-layers", type=int, default=2, help="top encoder blocks with LoRA for `asr`")
+    ap.add_argument("--epochs", type=float, default=6.0, help="asr methods: passes over the samples per round")
+    ap.add_argument("--lr", type=float, default=0.0, help="learning rate (0 = the kind's default)")
+    ap.add_argument("--projector", type=Path, default=None, help="projector methods: base projector")
+    ap.add_argument("--llm", default="", help="projector methods: transformers model folder")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="the split's seed")
     args = ap.parse_args(argv)
 
-    from tinyalign_ros.core.adapters import AdapterStore, file_sha256
-    from tinyalign_ros.core.align import DEFAULT_MAX_CHANGE, AlignedLLM, AlignPrompt
-    from tinyalign_ros.core.encoder import load_whisper_encoder
-    from tinyalign_ros.core.llm import ChatLLM
-    from tinyalign_ros.core.models import resolve_llm, shipped_model
-    from tinyalign_ros.core.personalize import PersonalizeConfig, Personalizer, apply_adapter
-    from tinyalign_ros.core.projector import load_projector, read_projector_metadata
-    from tinyalign_ros.core.samples import SampleStore
+    from tinyalign_ros.core.asr import WhisperTranscriber
+    from tinyalign_ros.core.asr_adapt import AsrBase
 
     torch.set_num_threads(args.threads)
-    projector_file = args.projector or shipped_model("projector.safetensors")
-    hybrid = read_projector_metadata(projector_file).get("prompt") == "hybrid"
-    chat = ChatLLM(resolve_llm(args.llm), threads=args.threads)
-    base = load_projector(projector_file, out_dim=chat.model.get_input_embeddings().embedding_dim)
-    aligned = AlignedLLM.from_chat(chat, base, AlignPrompt(transcript=hybrid),
-                                   max_change=DEFAULT_MAX_CHANGE if args.max_change is None else args.max_change)
-    encoder = load_whisper_encoder()
-    sets = voice_sets(args.corpus, encoder, base.cfg.encoder_layer, hybrid, not args.no_real)
-    if args.voices:
-        sets = {v: sets[v] for v in args.voices.split(",")}
+    methods = args.methods.split(",")
+    unknown = set(methods) - set(ASR_METHODS) - {"lora", "full"}
+    if unknown:
+        ap.error(f"unknown methods {sorted(unknown)}")
+    # greedy only: the cascade yardstick and the gate's baseline must repeat (the fallback samples)
+    transcriber = WhisperTranscriber(threads=args.threads, temperature=0.0)
+    asr_base = AsrBase(transcriber=transcriber)
+    sets = voice_sets(args.corpus, [v for v in args.voices.split(",") if v], not args.no_real)
     ns = sorted(int(n) for n in args.n.split(","))
     real_ns = sorted(int(n) for n in args.real_n.split(","))
-    base_sha = file_sha256(projector_file)
-    runs = []
+    runs, llm_state = [], {"whisper": transcriber}
     for voice, items in sets.items():
         items = list(items)
         random.Random(args.seed).shuffle(items)
         n_test = min(args.test, len(items) // 2)
         test, pool = items[-n_test:], items[:-n_test]
-        before = heldout_wer(aligned, base, test, hybrid)
-        heard = [c[2] for c in test]
-        # faster-whisper on the same test set (an empty transcript counts: that is what the cascade heard)
-        cascade = wer([c[1] for c in test], heard) if any(heard) else None
-        print(f"{voice}: {len(pool)} utterances to personalize on, {n_test} test; base WER {before:.3f}"
-              + (f", cascade {cascade:.3f}" if cascade is not None else ""), flush=True)
-        for n in real_ns if voice == REAL_VOICE else ns:
+        refs = [i.text for i in test]
+        cascade_hyps = [transcriber.transcribe(i.audio).text for i in test]
+        cascade = wer(refs, cascade_hyps)
+        real = voice in (REAL_VOICE, REAL_ATYPICAL)
+        print(f"{voice}: {len(pool)} utterances to personalize on, {n_test} test; cascade WER {cascade:.3f}", flush=True)
+        for n in real_ns if real else ns:
             if n > len(pool):
                 continue
-            for kind in args.kinds.split(","):
-                with tempfile.TemporaryDirectory() as tmp:
-                    samples, adapters = SampleStore(Path(tmp) / "s"), AdapterStore(Path(tmp) / "a")
-                    samples.grant_consent("bench")
-                    for k, (feats, text, heard) in enumerate(pool[:n]):
-                        samples.add("bench", feats, text, "correction", utterance_id=str(k), asr_transcript=heard)
-                    config = PersonalizeConfig(kind=kind, budget_s=args.budget_s, max_steps=args.max_steps,
-                                               min_samples=min(n, 8), seed=args.seed, nice=0, threads=0)
-                    trainer = Personalizer(aligned, samples, adapters, Path(tmp) / "w", base_sha, config)
-                    t0 = time.perf_counter()
-                    with PeakRss() as rss:
-                        result = trainer.run("bench")
-                    wall = time.perf_counter() - t0
-                    adapter = adapters.load_latest("bench")
-                    after = heldout_wer(aligned, apply_adapter(base, adapter) if adapter else base, test, hybrid)
-                    aligned.projector = base
-                runs.append({"voice": voice, "real": voice == REAL_VOICE, "n_train": n, "kind": kind,
-                             "test_n": n_test, "wer_before": before, "wer_after": after, "cascade_wer": cascade,
-                             "gate": result.status, "val_wer_before": result.val_wer_before,
-                             "val_wer_after": result.val_wer_after, "steps": result.steps,
-                             "train_s": round(result.train_s, 1), "wall_s": round(wall, 1),
-                             "peak_mem_mb": round(rss.peak)})
-                print(f"  N={n} {kind}: {result.status} after {result.steps} steps ({result.train_s:.0f} s); "
-                      f"test WER {before:.3f} -> {after:.3f}; peak RSS {rss.peak:.0f} MB", flush=True)
-    figures = {"projector": str(projector_file), "hybrid": hybrid, "max_change": aligned.max_change,
-               "budget_s": args.budget_s,
-               "max_steps": args.max_steps, "threads": args.threads, "voices": runs}
-    out = write_result(args.out, "personalize", figures)
+            for method in methods:
+                for seed in [int(x) for x in args.seeds.split(",")]:
+                    with tempfile.TemporaryDirectory() as tmp:
+                        run_args = argparse.Namespace(**{**vars(args), "seed": seed})
+                        if method in ASR_METHODS:
+                            out = _asr_round(run_args, method, pool[:n], test, Path(tmp), asr_base, transcriber)
+                        else:
+                            out = _projector_round(run_args, method, pool[:n], test, Path(tmp), llm_state)
+                    result = out["result"]
+                    after = wer(refs, cascade_hyps if out["hyps"] is None else out["hyps"])
+                    runs.append({"voice": voice, "real": real, "atypical": voice != REAL_VOICE, "method": method,
+                                 "seed": seed, "n_train": n, "test_n": n_test, "wer_before": cascade,
+                                 "wer_after": after, "cascade_wer": cascade, "ratio": after / cascade if cascade else None,
+                                 "gate": result.status, "val_wer_before": result.val_wer_before,
+                                 "val_wer_after": result.val_wer_after, "steps": result.steps,
+                                 "train_s": round(result.train_s, 1), "wall_s": round(out["wall"], 1),
+                                 "peak_mem_mb": round(out["rss"]), "round_added_mb": round(out["added"]),
+                                 "adapter_mb": round(out["adapter_mb"], 2)})
+                    print(f"  N={n} {method} seed {seed}: {result.status} after {result.steps} steps "
+                          f"({result.train_s:.0f} s train, {out['wall']:.0f} s round); test WER {cascade:.3f} -> "
+                          f"{after:.3f}; peak RSS {out['rss']:.0f} MB", flush=True)
+    figures = {"methods": methods, "budget_s": args.budget_s, "max_steps": args.max_steps, "epochs": args.epochs,
+               "encoder_layers": args.encoder_layers, "threads": args.threads, "atypical_sox": " ".join(ATYPICAL_SOX),
+               "voices": runs}
+    out_path = write_result(args.out, "personalize", figures)
     _plot(runs, args.out / "personalize.png")
     with (args.out / "personalize.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, list(runs[0]) if runs else ["voice"])
         w.writeheader()
         w.writerows(runs)
-    print(f"wrote {out}")
+    print(f"wrote {out_path}")
     return 0
 
 
@@ -192,21 +296,26 @@ def _plot(runs: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     voices = sorted({r["voice"] for r in runs})
-    fig, axes = plt.subplots(1, max(1, len(voices)), figsize=(4 * max(1, len(voices)), 3.5), squeeze=False)
-    for ax, voice in zip(axes[0], voices):
+    fig, axes = plt.subplots(2, max(1, len(voices)), figsize=(4 * max(1, len(voices)), 6.5), squeeze=False)
+    for col, voice in enumerate(voices):
         mine = [r for r in runs if r["voice"] == voice]
+        top, bottom = axes[0][col], axes[1][col]
         ns = sorted({r["n_train"] for r in mine})
-        if mine:
-            ax.plot(ns, [mine[0]["wer_before"]] * len(ns), "k--", label="base")
-            if mine[0]["cascade_wer"] is not None:
-                ax.plot(ns, [mine[0]["cascade_wer"]] * len(ns), ":", color="grey", label="cascade")
-        for kind in sorted({r["kind"] for r in mine}):
-            pts = sorted((r["n_train"], r["wer_after"]) for r in mine if r["kind"] == kind)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=kind)
-        ax.set_title(voice, fontsize=8)
-        ax.set_xlabel("personalization utterances N")
-        ax.set_ylabel("test WER")
-        ax.legend(fontsize=7)
+        top.plot(ns, [mine[0]["cascade_wer"]] * len(ns), ":", color="grey", label="cascade (no adapter)")
+        for method in sorted({r["method"] for r in mine}):
+            rows = [r for r in mine if r["method"] == method]
+            pts = sorted((n, float(np.mean([r["wer_after"] for r in rows if r["n_train"] == n]))) for n in ns
+                         if any(r["n_train"] == n for r in rows))
+            line, = top.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=method)
+            bottom.scatter([r["train_s"] for r in rows], [r["wer_after"] for r in rows], color=line.get_color(),
+                           label=method, s=14)
+        bottom.axhline(mine[0]["cascade_wer"], ls=":", color="grey")
+        top.set_title(voice, fontsize=8)
+        top.set_xlabel("personalization utterances N")
+        top.set_ylabel("test WER (mean over seeds)")
+        bottom.set_xlabel("training seconds")
+        bottom.set_ylabel("test WER")
+        top.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)

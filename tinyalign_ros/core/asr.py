@@ -30,12 +30,17 @@ class WhisperTranscriber:
         threads: int = 2,
         beam_size: int = 1,
         language: str = "en",
+        temperature: float | None = None,
     ) -> None:
+        """`temperature` None keeps faster-whisper's fallback (greedy, then sampling at 0.2, 0.4, ...
+        when a decode fails its compression or log-prob checks: what the robot uses, and it varies
+        run to run on hard audio); 0.0 is greedy only, for comparisons that must repeat."""
         self.model = WhisperModel(
             str(model_dir or whisper_tiny_dir()), device="cpu", compute_type=compute_type, cpu_threads=threads
         )
         self.beam_size = beam_size
         self.language = language
+        self.temperature = temperature
 
     def transcribe(self, samples: np.ndarray) -> Transcript:
         segments, _ = self.model.transcribe(
@@ -45,6 +50,7 @@ class WhisperTranscriber:
             vad_filter=False,
             condition_on_previous_text=False,
             without_timestamps=True,
+            **({} if self.temperature is None else {"temperature": self.temperature}),
         )
         segments = list(segments)
         text = " ".join(s.text.strip() for s in segments).strip()

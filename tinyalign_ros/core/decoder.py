@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .encoder import WeightLoadError, _dequantize, read_ctranslate2
+from .encoder import WeightLoadError, assign_ct2_state, read_ctranslate2
 from .models import whisper_tiny_dir
 
 # English-only Whisper (tiny.en, base.en): <|startoftranscript|> <|notimestamps|>, <|endoftext|>
@@ -235,16 +235,7 @@ def load_whisper_decoder(model_dir: str | Path | None = None) -> WhisperDecoder:
                            n_layers=n_layers)
     with torch.device("meta"):
         model = WhisperDecoder(config)
-    state = {}
-    for key, param in model.state_dict().items():
-        name = decoder_ct2_name(key)
-        if name not in tensors:
-            raise WeightLoadError(f"{path} lacks tensor {name} (needed by a {n_layers}-layer decoder)")
-        value = _dequantize(tensors, name)
-        if value.shape != param.shape:
-            raise WeightLoadError(f"{path}: tensor {name} has shape {list(value.shape)}, expected {list(param.shape)}")
-        state[key] = value
-    model.load_state_dict(state, assign=True)
+    assign_ct2_state(model, tensors, decoder_ct2_name, path, f"a {n_layers}-layer decoder")
     cfg = _config_json(model_dir)
     model.suppress = torch.tensor(sorted(set(cfg.get("suppress_ids", []))), dtype=torch.long)
     model.suppress_begin = torch.tensor(sorted(set(cfg.get("suppress_ids_begin", [220, EOT]))), dtype=torch.long)

@@ -360,17 +360,23 @@ def load_whisper_encoder(
             model = WhisperEncoder(config)
     except ValueError as exc:
         raise WeightLoadError(f"{path}: inconsistent encoder dimensions: {exc}") from exc
+    assign_ct2_state(model, tensors, _ct2_name, path, f"a {n_layers}-layer encoder (d_model={d_model}, "
+                                                     f"n_mels={n_mels})")
+    return model.to(device).eval().requires_grad_(False)
+
+
+def assign_ct2_state(model: nn.Module, tensors: dict[str, torch.Tensor], ct2_name: Callable[[str], str],
+                     path: Path, what: str) -> None:
+    """Give a model built on the meta device its fp32 weights from CTranslate2 `tensors`
+    (`ct2_name`: our state-dict key -> CTranslate2 variable); WeightLoadError names the tensor."""
     state = {}
     for key, param in model.state_dict().items():
-        name = _ct2_name(key)
+        name = ct2_name(key)
         if name not in tensors:
-            raise WeightLoadError(f"{path} lacks tensor {name} (needed by a {n_layers}-layer encoder)")
+            raise WeightLoadError(f"{path} lacks tensor {name} (needed by {what})")
         value = _dequantize(tensors, name)
         if value.shape != param.shape:
-            raise WeightLoadError(
-                f"{path}: tensor {name} has shape {list(value.shape)}, expected {list(param.shape)} "
-                f"for d_model={d_model}, n_mels={n_mels}"
-            )
+            raise WeightLoadError(f"{path}: tensor {name} has shape {list(value.shape)}, expected "
+                                  f"{list(param.shape)} for {what}")
         state[key] = value
     model.load_state_dict(state, assign=True)
-    return model.to(device).eval().requires_grad_(False)

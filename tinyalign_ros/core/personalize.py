@@ -41,6 +41,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import os
 import random
 import threading
@@ -99,6 +100,9 @@ class PersonalizeConfig:
     # kind "asr": the gate judges only with at least this many held-out reference words; fewer (a
     # store of ~10 utterances) cannot tell a better adapter from luck, so nothing is swapped in
     gate_min_words: int = 25
+    # kind "asr": a fixed short schedule of this many passes over the training samples (at most
+    # max_steps): more over-trains a small store (held-out WER up again after ~6 passes)
+    asr_epochs: float = 6.0
 
     def __post_init__(self) -> None:
         if self.kind not in ADAPTER_KINDS:
@@ -468,7 +472,7 @@ class Personalizer:
         return state, ckpt
 
     def _reporter(self, speaker: str, state: dict[str, Any], budget: float,
-                  on_progress: Callable[[Progress], None] | None) -> Callable[[str, float], None]:
+                  on_progress: Callable[[Progress], None] | None, max_steps: int) -> Callable[[str, float], None]:
         cfg = self.config
 
         def report(phase: str, step_s: float) -> None:
@@ -476,15 +480,15 @@ class Personalizer:
                 return
             left = max(0.0, budget - state["elapsed_s"])
             if step_s > 0:
-                left = min(left, (cfg.max_steps - state["step"]) * step_s)
+                left = min(left, (max_steps - state["step"]) * step_s)
             ema = state["loss_ema"]
-            on_progress(Progress(speaker, cfg.kind, phase, state["step"], cfg.max_steps,
+            on_progress(Progress(speaker, cfg.kind, phase, state["step"], max_steps,
                                  float("nan") if ema is None else ema, state["elapsed_s"], left))
         return report
 
     def _train_loop(self, state: dict[str, Any], budget: float, n_train: int, batch: int,
                     step: Callable[[list[int]], float], hooks: "_PreemptionHooks", ckpt: Path, module: nn.Module,
-                    opt: torch.optim.Optimizer, report: Callable[[str, float], None]) -> None:
+                    opt: torch.optim.Optimizer, report: Callable[[str, float], None], max_steps: int) -> None:
         """Steps over seeded per-epoch permutations of the training samples until the step or time
         budget is spent; the position, loss EMA and checkpoints live in `state` (so a resumed round
         continues where it stopped)."""
@@ -498,7 +502,7 @@ class Personalizer:
         perm = order(state["epoch"])
         last_ckpt = state["elapsed_s"]
         batch = min(batch, n_train)
-        while state["step"] < cfg.max_steps and state["elapsed_s"] < budget:
+        while state["step"] < max_steps and state["elapsed_s"] < budget:
             hooks.check()
             if state["pos"] + batch > len(perm):
                 state["epoch"], state["pos"] = state["epoch"] + 1, 0
@@ -564,7 +568,8 @@ class Personalizer:
         model = self.asr.model(acfg, current.tensors if current is not None else None)
         opt = make_optimizer(model)
         state, ckpt = self._begin(speaker, self.asr.sha, current, model, opt, result)
-        report = self._reporter(speaker, state, budget, on_progress)
+        max_steps = min(cfg.max_steps, math.ceil(cfg.asr_epochs * len(train_infos) / min(acfg.batch, len(train_infos))))
+        report = self._reporter(speaker, state, budget, on_progress, max_steps)
 
         def items(infos: list[SampleInfo]) -> list[tuple]:
             return [(s.audio, s.info.text) for s in (self.samples.load(speaker, i.id) for i in infos)]
@@ -588,7 +593,7 @@ class Personalizer:
                 train = model.prepare(train_items)
                 self._train_loop(state, budget, len(train_items), acfg.batch,
                                  lambda idx: train_step(model, opt, train, idx, state["step"], rng),
-                                 hooks, ckpt, model, opt, report)
+                                 hooks, ckpt, model, opt, report, max_steps)
                 report("validating-after", 0.0)
                 hyps = [model.transcribe_states(val.states[i], val.seconds[i])[0] for i in range(len(refs))]
                 after, examples = wer(refs, hyps), list(zip(refs, hyps))
@@ -634,7 +639,7 @@ class Personalizer:
         state, ckpt = self._begin(speaker, self.base_sha, current, module, opt, result)
         train, val = self._load(speaker, train_infos), self._load(speaker, val_infos)
         hybrid = self._hybrid()
-        report = self._reporter(speaker, state, budget, on_progress)
+        report = self._reporter(speaker, state, budget, on_progress, cfg.max_steps)
         hooks = _PreemptionHooks(_llm_layers(self.aligned.model), self._stop)
 
         def step(idx: list[int]) -> float:
@@ -661,7 +666,8 @@ class Personalizer:
                     now = apply_adapter(self.base, current) if current is not None else self.base
                     state["val_wer_before"] = self.evaluate(now, val)[0]
                     self._save_checkpoint(ckpt, module, opt, state)
-                self._train_loop(state, budget, len(train.infos), cfg.batch, step, hooks, ckpt, module, opt, report)
+                self._train_loop(state, budget, len(train.infos), cfg.batch, step, hooks, ckpt, module, opt, report,
+                                 cfg.max_steps)
                 report("validating-after", 0.0)
                 after, examples = self.evaluate(module, val)
         except Preempted:

@@ -95,6 +95,7 @@ class PersonalizerNode(Node):
             asr_encoder_layers=int(p("train.asr.encoder_layers", 2).value),
             asr_batch=int(p("train.asr.batch", 8).value),
             asr_time_mask=float(p("train.asr.time_mask", 0.1).value),
+            asr_epochs=float(p("train.asr.epochs", 6.0).value),
             gate_min_words=int(p("train.asr.gate_min_words", 25).value))
         projector_file = p("projector.file", "").value or str(shipped_model("projector.safetensors"))
         inject = bool(p("aligned.inject_instruction", True).value)
