@@ -102,3 +102,24 @@ def test_unknown_skill_in_the_skills_file_stops_the_node_at_start_up(ros, tmp_pa
     with pytest.raises(SkillsError, match=r"examples\[\d+\]: unknown skill 'backflip'"):
         AssistantNode(namespace="tinyalign", context=ros.context,
                       parameter_overrides=[Parameter("commands.skills_file", value=str(path))])
+
+
+def test_tinyalign_run_prints_the_command_of_each_answer(demo_file):
+    """What `make demo` shows: a `command:` line (skill, arguments, confidence) beside every answer."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    path, segments = demo_file
+    env = dict(os.environ, ROS_DOMAIN_ID=str((int(os.environ["ROS_DOMAIN_ID"]) + 37) % 100 + 1))
+    proc = subprocess.run([sys.executable, "-m", "tinyalign_ros.cli", "run", "--input", str(path), "--no-personalizer"],
+                          capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    commands = re.findall(r"^ +command: (\w+) .*\(confidence (\d\.\d\d)", proc.stdout, re.M)
+    answers = re.findall(r"^ +robot: ", proc.stdout, re.M)
+    assert len(commands) == len(answers) == len(segments), proc.stdout
+    skills = set(yaml.safe_load(default_skills_file().read_text())["skills"]) | {"none"}
+    assert all(skill in skills and 0 <= float(conf) <= 1 for skill, conf in commands), proc.stdout

@@ -74,8 +74,26 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 "latency_last_token_s": round(r.latency_last_token_s, 3),
             }))
         else:
+            with lock:  # its Command, if it came first (it is published first, on another topic)
+                answered.add(r.utterance_id)
+                command = commands.pop(r.utterance_id, None)
+            if command is not None:
+                emit(command)
             emit(f"{'':17} robot: {r.text}   (first token {r.latency_first_token_s:.2f} s, "
                  f"last {r.latency_last_token_s:.2f} s after end of speech)")
+
+    commands: dict[str, str] = {}
+    answered: set[str] = set()
+
+    def on_command(c) -> None:
+        line = (f"{'':17} command: {c.skill} {c.arguments if c.skill != 'none' else ''}   (confidence "
+                f"{c.confidence:.2f}{'' if c.sure else ', asked back'}, {c.latency_s:.2f} s after end of speech)")
+        with lock:
+            late = c.utterance_id in answered
+            if not late:
+                commands[c.utterance_id] = line
+        if late:
+            emit(line)
 
     def on_dropped(d: dict) -> None:
         """An utterance a bounded queue (or a failure) lost, or a sentence left unspoken: never silent."""
@@ -100,10 +118,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"tinyalign run: {exc}", file=sys.stderr)
         return 2
     graph_ref.append(graph)
-    if not args.jsonl:  # the skill call of each utterance, printed as it is published (just before its answer)
-        _watch_commands(graph, lambda c: emit(f"{'':17} command: {c.skill} {c.arguments if c.skill != 'none' else ''}"
-                                              f"   (confidence {c.confidence:.2f}{'' if c.sure else ', asked back'}, "
-                                              f"{c.latency_s:.2f} s after end of speech)"))
+    if not args.jsonl:  # the skill call of each utterance, printed just above its answer
+        _watch_commands(graph, lambda c: on_command(c))
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

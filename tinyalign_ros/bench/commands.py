@@ -4,8 +4,9 @@ Held-out requests (data/skill_requests_test.tsv, written before any prompt was t
 dev` uses data/skill_requests_dev.tsv, the set prompts and thresholds may be tuned on) and chatter
 (data/chatter_test.txt + the odd lines of data/questions.txt; dev: the even lines) are spoken by
 several typical synthetic voices (core.corpus, as `tinyalign synth`), each voice's clips in one
-file with 1.2 s gaps, and played through the embedded graph exactly as `tinyalign run --fast`
-does (lossless, VAD -> Whisper -> assistant_node). Each Command is matched to its request by
+file with 1.2 s gaps, and played at real time through the embedded graph exactly as `tinyalign
+run --input` does (VAD -> Whisper -> assistant_node; `--fast`: as fast as the graph takes it).
+Each Command is matched to its request by
 the time of its utterance. Per mode:
 
 - `exact_acc`: share of the commands whose published call (skill and every argument) is right;
@@ -14,8 +15,9 @@ the time of its utterance. Per mode:
 - `none_precision`: share of the chatter the robot mapped to "none" (no action; what the issue
   calls the precision of "none" on questions and chatter); `none_precision_strict`: of all the
   utterances mapped to "none", the share that were chatter;
-- `latency_p50_s`: end of speech -> Command, from a separate real-time run (`--latency-n` requests
-  by the first voice; the Command carries it): in the fast run the clock is not the speaker's.
+- `latency_p50_s`: end of speech -> Command of the requests (the Command carries it); with
+  `--fast`, from a separate real-time run of `--latency-n` requests (a fast run's clock is not
+  the speaker's).
 
 `text` is the same parser on the reference text (no speech): the ceiling the ASR leaves.
 Writes DIR/commands.json and DIR/commands.png (a confusion matrix of skills per mode).
@@ -36,6 +38,7 @@ from tinyalign_ros.core.commands import NONE, CommandParser, SkillSet, default_s
 from tinyalign_ros.core.metrics import portable_path, write_result
 
 DATA = Path(__file__).resolve().parents[2] / "data"
+WORK = Path(__file__).resolve().parents[2] / "build" / "bench_commands"  # the speech files (not results)
 GAP_S = 1.2
 SAMPLE_RATE = 16000
 
@@ -103,7 +106,7 @@ def speech_file(voice, texts: list[str], out: Path) -> list[tuple[float, float]]
     return spans
 
 
-def run_file(path: Path, mode: str, fast: bool, method: str, skills_file: str, log=print):
+def run_file(path: Path, mode: str, fast: bool, method: str, skills_file: str, threads: int = 2, log=print):
     """Play `path` through the embedded graph; [(utterance start_s, end_s, transcript, Command)]."""
     os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
     from rclpy.node import Node
@@ -116,11 +119,11 @@ def run_file(path: Path, mode: str, fast: bool, method: str, skills_file: str, l
     commands: list = []
     overrides = {
         "mic_node": {"input_file": str(path), "playback_rate": 0.0 if fast else 1.0},
-        "asr_node": {"echo_gate": False},
+        "asr_node": {"echo_gate": False, "whisper.threads": threads},
         # answers to chatter are not scored: short ones (aligned mode writes its transcript with the same limit)
         "assistant_node": {"mode": mode, "llm.max_new_tokens": 32 if mode == "aligned" else 12,
                            "max_pending_utterances": 1000,
-                           "commands.method": method, "commands.skills_file": skills_file},
+                           "commands.method": method, "commands.skills_file": skills_file, "llm.threads": threads},
         "tts_node": {"play": False, "realtime": False},
     }
     if mode == "aligned":  # the projector reads the last encoder layer (as `tinyalign run --mode aligned`)
@@ -201,7 +204,8 @@ def compare_libraries(tokenizer, skills: SkillSet) -> dict:
         from lmformatenforcer import JsonSchemaParser
         from lmformatenforcer.integrations.transformers import build_token_enforcer_tokenizer_data
         from lmformatenforcer.tokenenforcer import TokenEnforcer
-    except ImportError:
+    except ImportError as exc:  # not installed, or (0.11.3) its transformers integration predates transformers 5
+        out["lm-format-enforcer"] = {"unavailable": f"{exc.__cause__ or exc}"[:200]}
         return out
     t = time.perf_counter()
     data = build_token_enforcer_tokenizer_data(tokenizer)
@@ -226,8 +230,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--method", default="choice", choices=("choice", "generate"))
     parser.add_argument("--n-chatter", type=int, default=60, help="chatter utterances (held-out ones first)")
     parser.add_argument("--n-commands", type=int, default=None, help="only the first N requests (smoke runs)")
-    parser.add_argument("--latency-n", type=int, default=8, help="requests played at real time for the latency")
+    parser.add_argument("--latency-n", type=int, default=8, help="with --fast: requests played at real time for the latency")
+    parser.add_argument("--fast", action="store_true", help="play the files as fast as the graph takes them (as `tinyalign "
+                        "run --fast`), latency from a separate real-time run; default: real time, latency from every command")
     parser.add_argument("--skills", default="", help="skills file (default config/skills.yaml)")
+    parser.add_argument("--threads", type=int, default=2, help="LLM and Whisper threads (the YAML's are 2; 1 on a "
+                        "CPU shared with other jobs, where 2 threads wait on each other)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     skills_file = args.skills or str(default_skills_file())
@@ -238,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     # text: the parser alone on the reference text
     from tinyalign_ros.core.llm import ChatLLM
 
-    llm = ChatLLM(threads=2)
+    llm = ChatLLM(threads=args.threads)
     parser_ = CommandParser(skills, llm.model, llm.tokenizer, method=args.method)
     calls, seconds = [], []
     for it in items:
@@ -257,14 +265,14 @@ def main(argv: list[str] | None = None) -> int:
     texts = [it.text for it in items]
     files = []
     for v in voices:
-        path = args.out / "work" / f"commands-{v.name}.wav"
+        path = WORK / f"commands-{v.name}.wav"
         path.parent.mkdir(parents=True, exist_ok=True)
         files.append((v, path, speech_file(v, texts, path)))
     for mode in [m for m in args.modes.split(",") if m] if voices else []:
-        per_voice, all_calls = {}, []
+        per_voice, all_calls, latencies = {}, [], []
         for v, path, spans in files:
             t = time.perf_counter()
-            heard = run_file(path, mode, True, args.method, skills_file)
+            heard = run_file(path, mode, args.fast, args.method, skills_file, args.threads)
             got = match(spans, heard)
             calls = [(c.skill, json.loads(c.arguments)) if c is not None else None for c in got]
             for it, c, h in zip(items, calls, got):
@@ -273,16 +281,18 @@ def main(argv: list[str] | None = None) -> int:
                           f"(want {it.skill} {it.arguments})", flush=True)
             per_voice[v.name] = {k: val for k, val in score(items, calls).items() if k != "confusion"}
             per_voice[v.name]["run_s"] = round(time.perf_counter() - t, 1)
+            if not args.fast:  # end of speech -> Command of every request, at real time
+                latencies += [h.latency_s for it, h in zip(items, got)
+                              if h is not None and it.skill != NONE and np.isfinite(h.latency_s)]
             all_calls.append(calls)
             print(mode, v.name, per_voice[v.name], flush=True)
         result = pooled([], [items] * len(files), all_calls)
-        latencies = []
-        if args.latency_n > 0:
+        if args.fast and args.latency_n > 0:
             v = voices[0]
             sub = [it.text for it in items if it.skill != NONE][:args.latency_n]
-            path = args.out / "work" / f"latency-{v.name}.wav"
+            path = WORK / f"latency-{v.name}.wav"
             speech_file(v, sub, path)
-            latencies = [c.latency_s for *_, c in run_file(path, mode, False, args.method, skills_file)
+            latencies = [c.latency_s for *_, c in run_file(path, mode, False, args.method, skills_file, args.threads)
                          if np.isfinite(c.latency_s)]
         result["latency_p50_s"] = round(float(np.median(latencies)), 3) if latencies else None
         result["latency_p95_s"] = round(float(np.percentile(latencies, 95)), 3) if latencies else None
@@ -298,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         "voices": [v.name for v in voices],
         "split": args.split,
         "method": args.method,
+        "threads": args.threads,
         "skills_file": portable_path(skills_file),
         "libraries": libraries,
         "definitions": {
@@ -305,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
             "args_acc": "commands with the right skill and >= 1 argument whose arguments are all right",
             "none_precision": "chatter mapped to none (no action)",
             "none_precision_strict": "utterances mapped to none that were chatter",
-            "latency_p50_s": "end of speech -> Command in a real-time run of the graph",
+            "latency_p50_s": "end of speech -> Command of the requests, graph at real time",
         },
     }
     json_path = write_result(args.out, "commands", figures)
