@@ -11,7 +11,7 @@ audio tokens); `inject=False` drops it, leaving only the prompt after the audio.
 
 The **hybrid** prompt (`AlignPrompt(transcript=True)`) also puts the cascade ASR's transcript of
 the same utterance after the audio tokens (`Transcript: ...`). Why: a projector trained on
-synthesized voices alone does not transfer to real speech (DESIGN §5), while Whisper's text
+synthesized voices alone does not transfer to real speech (docs/design.md §5), while Whisper's text
 does; anchored on the transcript, the audio tokens only have to carry what text loses (ASR
 errors on an unusual voice, which per-operator personalization then learns). Labels are
 -100 everywhere except the target tokens and the closing <|im_end|>, masked **by position**
@@ -281,7 +281,7 @@ class EmbeddingCTC(torch.nn.Module):
     word piece that was said, in order, with blanks between. That is what the LLM-loss phase
     wants too, at a fraction of the cost (one 576 x 49k matrix product instead of 30 transformer
     layers forward and backward), so a first phase of it gives the LLM-loss phase a projector
-    that already points at the right words (DESIGN.md section 4: suggestive on one seed).
+    that already points at the right words (docs/design.md section 4: suggestive on one seed).
 
     The blank logit is computed on its own rather than by appending a row to the table:
     `torch.cat([table, blank])` would make autograd produce a gradient for the whole frozen

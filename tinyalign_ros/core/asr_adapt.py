@@ -1,6 +1,6 @@
 """A speaker's adapter inside the ASR: LoRA in Whisper's top encoder layers and its decoder.
 
-Where the voice is heard is where it is learned (DESIGN §5): a projector behind a frozen Whisper
+Where the voice is heard is where it is learned (docs/design.md §5): a projector behind a frozen Whisper
 cannot change what Whisper misheard, so the speaker adapter of `kind: asr` is a low-rank delta
 (LoRA, peft's `inject_adapter_in_model` on a plain module, as core/personalize.py does for the
 projector) on
@@ -13,7 +13,7 @@ trained with the decoder's teacher-forced cross-entropy on the speaker's labelle
 (Tomanek et al. 2021: residual adapters / LoRA in the ASR for atypical speech).
 
 Cheap on a CPU because every frozen part runs once per sample: the log-mel (30 s window, as the
-decoder needs it: unpadded encoder output makes it loop, DESIGN §4) and the lower encoder layers
+decoder needs it: unpadded encoder output makes it loop, docs/design.md §4) and the lower encoder layers
 are computed when the data is prepared and kept as fp16 (1500 x 384 per sample, 1.2 MB), so a
 training step runs only the adapted top layers and the decoder. Regularized as the field does
 for small data: time masking of the cached states inside the speech (SpecAugment-like), a small
