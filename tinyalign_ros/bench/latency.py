@@ -138,7 +138,9 @@ def main(argv: list[str] | None = None) -> int:
         "warmup_utterances": args.warmup,
         "demo_gap_s": None if args.input else args.gap,
         "max_utterance_s": round(max((s["end_s"] - s["start_s"] for s in segments), default=0.0), 2) or None,
-        "mode": responses[0].mode if responses else None,
+        "mode": args.mode or (responses[0].mode if responses else None),
+        # how each was answered: in aligned mode an early-exited utterance is answered from its transcript (cascade)
+        "response_modes": {m: sum(r.mode == m for r in responses) for m in sorted({r.mode for r in responses})},
         "overrides": overrides,
         "load_average": {"before": [round(x, 2) for x in load_before], "after": [round(x, 2) for x in load_after]},
     }
@@ -163,13 +165,13 @@ def main(argv: list[str] | None = None) -> int:
     colors = plt.cm.tab10.colors
     for i, (stage, v) in enumerate(stages.items()):
         width = v["p50"] or 0.0
-        bx.barh([0], [width], left=left, color=colors[i % 10], label=f"{stage[:-2]} {width:.3f}")
+        bx.barh([0], [width], left=left, color=colors[i % 10], label=f"{stage[:-2]} {width:.3f} (n={v['n']})")
         left += width
     bx.axvline(0.5, color="k", ls="--", lw=0.8)
     bx.axvline(1.0, color="k", ls=":", lw=0.8)
     bx.set_yticks([])
     bx.set_xlabel("seconds after end of speech (p50 per stage; goals: first token 0.5, first audio 1.0)")
-    bx.set_title("breakdown")
+    bx.set_title("p50 of each stage, stacked (n: utterances that went through it)")
     bx.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0, -0.25), ncol=3, frameon=False)
     fig.suptitle("tinyalign_ros latency")
     fig.tight_layout()
