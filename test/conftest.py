@@ -120,6 +120,39 @@ def speech_feed(probe: Probe, pub) -> Callable[[np.ndarray], None]:
     return say
 
 
+def enrollment_graph(ros: RosHarness, tmp_path: Path, asr_params: dict | None = None,
+                     personalizer_params: dict | None = None):
+    """asr_node + personalizer_node on a voiceprint registry whose background is already made (a new
+    one synthesizes ~50 clips once; three voices do for a test), and a probe:
+    (asr, personalizer, say(samples), utterances)."""
+    from rclpy.parameter import Parameter
+
+    from tinyalign_ros.core.corpus import Voice
+    from tinyalign_ros.core.encoder import load_whisper_encoder
+    from tinyalign_ros.core.speaker import SpeakerEmbedder, SpeakerRegistry
+    from tinyalign_ros.msg import AudioChunk, Utterance
+    from tinyalign_ros.nodes.asr_node import AsrNode
+    from tinyalign_ros.nodes.common import AUDIO_QOS
+    from tinyalign_ros.nodes.personalizer_node import PersonalizerNode
+
+    embedder = SpeakerEmbedder(load_whisper_encoder())
+    bg_voices = [Voice(f"bg{i}", "espeak", m) for i, m in enumerate(("en-us+m3", "en-029+f4", "en-gb-scotland+m1"))]
+    SpeakerRegistry(tmp_path / "speakers", background=embedder.background(bg_voices))
+    asr_params = {"speaker_id.dir": str(tmp_path / "speakers"), "echo_gate": False, **(asr_params or {})}
+    pers_params = {"samples.dir": str(tmp_path / "samples"), "adapters.dir": str(tmp_path / "adapters"),
+                   "checkpoint_dir": str(tmp_path / "ckpt"), "idle_s": 3600.0, **(personalizer_params or {})}
+    asr = ros.add(AsrNode(namespace="tinyalign", context=ros.context,
+                          parameter_overrides=[Parameter(k, value=v) for k, v in asr_params.items()]))
+    pers = ros.add(PersonalizerNode(namespace="tinyalign", context=ros.context,
+                                    parameter_overrides=[Parameter(k, value=v) for k, v in pers_params.items()]))
+    probe = Probe(ros)
+    utterances = probe.collect(Utterance, "utterance")
+    pub = probe.publisher(AudioChunk, "audio", AUDIO_QOS)
+    wait_for(lambda: pub.get_subscription_count() > 0 and asr.utterance_pub.get_subscription_count() >= 2,
+             what="discovery")
+    return asr, pers, speech_feed(probe, pub), utterances
+
+
 @pytest.fixture
 def asr(ros):
     """A default asr_node, and a probe: (node, send(samples, rate, end, chunk), utterances, audio publisher).

@@ -2,8 +2,8 @@
 
 asr_node + personalizer_node over real rclpy with the real models. A voice the base Whisper
 transcribes badly (slow, low, shaking speech) enrolls with `tinyalign enroll`'s client (one prompt,
-one utterance), `tinyalign personalize --wait`'s client trains that speaker's ASR adapter (decoder
-only and few steps, to keep the test short), the gate keeps it only if the held-out WER drops,
+one utterance), `tinyalign personalize --wait`'s client trains that speaker's ASR adapter (the
+default recipe: top 2 encoder blocks + decoder, 6 passes over the 13 training utterances), the gate keeps it only if the held-out WER drops,
 personalizer_node announces it, asr_node swaps it in, and the same test sentences spoken again
 come out with a lower WER than before the round, judged against what the base model heard on the
 same audio (never a fixed string).
@@ -19,11 +19,10 @@ import threading
 
 import pytest
 
-from conftest import Probe, speech_feed, wait_for
+from conftest import enrollment_graph, wait_for
 from tinyalign_ros.core.corpus import Voice, synthesize
 from tinyalign_ros.core.metrics import wer
-from tinyalign_ros.msg import AudioChunk, Utterance
-from tinyalign_ros.nodes.common import AUDIO_QOS
+from tinyalign_ros.msg import Utterance
 
 VOICE = Voice("gruff", "espeak", "en-gb+m4", pitch=-5.0, rate=0.8, degradations=("slow", "tremolo"))
 ENROLL = ["Go to the kitchen and wait there.", "Bring me a glass of water, please.",
@@ -39,33 +38,10 @@ TEST = ["Bring me the red cup from the kitchen.", "Turn off the lights in the be
 
 @pytest.fixture
 def graph(ros, tmp_path):
-    from rclpy.parameter import Parameter
-
-    from tinyalign_ros.core.encoder import load_whisper_encoder
-    from tinyalign_ros.core.speaker import SpeakerEmbedder, SpeakerRegistry
-    from tinyalign_ros.nodes.asr_node import AsrNode
-    from tinyalign_ros.nodes.personalizer_node import PersonalizerNode
-
-    embedder = SpeakerEmbedder(load_whisper_encoder())
-    bg = [Voice(f"bg{i}", "espeak", m) for i, m in enumerate(("en-us+m3", "en-029+f4", "en-gb-scotland+m1"))]
-    SpeakerRegistry(tmp_path / "speakers", background=embedder.background(bg))
-    asr = ros.add(AsrNode(namespace="tinyalign", context=ros.context, parameter_overrides=[
-        Parameter("speaker_id.dir", value=str(tmp_path / "speakers")), Parameter("echo_gate", value=False),
-        Parameter("max_pending_utterances", value=64), Parameter("speaker", value="gruff")]))
-    pers = ros.add(PersonalizerNode(namespace="tinyalign", context=ros.context, parameter_overrides=[
-        Parameter("samples.dir", value=str(tmp_path / "samples")),
-        Parameter("adapters.dir", value=str(tmp_path / "adapters")),
-        Parameter("checkpoint_dir", value=str(tmp_path / "ckpt")), Parameter("idle_s", value=3600.0),
-        Parameter("train.kind", value="asr"), Parameter("train.min_samples", value=8),
-        Parameter("train.max_steps", value=24), Parameter("train.budget_s", value=240.0),
-        Parameter("train.threads", value=2), Parameter("train.asr.encoder_layers", value=0),
-        Parameter("train.asr.gate_min_words", value=10)]))
-    probe = Probe(ros)
-    utterances: list[Utterance] = probe.collect(Utterance, "utterance")
-    pub = probe.publisher(AudioChunk, "audio", AUDIO_QOS)
-    wait_for(lambda: pub.get_subscription_count() > 0 and asr.utterance_pub.get_subscription_count() >= 2,
-             what="discovery")
-    return asr, pers, speech_feed(probe, pub), utterances
+    return enrollment_graph(
+        ros, tmp_path, {"max_pending_utterances": 64, "speaker": "gruff"},
+        {"train.kind": "asr", "train.min_samples": 8, "train.budget_s": 240.0,
+         "train.threads": 2, "train.asr.gate_min_words": 10})
 
 
 def test_an_enrolled_voice_is_heard_better_after_a_personalization_round(graph):

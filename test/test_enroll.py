@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 from std_msgs.msg import String
 
-from conftest import Probe, speech_feed, wait_for
+from conftest import Probe, enrollment_graph, wait_for
 from tinyalign_ros.core.corpus import Voice, synthesize
-from tinyalign_ros.msg import AudioChunk, Utterance
-from tinyalign_ros.nodes.common import AUDIO_QOS
+from tinyalign_ros.msg import Utterance
 
 ALICE = Voice("alice", "espeak", "en-gb+f2")
 STRANGER = Voice("stranger", "festival", "kal_diphone")
@@ -21,30 +20,7 @@ PROMPTS = ["Turn on the lights in the living room.", "Please open the door for m
 
 @pytest.fixture
 def graph(ros, tmp_path):
-    """asr_node + personalizer_node on a voiceprint registry whose background is already made
-    (a new one synthesizes ~50 clips once; a few voices do for a test)."""
-    from rclpy.parameter import Parameter
-
-    from tinyalign_ros.core.encoder import load_whisper_encoder
-    from tinyalign_ros.core.speaker import SpeakerEmbedder, SpeakerRegistry
-    from tinyalign_ros.nodes.asr_node import AsrNode
-    from tinyalign_ros.nodes.personalizer_node import PersonalizerNode
-
-    embedder = SpeakerEmbedder(load_whisper_encoder())
-    bg_voices = [Voice(f"bg{i}", "espeak", m) for i, m in enumerate(("en-us+m3", "en-029+f4", "en-gb-scotland+m1"))]
-    SpeakerRegistry(tmp_path / "speakers", background=embedder.background(bg_voices))
-    asr = ros.add(AsrNode(namespace="tinyalign", context=ros.context, parameter_overrides=[
-        Parameter("speaker_id.dir", value=str(tmp_path / "speakers")), Parameter("echo_gate", value=False)]))
-    pers = ros.add(PersonalizerNode(namespace="tinyalign", context=ros.context, parameter_overrides=[
-        Parameter("samples.dir", value=str(tmp_path / "samples")),
-        Parameter("adapters.dir", value=str(tmp_path / "adapters")),
-        Parameter("checkpoint_dir", value=str(tmp_path / "ckpt")), Parameter("idle_s", value=3600.0)]))
-    probe = Probe(ros)
-    utterances: list[Utterance] = probe.collect(Utterance, "utterance")
-    pub = probe.publisher(AudioChunk, "audio", AUDIO_QOS)
-    wait_for(lambda: pub.get_subscription_count() > 0 and asr.utterance_pub.get_subscription_count() >= 2,
-             what="discovery")
-    return asr, pers, speech_feed(probe, pub), utterances
+    return enrollment_graph(ros, tmp_path)
 
 
 def test_enrollment_labels_consents_and_makes_the_voice_recognizable(graph):
