@@ -275,8 +275,9 @@ def test_aligned_generation_never_repeats_an_ngram_of_its_output(tiny_llm, token
     proj = build_projector("mlp", in_dim=16, out_dim=64, stack=4, hidden=32)
     feats = torch.randn(2, 12, 16)
 
-    def generated(no_repeat_ngram: int) -> list[list[int]]:
-        aligned = AlignedLLM(tiny_llm, tokenizer, proj, max_new_tokens=40, no_repeat_ngram=no_repeat_ngram)
+    def generated(no_repeat_ngram: int, penalty: float = 1.0) -> list[list[int]]:
+        aligned = AlignedLLM(tiny_llm, tokenizer, proj, max_new_tokens=40, no_repeat_ngram=no_repeat_ngram,
+                             repetition_penalty=penalty)
         with torch.inference_mode():
             out = aligned._generate(aligned.batch(feats, torch.tensor([12, 9]), None, "left"), 40)
         rows = [row.tolist() for row in out]
@@ -286,8 +287,8 @@ def test_aligned_generation_never_repeats_an_ngram_of_its_output(tiny_llm, token
         grams = [tuple(ids[i:i + 3]) for i in range(len(ids) - 2)]
         return len(grams) != len(set(grams))
 
-    assert any(repeats_a_3gram(row) for row in generated(0))  # unguarded, it repeats itself
-    guarded = generated(3)
+    assert any(repeats_a_3gram(row) for row in generated(0))  # unguarded (no n-gram ban, no penalty), it repeats itself
+    guarded = generated(3, 1.1)
     assert all(len(row) >= 8 for row in guarded) and not any(repeats_a_3gram(row) for row in guarded)
     chat = SimpleNamespace(model=tiny_llm, tokenizer=tokenizer, no_repeat_ngram=3, repetition_penalty=1.1)
     assert (AlignedLLM.from_chat(chat, proj).no_repeat_ngram, AlignedLLM.from_chat(chat, proj).repetition_penalty) \

