@@ -75,7 +75,7 @@ class Preempted(Exception):
 @dataclass(frozen=True)
 class PersonalizeConfig:
     kind: str = "lora"
-    lr: float = 0.0  # 0 = the kind's default (full: 3e-4, lora: 2e-3)
+    lr: float = 0.0  # 0 = the kind's default (full: 3e-4, lora: 2e-3, asr: 1e-3)
     batch: int = 4
     max_steps: int = 200
     budget_s: float = 300.0  # training seconds per round (evaluation not counted)
