@@ -101,7 +101,10 @@ class Room:
 def test_the_robot_talks_over_its_echo_and_stops_for_the_operator(ros, operator_voice):
     node = ros.add(TtsNode(namespace="tinyalign", context=ros.context, parameter_overrides=[
         Parameter(k, value=v) for k, v in {"engine": "espeak-ng", "play": False, "sample_rate": SR,
-                                           "tail_s": 0.3, "barge_in_on_speech": True}.items()]))
+                                           "tail_s": 0.3, "barge_in_on_speech": True,
+                                           # whole sentences: the long one below must be playing when the
+                                           # operator cuts in (a first clause alone would end before that)
+                                           "first_clause_chars": 0}.items()]))
     room = Room(ros)
     wait_for(lambda: room.tokens.get_subscription_count() and room.mic.get_subscription_count()
              and node.audio_pub.get_subscription_count() and room.speaking, what="discovery")
