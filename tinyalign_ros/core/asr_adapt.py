@@ -27,7 +27,6 @@ they keep faster-whisper, unchanged.
 """
 from __future__ import annotations
 
-import copy
 import math
 import random
 from collections.abc import Sequence
@@ -99,19 +98,16 @@ class Prepared:
 class SpeakerAsr(nn.Module):
     """Whisper encoder + decoder with a speaker's LoRA injected.
 
-    The LoRA wrappers replace Linear modules in place, so the given modules are copied unless
-    `copy=False` says they are the caller's to give away (AsrBase.model loads fresh ones: one
-    Whisper in memory per model, not two)."""
+    The LoRA wrappers replace Linear modules in place, so the model takes the given modules over:
+    pass ones nobody else uses (AsrBase.model loads fresh ones, so there is one Whisper in memory
+    per model, not two)."""
 
-    def __init__(self, encoder: WhisperEncoder, decoder: WhisperDecoder, cfg: AsrAdaptConfig,
-                 copy_base: bool = True) -> None:
+    def __init__(self, encoder: WhisperEncoder, decoder: WhisperDecoder, cfg: AsrAdaptConfig) -> None:
         super().__init__()
         from peft import LoraConfig, inject_adapter_in_model
 
         self.cfg = cfg
-        self.encoder = copy.deepcopy(encoder) if copy_base else encoder
-        self.decoder = copy.deepcopy(decoder) if copy_base else decoder
-        self.decoder.suppress, self.decoder.suppress_begin = decoder.suppress, decoder.suppress_begin
+        self.encoder, self.decoder = encoder, decoder
         self.requires_grad_(False)
         lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=0.0,
                           target_modules=lora_targets(self.encoder, self.decoder, cfg))
@@ -259,7 +255,7 @@ class AsrBase:
         return load_whisper_encoder(self.model_dir), load_whisper_decoder(self.model_dir)
 
     def model(self, cfg: AsrAdaptConfig, tensors: dict[str, torch.Tensor] | None = None) -> SpeakerAsr:
-        model = SpeakerAsr(*self.parts(), cfg, copy_base=False)
+        model = SpeakerAsr(*self.parts(), cfg)
         if tensors is not None:
             model.load_adapter_state(tensors)
         return model

@@ -39,6 +39,7 @@ graph) keeps its priority and its threads.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import math
@@ -562,9 +563,8 @@ class Personalizer:
             return result
         current = self.latest_asr_adapter(speaker)
         if current is not None:  # continuing an adapter keeps its shape
-            acfg = AsrAdaptConfig.from_metadata(current.info.extra)
-            acfg = AsrAdaptConfig(**{**acfg.__dict__, "lr": cfg.learning_rate, "batch": cfg.asr_batch,
-                                     "time_mask": cfg.asr_time_mask, "grad_clip": cfg.grad_clip})
+            acfg = dataclasses.replace(AsrAdaptConfig.from_metadata(current.info.extra), lr=acfg.lr,
+                                       batch=acfg.batch, time_mask=acfg.time_mask, grad_clip=acfg.grad_clip)
         model = self.asr.model(acfg, current.tensors if current is not None else None)
         opt = make_optimizer(model)
         state, ckpt = self._begin(speaker, self.asr.sha, current, model, opt, result)

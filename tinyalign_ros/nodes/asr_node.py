@@ -26,8 +26,8 @@ from tinyalign_ros.core.speaker import SpeakerEmbedder, SpeakerIdentifier, Speak
 from tinyalign_ros.core.vad import Segment, StreamingSegmenter, VadConfig
 from tinyalign_ros.msg import AudioChunk, Utterance
 
-from .common import (AUDIO_QOS, DROPPED_TOPIC, EVENT_QOS, LATCHED_QOS, Worker, drop_record, run_node, text_marker,
-                     to_time_msg)
+from .common import (AUDIO_QOS, DROPPED_TOPIC, EVENT_QOS, LATCHED_QOS, Worker, adapter_table, drop_record, run_node,
+                     text_marker, to_time_msg)
 from .diagnostics import OK, WARN, RateMeter, Status, Updater
 from .hints import RobotBoost
 
@@ -210,9 +210,9 @@ class AsrNode(Node):
         """The personalizer's adapter table: load each new ASR adapter in a thread of its own (building
         the adapted Whisper takes ~1 s: the audio callback must not wait), drop those that are gone."""
         try:
-            table = {str(k): dict(v) for k, v in json.loads(msg.data)["adapters"].items()}
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            self.get_logger().error(f"ignoring a malformed adapter announcement: {exc!r}")
+            table = adapter_table(msg.data)
+        except ValueError as exc:
+            self.get_logger().error(f"{exc}: ignored")
             return
         wanted = {s: e for s, e in table.items() if e.get("kind") == ASR_KIND}
         for speaker in set(self.recognizer.adapted_speakers) - set(wanted):

@@ -30,7 +30,6 @@ fails its checksum, is refused with a logged error and the speaker keeps what it
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -46,8 +45,8 @@ from tinyalign_ros.core.models import resolve_llm, shipped_model
 from tinyalign_ros.core.projector import FeatureMismatch, LayerMismatch, check_features
 from tinyalign_ros.msg import Command, Response, ResponseToken, Utterance
 
-from .common import (DROPPED_TOPIC, EVENT_QOS, LATCHED_QOS, Worker, drop_record, from_time_msg, plausible_latency,
-                     run_node, text_marker)
+from .common import (DROPPED_TOPIC, EVENT_QOS, LATCHED_QOS, Worker, adapter_table, drop_record, from_time_msg,
+                     plausible_latency, run_node, text_marker)
 from .diagnostics import OK, WARN, Status, Updater
 
 MODES = ("cascade", "aligned")
@@ -216,9 +215,9 @@ class AssistantNode(Node):
         from tinyalign_ros.core.adapters import AdapterStoreError
 
         try:
-            table = {str(k): dict(v) for k, v in json.loads(msg.data)["adapters"].items()}
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            self.get_logger().error(f"ignoring a malformed adapter announcement: {exc!r}")
+            table = adapter_table(msg.data)
+        except ValueError as exc:
+            self.get_logger().error(f"{exc}: ignored")
             return
         current, projectors, versions = self._speaker_projectors, {}, {}
         for speaker, entry in table.items():

@@ -142,6 +142,15 @@ class Worker(Generic[T]):
 DROPPED_TOPIC = "dropped"
 
 
+def adapter_table(data: str) -> dict[str, dict]:
+    """The speakers' adapters from personalizer_node's latched `adapter` announcement (String JSON
+    `{"adapters": {speaker: {version, path, kind}}, ...}`); ValueError when it is malformed."""
+    try:
+        return {str(k): dict(v) for k, v in json.loads(data)["adapters"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"malformed adapter announcement: {exc!r}") from exc
+
+
 def drop_record(stage: str, reason: str, utterance_id: str = "", start_s: float | None = None,
                 end_s: float | None = None, transcript: str = "", text: str = "") -> str:
     """The JSON text of one `dropped` message."""
