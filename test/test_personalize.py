@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -14,8 +15,8 @@ from conftest import Probe, wait_for
 from tinyalign_ros.core.adapters import AdapterStore
 from tinyalign_ros.core.align import AlignedLLM, AlignPrompt
 from tinyalign_ros.core.models import default_llm_dir
-from tinyalign_ros.core.personalize import (PersonalizeConfig, Personalizer, Progress, adapter_tensors,
-                                            apply_adapter, trainable_module)
+from tinyalign_ros.core.personalize import (PersonalizeConfig, Personalizer, PersonalizeResult, Progress,
+                                            adapter_tensors, apply_adapter, paired_improvement, trainable_module)
 from tinyalign_ros.core.projector import build_projector
 from tinyalign_ros.core.samples import SampleStore
 
@@ -96,6 +97,41 @@ def test_gate_keeps_the_old_adapter_when_wer_does_not_improve(aligned, stores):
     assert adapters.list_versions(SPEAKER) == [old.version]
     assert adapters.load_latest(SPEAKER).info.sha256 == old.sha256
     assert not list((stores[2] / SPEAKER).glob("*.ckpt.*"))  # a finished round leaves no checkpoint
+
+
+def test_paired_improvement_trusts_a_gain_spread_over_utterances_not_one_lucky_sentence():
+    assert paired_improvement([2, 1, 3, 2, 1, 2], [0, 0, 1, 1, 0, 1]) == 1.0  # better on every sentence
+    lucky = paired_improvement([0, 0, 0, 0, 0, 5], [1, 0, 1, 0, 0, 0])  # one sentence fixed, two broken
+    assert 0.3 < lucky < 0.95
+    assert paired_improvement([1, 1], [1, 1]) == 0.0 and paired_improvement([], []) == 0.0
+    assert paired_improvement([3, 0, 2], [1, 0, 4], seed=1) == paired_improvement([3, 0, 2], [1, 0, 4], seed=1)
+
+
+def test_gate_rejects_a_lower_wer_that_could_be_luck(aligned, stores):
+    """Two held-out sentences: one fixed (2 errors fewer), one broken (1 more): a lower WER, but luck."""
+    p = personalizer(aligned, stores, kind="lora", max_steps=0)
+    state = {"val_wer_before": 0.25, "val_hyps_before": ["go to", "turn on the lights"], "step": 0, "elapsed_s": 0.0}
+    examples = [("go to the kitchen", "go to the kitchen"), ("turn on the lights", "turn the lights")]
+    result = p._gate(SPEAKER, PersonalizeResult(SPEAKER, "lora", "?"), state, 0.125, examples, {}, {}, {}, 4, 2)
+    assert result.status == "rejected" and "luck" in result.message and result.p_better < 0.95
+    assert stores[1].list_versions(SPEAKER) == []
+    state["val_hyps_before"] = ["go to the", "turn on lights"]  # now both sentences got better
+    result = p._gate(SPEAKER, PersonalizeResult(SPEAKER, "lora", "?"), state, 0.0, [
+        (ref, ref) for ref, _ in examples], {"w": torch.zeros(2)}, {"projector": "base-sha"}, {"kind": "lora"}, 4, 2)
+    assert result.status == "saved" and result.p_better == 1.0
+    assert stores[1].load_latest(SPEAKER).info.metrics["p_better"] == 1.0
+
+
+def test_an_asr_round_counts_only_samples_that_kept_their_audio(aligned, stores):
+    samples = stores[0]
+    for i in range(3):
+        samples.add(SPEAKER, torch.zeros(8, 16), "yes", "correction", utterance_id=f"a{i}",
+                    audio=np.full(8000, 0.1, dtype=np.float32))
+    assert personalizer(aligned, stores, kind="lora").trainable_count(SPEAKER) == 13
+    asr = personalizer(aligned, stores, kind="asr", min_samples=4)
+    assert asr.trainable_count(SPEAKER) == 3
+    result = asr.run(SPEAKER)  # 3 samples with audio, 4 needed: no round (and no Whisper loaded)
+    assert result.status == "too_few_samples" and "3 samples with audio" in result.message
 
 
 def test_too_few_samples_is_no_round(aligned, stores):
@@ -310,8 +346,13 @@ def test_idle_round_announces_a_saved_adapter_and_forget_removes_everything(ros,
     node = pnode(**{"idle_s": 0.0, "train.max_steps": 2})
     # the tiny LLM cannot learn in 2 steps, so let the gate see an improvement: the point here is the
     # node's plumbing (the gate itself is tested above with the real model)
-    wers = iter([1.0, 0.5])
-    node.personalizer.evaluate = lambda projector, data: (next(wers), [])
+    heard = iter(["wrong words", None])  # before: every held-out sentence misheard; after: all right
+
+    def evaluate(projector, data):
+        wrong = next(heard)
+        return (1.0 if wrong else 0.0), [(i.text, wrong or i.text) for i in data.infos]
+
+    node.personalizer.evaluate = evaluate
     announced: list[dict] = []
     probe = ros.node("probe")
     probe.create_subscription(String, "adapter", lambda m: announced.append(json.loads(m.data)), LATCHED_QOS)

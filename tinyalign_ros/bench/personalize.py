@@ -95,16 +95,20 @@ def make_atypical(path: Path) -> np.ndarray:
 
 
 def voice_sets(corpus: Path, voices: Sequence[str], real: bool) -> dict[str, list[Item]]:
-    """{voice: [Item]} for the held-out atypical voices of the corpus (+ the real recordings)."""
+    """{voice: [Item]} for the named held-out voices of the corpus (default: its atypical ones) and
+    the real recordings."""
     from tinyalign_ros.core.align import read_manifest, real_speech_clips
     from tinyalign_ros.core.audio import load_audio
 
     out: dict[str, list[Item]] = {}
     if corpus.is_dir():
-        rows = read_manifest(corpus)
-        atypical = {r["speaker"] for r in rows if r["atypical"] == "1" and r["split"] in ("val", "test")}
+        rows = [r for r in read_manifest(corpus) if r["split"] in ("val", "test")]
+        wanted = set(voices) if voices else {r["speaker"] for r in rows if r["atypical"] == "1"}
+        missing = wanted - {r["speaker"] for r in rows}
+        if missing:
+            raise SystemExit(f"no held-out voices {sorted(missing)} in {corpus}/manifest.csv")
         for r in rows:
-            if r["speaker"] in atypical and (not voices or r["speaker"] in voices):
+            if r["speaker"] in wanted:
                 out.setdefault(r["speaker"], []).append(Item(load_audio(corpus / r["path"]), r["text"]))
     if real:
         clips = real_speech_clips()
@@ -169,6 +173,20 @@ def _llm(args, state: dict):
     return state["aligned"]
 
 
+def extra_items(voice: str, count: int, avoid: set[str], seed: int) -> list[Item]:
+    """`count` more utterances of a corpus voice (the same `Voice` of `default_voices`), on sentences
+    it does not say in the corpus: the corpus has 75 per voice, too few for N = 100 and a test set."""
+    from tinyalign_ros.core.corpus import default_voices, load_sentences, synthesize
+
+    spec = {v.name: v for v in default_voices(seed)}.get(voice)
+    if spec is None:
+        raise SystemExit(f"--extra: {voice} is not one of the corpus' default voices (seed {seed})")
+    texts = sorted({s.text for s in load_sentences()} - avoid)
+    random.Random(f"extra-{voice}").shuffle(texts)
+    print(f"{voice}: synthesizing {min(count, len(texts))} more utterances", flush=True)
+    return [Item(synthesize(text, spec), text) for text in texts[:count]]
+
+
 def _asr_round(args, method: str, pool: list[Item], test: list[Item], tmp: Path, asr_base, transcriber) -> dict:
     """One ASR-adapter round as personalizer_node runs it, judged by the Recognizer asr_node runs."""
     from tinyalign_ros.core.adapters import AdapterStore
@@ -212,8 +230,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--n", default="10,25,50", help="comma-separated numbers of personalization utterances")
     ap.add_argument("--real-n", default="5", help="the same for the real recordings (only 10 clips ship)")
     ap.add_argument("--test", type=int, default=25, help="test utterances per voice (the last ones)")
-    ap.add_argument("--voices", default="", help="comma-separated corpus speaker ids (default: every held-out "
-                                                 "atypical one)")
+    ap.add_argument("--voices", default="", help="comma-separated held-out corpus speaker ids (default: every "
+                                                 "atypical one; a typical one checks that the gate protects it)")
+    ap.add_argument("--extra", type=int, default=0, help="synthesize this many more utterances per corpus voice "
+                                                         "(personalization pool only, never test): N = 100 needs 75")
+    ap.add_argument("--corpus-seed", type=int, default=0, help="the corpus' voice seed (for --extra)")
     ap.add_argument("--no-real", action="store_true", help="skip the real recordings")
     ap.add_argument("--seeds", default="0", help="comma-separated seeds (the spread over seeds is the stability)")
     ap.add_argument("--budget-s", type=float, default=240.0, help="training seconds per round")
@@ -227,6 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="the split's seed")
     args = ap.parse_args(argv)
 
+    from tinyalign_ros.core.align import read_manifest
     from tinyalign_ros.core.asr import WhisperTranscriber
     from tinyalign_ros.core.asr_adapt import AsrBase
 
@@ -239,6 +261,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     transcriber = WhisperTranscriber(threads=args.threads, temperature=0.0)
     asr_base = AsrBase(transcriber=transcriber)
     sets = voice_sets(args.corpus, [v for v in args.voices.split(",") if v], not args.no_real)
+    atypical = ({r["speaker"]: r["atypical"] == "1" for r in read_manifest(args.corpus)} if args.corpus.is_dir()
+                else {})
     ns = sorted(int(n) for n in args.n.split(","))
     real_ns = sorted(int(n) for n in args.real_n.split(","))
     runs, llm_state = [], {"whisper": transcriber}
@@ -247,10 +271,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         random.Random(args.seed).shuffle(items)
         n_test = min(args.test, len(items) // 2)
         test, pool = items[-n_test:], items[:-n_test]
+        real = voice in (REAL_VOICE, REAL_ATYPICAL)
+        if args.extra and not real:  # after the corpus' own: N = 10, 25, 50 stay what they were
+            pool += extra_items(voice, args.extra, {i.text for i in items}, args.corpus_seed)
         refs = [i.text for i in test]
         cascade_hyps = [transcriber.transcribe(i.audio).text for i in test]
         cascade = wer(refs, cascade_hyps)
-        real = voice in (REAL_VOICE, REAL_ATYPICAL)
         print(f"{voice}: {len(pool)} utterances to personalize on, {n_test} test; cascade WER {cascade:.3f}", flush=True)
         for n in real_ns if real else ns:
             if n > len(pool):
@@ -265,11 +291,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                             out = _projector_round(run_args, method, pool[:n], test, Path(tmp), llm_state)
                     result = out["result"]
                     after = wer(refs, cascade_hyps if out["hyps"] is None else out["hyps"])
-                    runs.append({"voice": voice, "real": real, "atypical": voice != REAL_VOICE, "method": method,
+                    runs.append({"voice": voice, "real": real, "atypical": atypical.get(voice, voice != REAL_VOICE),
+                                 "method": method,
                                  "seed": seed, "n_train": n, "test_n": n_test, "wer_before": cascade,
                                  "wer_after": after, "cascade_wer": cascade, "ratio": after / cascade if cascade else None,
                                  "gate": result.status, "val_wer_before": result.val_wer_before,
-                                 "val_wer_after": result.val_wer_after, "steps": result.steps,
+                                 "val_wer_after": result.val_wer_after, "p_better": result.p_better,
+                                 "n_val": result.n_val, "steps": result.steps,
                                  "train_s": round(result.train_s, 1), "wall_s": round(out["wall"], 1),
                                  "peak_mem_mb": round(out["rss"]), "round_added_mb": round(out["added"]),
                                  "adapter_mb": round(out["adapter_mb"], 2)})

@@ -51,6 +51,21 @@ def wer(references: list[str], hypotheses: list[str]) -> float:
     return float(jiwer.wer([r for r, _ in pairs], [h for _, h in pairs]))
 
 
+def word_errors(references: list[str], hypotheses: list[str]) -> list[int]:
+    """Word errors (substitutions + deletions + insertions) of each pair, on normalized text as `wer`."""
+    if len(references) != len(hypotheses):
+        raise ValueError(f"{len(references)} references but {len(hypotheses)} hypotheses")
+    out = []
+    for ref, hyp in zip(references, hypotheses):
+        r, h = normalize_text(ref), normalize_text(hyp)
+        if not r:
+            out.append(len(h.split()))
+            continue
+        o = jiwer.process_words(r, h or "")
+        out.append(o.substitutions + o.deletions + o.insertions)
+    return out
+
+
 def machine_info() -> dict[str, Any]:
     cpu = platform.processor() or platform.machine()
     try:

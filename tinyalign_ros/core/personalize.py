@@ -8,9 +8,12 @@
    base projector, else from the base projector;
 3. measure the validation WER of what the assistant uses *now* (current adapter or base) with
    greedy decoding, train for a step/time budget, measure the candidate's validation WER;
-4. **gate**: only a strictly lower validation WER is saved as the speaker's next adapter version
-   (metadata: base projector sha256, sample counts, WER before/after); otherwise the current
-   adapter stays and nothing is announced.
+4. **gate**: a candidate is saved as the speaker's next adapter version only when its validation
+   WER is strictly lower *and* a paired bootstrap over the held-out utterances (`paired_improvement`)
+   finds it better in at least `gate_confidence` of the resamples (metadata: base sha256, sample
+   counts, WER before/after, that probability); otherwise the current adapter stays and nothing is
+   announced. A lower WER on five or ten utterances is often luck: in `bench personalize` two
+   adapters that lowered the validation WER of a mild voice raised its test WER.
 
 Two adapter kinds, so they can be measured side by side (`tinyalign bench personalize`):
 
@@ -52,6 +55,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as save_safetensors
@@ -59,7 +63,7 @@ from torch import nn
 
 from .adapters import Adapter, AdapterInfo, AdapterStore, atomic_write_bytes, validate_speaker_id
 from .asr_adapt import ASR_KIND, AsrAdaptConfig, AsrBase, make_optimizer, train_step
-from .metrics import wer
+from .metrics import wer, word_errors
 from .projector import Projector
 from .samples import SampleInfo, SampleStore
 
@@ -101,6 +105,10 @@ class PersonalizeConfig:
     # kind "asr": the gate judges only with at least this many held-out reference words; fewer (a
     # store of ~10 utterances) cannot tell a better adapter from luck, so nothing is swapped in
     gate_min_words: int = 25
+    # every kind: the share of bootstrap resamples of the held-out utterances in which the candidate
+    # must make fewer word errors than what the speaker gets now (`paired_improvement`; 0 = a lower
+    # validation WER suffices)
+    gate_confidence: float = 0.95
     # kind "asr": a fixed short schedule of this many passes over the training samples (at most
     # max_steps): more over-trains a small store (held-out WER up again after ~6 passes)
     asr_epochs: float = 6.0
@@ -112,6 +120,8 @@ class PersonalizeConfig:
             raise ValueError("batch and lora_rank must be >= 1, max_steps >= 0, min_samples >= 2")
         if not self.budget_s > 0:
             raise ValueError(f"budget_s must be > 0, got {self.budget_s}")
+        if not 0.0 <= self.gate_confidence < 1.0:
+            raise ValueError(f"gate_confidence must be in [0, 1), got {self.gate_confidence}")
 
     @property
     def learning_rate(self) -> float:
@@ -147,9 +157,27 @@ class PersonalizeResult:
     n_val: int = 0
     val_wer_before: float | None = None
     val_wer_after: float | None = None
+    p_better: float | None = None  # the gate's paired-bootstrap probability that the candidate is better
     resumed_from_step: int = 0
     adapter: AdapterInfo | None = None
     examples: list[tuple[str, str]] = field(default_factory=list)  # (reference, hypothesis) after
+
+
+def paired_improvement(errors_before: Sequence[int], errors_after: Sequence[int], resamples: int = 4000,
+                       seed: int = 0) -> float:
+    """Share of bootstrap resamples of the held-out utterances in which the candidate makes fewer
+    word errors than the current model (paired: both are counted on the same draw).
+
+    With a handful of utterances a lower WER is often one lucky sentence; this asks how often the
+    gain survives drawing the utterances again. Ten lines of numpy, seeded, so the same round is
+    always judged the same; `scipy.stats.bootstrap` (not installed) computes intervals of a
+    statistic, not this probability, and warns on the degenerate draws that small stores give.
+    """
+    diff = np.asarray(errors_after, dtype=np.int64) - np.asarray(errors_before, dtype=np.int64)
+    if diff.size == 0:
+        return 0.0
+    idx = np.random.default_rng(seed).integers(0, diff.size, size=(resamples, diff.size))
+    return float(np.mean(diff[idx].sum(axis=1) < 0))
 
 
 # --------------------------------------------------------------------------- adapters <-> projectors
@@ -465,6 +493,7 @@ class Personalizer:
             "format": CHECKPOINT_FORMAT, "speaker": speaker, "kind": self.config.kind, "base_sha": base_sha,
             "start": f"v{current.info.version}" if current is not None else "base",
             "step": 0, "elapsed_s": 0.0, "epoch": 0, "pos": 0, "loss_ema": None, "val_wer_before": None,
+            "val_hyps_before": None,  # the held-out transcripts the speaker gets now (the gate pairs them)
         }
         ckpt = self.checkpoint_path(speaker)
         if self._load_checkpoint(ckpt, module, opt, state):
@@ -531,6 +560,11 @@ class Personalizer:
 
     # ------------------------------------------------------------ one round of an ASR adapter
 
+    def trainable_count(self, speaker: str) -> int:
+        """The speaker's samples a round of this kind can use (kind "asr": those that kept their audio)."""
+        infos = self.samples.list(speaker)
+        return sum(1 for i in infos if i.audio_s > 0) if self.config.kind == ASR_KIND else len(infos)
+
     def latest_asr_adapter(self, speaker: str) -> Adapter | None:
         """The speaker's newest ASR adapter made for this Whisper (projector adapters are skipped)."""
         for version in reversed(self.adapters.list_versions(speaker)):
@@ -582,13 +616,13 @@ class Personalizer:
                 train_items, val_items = items(train_infos), items(val_infos)
                 val = model.prepare(val_items)
                 refs = [text for _, text in val_items]
-                if state["val_wer_before"] is None:
+                if state["val_wer_before"] is None or state.get("val_hyps_before") is None:
                     report("validating-before", 0.0)
                     if current is not None:
                         before_hyps = [model.transcribe_states(val.states[i], val.seconds[i])[0] for i in range(len(refs))]
                     else:
                         before_hyps = [self.asr.cascade(audio) for audio, _ in val_items]
-                    state["val_wer_before"] = wer(refs, before_hyps)
+                    state["val_wer_before"], state["val_hyps_before"] = wer(refs, before_hyps), before_hyps
                     self._save_checkpoint(ckpt, model, opt, state)
                 train = model.prepare(train_items)
                 self._train_loop(state, budget, len(train_items), acfg.batch,
@@ -661,10 +695,11 @@ class Personalizer:
 
         try:
             with hooks:
-                if state["val_wer_before"] is None:
+                if state["val_wer_before"] is None or state.get("val_hyps_before") is None:
                     report("validating-before", 0.0)
                     now = apply_adapter(self.base, current) if current is not None else self.base
-                    state["val_wer_before"] = self.evaluate(now, val)[0]
+                    state["val_wer_before"], pairs = self.evaluate(now, val)
+                    state["val_hyps_before"] = [hyp for _, hyp in pairs]
                     self._save_checkpoint(ckpt, module, opt, state)
                 self._train_loop(state, budget, len(train.infos), cfg.batch, step, hooks, ckpt, module, opt, report,
                                  cfg.max_steps)
@@ -682,23 +717,31 @@ class Personalizer:
     def _gate(self, speaker: str, result: PersonalizeResult, state: dict, after: float, examples: list,
               tensors: dict[str, torch.Tensor], base_hashes: dict[str, str], extra: dict[str, Any],
               n_train: int, n_val: int) -> PersonalizeResult:
-        """Keep the candidate only if its held-out WER is strictly lower than what is used now."""
+        """Keep the candidate only if its held-out WER is strictly lower than what is used now and the
+        gain holds in `gate_confidence` of the paired bootstrap resamples of the held-out utterances."""
+        cfg = self.config
         result.steps, result.train_s = state["step"], state["elapsed_s"]
         result.val_wer_before, result.val_wer_after, result.examples = state["val_wer_before"], after, examples
-        if after < state["val_wer_before"]:
+        refs = [ref for ref, _ in examples]
+        result.p_better = paired_improvement(word_errors(refs, state["val_hyps_before"]),
+                                             word_errors(refs, [hyp for _, hyp in examples]), seed=cfg.seed)
+        figures = f"validation WER {state['val_wer_before']:.3f} -> {after:.3f} on {len(refs)} utterances"
+        if after < state["val_wer_before"] and result.p_better >= cfg.gate_confidence:
             extra = {**extra, "steps": state["step"], "train_s": round(state["elapsed_s"], 1)}
             result.adapter = self.adapters.save(
                 speaker, tensors, data_count=n_train, base_hashes=base_hashes,
                 metrics={"val_wer_before": state["val_wer_before"], "val_wer_after": after,
-                         "n_train": n_train, "n_val": n_val},
+                         "p_better": result.p_better, "n_train": n_train, "n_val": n_val},
                 extra=extra)
             result.status = "saved"
-            result.message = (f"validation WER {state['val_wer_before']:.3f} -> {after:.3f}: "
-                              f"saved v{result.adapter.version}")
+            result.message = f"{figures} (better in {result.p_better:.0%} of resamples): saved v{result.adapter.version}"
+        elif after < state["val_wer_before"]:
+            result.status = "rejected"
+            result.message = (f"{figures}, but better in only {result.p_better:.0%} of resamples of them "
+                              f"({cfg.gate_confidence:.0%} needed): could be luck, the current adapter stays")
         else:
             result.status = "rejected"
-            result.message = (f"validation WER {state['val_wer_before']:.3f} -> {after:.3f}: no improvement, "
-                              "the current adapter stays")
+            result.message = f"{figures}: no improvement, the current adapter stays"
         self.discard_checkpoints(speaker)
         log.info("%s adapter of %s: %s", self.config.kind, speaker, result.message)
         return result

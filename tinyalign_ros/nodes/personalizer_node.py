@@ -96,7 +96,8 @@ class PersonalizerNode(Node):
             asr_batch=int(p("train.asr.batch", 8).value),
             asr_time_mask=float(p("train.asr.time_mask", 0.1).value),
             asr_epochs=float(p("train.asr.epochs", 6.0).value),
-            gate_min_words=int(p("train.asr.gate_min_words", 25).value))
+            gate_min_words=int(p("train.asr.gate_min_words", 25).value),
+            gate_confidence=float(p("train.gate_confidence", 0.95).value))
         projector_file = p("projector.file", "").value or str(shipped_model("projector.safetensors"))
         inject = bool(p("aligned.inject_instruction", True).value)
         max_change = float(p("aligned.max_change", DEFAULT_MAX_CHANGE).value)
@@ -112,7 +113,8 @@ class PersonalizerNode(Node):
         for speaker in consent:
             self.samples.grant_consent(validate_speaker_id(speaker), how="parameter")
         self.consented = set(self.samples.speakers())
-        self.sample_counts = {s: self.samples.count(s) for s in self.consented}
+        # samples a round can use (kind asr: those with audio), per speaker
+        self.sample_counts = {s: self.personalizer.trainable_count(s) for s in self.consented}
         # sample count when the speaker's last round finished (in memory: after a restart every
         # speaker gets one round, which the gate makes harmless)
         self.trained_at: dict[str, int] = {}
@@ -210,7 +212,7 @@ class PersonalizerNode(Node):
         except (ConsentError, InvalidSpeakerId, ValueError) as exc:
             self.get_logger().warning(f"{utt.id}: sample refused: {exc}")
             return None
-        if sample_id is not None:
+        if sample_id is not None and (audio is not None or self.personalizer.config.kind != ASR_KIND):
             self.sample_counts[utt.speaker] = self.sample_counts.get(utt.speaker, 0) + 1
         return sample_id
 
@@ -242,7 +244,7 @@ class PersonalizerNode(Node):
         if speaker not in self.consented:
             self.samples.grant_consent(speaker, how="enrollment")
             self.consented.add(speaker)
-            self.sample_counts.setdefault(speaker, self.samples.count(speaker))
+            self.sample_counts.setdefault(speaker, self.personalizer.trainable_count(speaker))
             self.get_logger().info(f"{speaker} enrolled: consent recorded")
         if text.strip():
             self.enrolling.setdefault(speaker, deque(maxlen=16)).append((text.strip(), time.monotonic()))
@@ -316,6 +318,7 @@ class PersonalizerNode(Node):
             "speaker": result.speaker, "kind": result.kind, "status": result.status, "message": result.message,
             "steps": result.steps, "train_s": round(result.train_s, 2), "n_train": result.n_train,
             "n_val": result.n_val, "val_wer_before": result.val_wer_before, "val_wer_after": result.val_wer_after,
+            "p_better": result.p_better,
             "version": result.adapter.version if result.adapter is not None else 0})))
         log = self.get_logger().warning if result.status == "failed" else self.get_logger().info
         log(f"{result.kind} adapter of {result.speaker}: {result.status}: {result.message}")
@@ -332,7 +335,8 @@ class PersonalizerNode(Node):
             return f"unknown speaker {speaker!r}: no consent recorded (consent.speakers parameter or enrollment)"
         count, need = self.sample_counts.get(speaker, 0), self.personalizer.config.min_samples
         if count < need:
-            return f"too few samples for {speaker}: {count}, at least {need} needed"
+            what = "samples with audio" if self.personalizer.config.kind == ASR_KIND else "samples"
+            return f"too few {what} for {speaker}: {count}, at least {need} needed"
         return ""
 
     def _on_personalize(self, request: Personalize.Request, response: Personalize.Response) -> Personalize.Response:
