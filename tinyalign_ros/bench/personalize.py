@@ -8,6 +8,7 @@ transcript the robot would act on, produced by `core.recognizer.Recognizer` (wha
 - `asr`: LoRA in Whisper's top encoder layers (`--encoder-layers`, default 2) and decoder,
   trained with the decoder's cross-entropy on the speaker's audio (core/asr_adapt.py);
 - `asr-dec`: the same with the decoder only (encoder output cached: ~5x cheaper steps);
+- `asr-enc`: the encoder blocks only (the decoder, hence the text prior, stays the base's);
 - `lora` / `full`: the projector adapters of before (aligned mode; greedy "repeat what was said"
   through the frozen LLM, anchored to the cascade transcript): the transcript never changes, which
   is why they could not help. They need the LLM and the corpus features; slow.
@@ -69,7 +70,8 @@ REAL_ATYPICAL = "real-atypical"
 ATYPICAL_SOX = ["tempo", "-s", "0.8", "pitch", "-300", "sinc", "300-3400", "reverb", "40", "50", "60",
                 "rate", "-v", "16000", "gain", "-n", "-3"]
 FIXED_CLOCK = 1.8e9
-ASR_METHODS = {"asr": None, "asr-dec": 0}  # method -> encoder layers with LoRA (None = --encoder-layers)
+# method -> (encoder layers with LoRA (None = --encoder-layers), LoRA in the decoder)
+ASR_METHODS = {"asr": (None, True), "asr-dec": (0, True), "asr-enc": (None, False)}
 
 
 @dataclass
@@ -200,10 +202,10 @@ def _asr_round(args, method: str, pool: list[Item], test: list[Item], tmp: Path,
     for k, item in enumerate(pool):
         samples.add("bench", torch.zeros(1, 1), item.text, "correction", utterance_id=str(k), audio=item.audio,
                     created=FIXED_CLOCK - len(pool) + k)
-    layers = ASR_METHODS[method]
+    layers, decoder = ASR_METHODS[method]
     config = PersonalizeConfig(kind="asr", budget_s=args.budget_s, max_steps=args.max_steps,
                                min_samples=min(len(pool), 8), seed=args.seed, nice=0, threads=0,
-                               asr_encoder_layers=args.encoder_layers if layers is None else layers,
+                               asr_encoder_layers=args.encoder_layers if layers is None else layers, asr_decoder=decoder,
                                lr=args.lr, asr_epochs=args.epochs)
     trainer = Personalizer(None, samples, adapters, tmp / "w", "", config, asr=asr_base)
     torch.manual_seed(args.seed)
@@ -226,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="tinyalign bench personalize", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, required=True, help="folder for personalize.json, .csv and .png")
     ap.add_argument("--corpus", type=Path, default=Path("build/corpus"), help="folder with manifest.csv")
-    ap.add_argument("--methods", default="asr,asr-dec", help="comma-separated: asr, asr-dec, lora, full")
+    ap.add_argument("--methods", default="asr,asr-dec", help="comma-separated: asr, asr-dec, asr-enc, lora, full")
     ap.add_argument("--n", default="10,25,50", help="comma-separated numbers of personalization utterances")
     ap.add_argument("--real-n", default="5", help="the same for the real recordings (only 10 clips ship)")
     ap.add_argument("--test", type=int, default=25, help="test utterances per voice (the last ones)")

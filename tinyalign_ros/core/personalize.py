@@ -100,6 +100,7 @@ class PersonalizeConfig:
     # kind "asr" (core/asr_adapt.py): LoRA in Whisper's top encoder layers and decoder
     asr_rank: int = 16
     asr_encoder_layers: int = 2
+    asr_decoder: bool = True  # LoRA in the decoder too (false: the adapter only changes what is heard, not the text prior)
     asr_batch: int = 8
     asr_time_mask: float = 0.1
     # kind "asr": the gate judges only with at least this many held-out reference words; fewer (a
@@ -129,6 +130,7 @@ class PersonalizeConfig:
 
     def asr(self) -> AsrAdaptConfig:
         return AsrAdaptConfig(rank=self.asr_rank, alpha=2.0 * self.asr_rank, encoder_layers=self.asr_encoder_layers,
+                              decoder=self.asr_decoder,
                               lr=self.learning_rate, batch=self.asr_batch, time_mask=self.asr_time_mask,
                               grad_clip=self.grad_clip)
 
