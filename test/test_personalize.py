@@ -114,7 +114,10 @@ def test_gate_rejects_a_lower_wer_that_could_be_luck(aligned, stores):
     examples = [("go to the kitchen", "go to the kitchen"), ("turn on the lights", "turn the lights")]
     result = p._gate(SPEAKER, PersonalizeResult(SPEAKER, "lora", "?"), state, 0.125, examples, {}, {}, {}, 4, 2)
     assert result.status == "rejected" and "luck" in result.message and result.p_better < 0.95
-    assert stores[1].list_versions(SPEAKER) == []
+    assert stores[1].list_versions(SPEAKER) == [] and result.candidate is not None  # judged, not stored
+    result = p._gate(SPEAKER, PersonalizeResult(SPEAKER, "lora", "?"), dict(state, val_hyps_before=["go to", "turn on"]),
+                     0.0, [(ref, ref) for ref, _ in examples], {}, {}, {}, 4, 2, min_words=9)
+    assert result.status == "rejected" and "8 held-out words" in result.message  # better, but too little to judge
     state["val_hyps_before"] = ["go to the", "turn on lights"]  # now both sentences got better
     result = p._gate(SPEAKER, PersonalizeResult(SPEAKER, "lora", "?"), state, 0.0, [
         (ref, ref) for ref, _ in examples], {"w": torch.zeros(2)}, {"projector": "base-sha"}, {"kind": "lora"}, 4, 2)

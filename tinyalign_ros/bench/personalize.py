@@ -215,13 +215,18 @@ def _asr_round(args, method: str, pool: list[Item], test: list[Item], tmp: Path,
         result = trainer.run("bench")
         wall = time.perf_counter() - t0
     recognizer = Recognizer(transcriber, base=asr_base)
+
+    def heard(candidate) -> list[str]:
+        recognizer.set_adapter("bench", candidate)
+        return [recognizer.recognize(item.audio, "bench").text for item in test]
+
     adapter = trainer.latest_asr_adapter("bench")
-    hyps = None  # the gate kept the cascade: its transcripts, decoded once per voice (its fallback samples)
-    if adapter is not None:
-        recognizer.set_adapter("bench", adapter)
-        hyps = [recognizer.recognize(item.audio, "bench").text for item in test]
-    return {"result": result, "hyps": hyps, "wall": wall, "rss": rss.peak, "added": rss.peak - start_mb,
-            "adapter_mb": adapter.info.path.stat().st_size / 1e6 if adapter else 0.0}
+    # the gate kept the cascade: hyps None (its transcripts, decoded once per voice); the candidate is
+    # judged on the test clips either way, so that the gate's decisions can be judged too
+    hyps = heard(adapter) if adapter is not None else None
+    candidate_hyps = hyps if hyps is not None else heard(result.candidate) if result.candidate is not None else None
+    return {"result": result, "hyps": hyps, "candidate_hyps": candidate_hyps, "wall": wall, "rss": rss.peak,
+            "added": rss.peak - start_mb, "adapter_mb": adapter.info.path.stat().st_size / 1e6 if adapter else 0.0}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -293,13 +298,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                             out = _projector_round(run_args, method, pool[:n], test, Path(tmp), llm_state)
                     result = out["result"]
                     after = wer(refs, cascade_hyps if out["hyps"] is None else out["hyps"])
+                    candidate = out.get("candidate_hyps")
                     runs.append({"voice": voice, "real": real, "atypical": atypical.get(voice, voice != REAL_VOICE),
                                  "method": method,
                                  "seed": seed, "n_train": n, "test_n": n_test, "wer_before": cascade,
                                  "wer_after": after, "cascade_wer": cascade, "ratio": after / cascade if cascade else None,
                                  "gate": result.status, "val_wer_before": result.val_wer_before,
                                  "val_wer_after": result.val_wer_after, "p_better": result.p_better,
-                                 "n_val": result.n_val, "steps": result.steps,
+                                 "n_val": result.n_val, "val_words": result.val_words,
+                                 "wer_candidate": None if candidate is None else wer(refs, candidate),
+                                 "steps": result.steps,
                                  "train_s": round(result.train_s, 1), "wall_s": round(out["wall"], 1),
                                  "peak_mem_mb": round(out["rss"]), "round_added_mb": round(out["added"]),
                                  "adapter_mb": round(out["adapter_mb"], 2)})

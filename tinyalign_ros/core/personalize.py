@@ -160,6 +160,10 @@ class PersonalizeResult:
     val_wer_before: float | None = None
     val_wer_after: float | None = None
     p_better: float | None = None  # the gate's paired-bootstrap probability that the candidate is better
+    val_words: int = 0  # reference words of the held-out utterances the gate judged on
+    # a finished round's candidate (tensors and the metadata it would be saved with), kept or not: what a
+    # benchmark needs to judge the gate's decisions (never stored by the round itself)
+    candidate: Adapter | None = None
     resumed_from_step: int = 0
     adapter: AdapterInfo | None = None
     examples: list[tuple[str, str]] = field(default_factory=list)  # (reference, hypothesis) after
@@ -635,17 +639,9 @@ class Personalizer:
                 after, examples = wer(refs, hyps), list(zip(refs, hyps))
         except Preempted:
             return self._preempted(result, ckpt, model, opt, state)
-        words = sum(len(text.split()) for text in refs)
-        if words < cfg.gate_min_words:
-            self.discard_checkpoints(speaker)
-            result.status, result.steps, result.train_s = "rejected", state["step"], state["elapsed_s"]
-            result.val_wer_before, result.val_wer_after, result.examples = state["val_wer_before"], after, examples
-            result.message = (f"only {words} held-out words (at least {cfg.gate_min_words} needed to judge): "
-                              f"validation WER {state['val_wer_before']:.3f} -> {after:.3f} not trusted, nothing swapped")
-            return result
         return self._gate(speaker, result, state, after, examples, model.adapter_state(),
                           {"whisper": self.asr.sha}, {**acfg.metadata(), "start": state["start"]},
-                          len(train_infos), len(val_infos))
+                          len(train_infos), len(val_infos), cfg.gate_min_words)
 
     def run(self, speaker: str, budget_s: float | None = None,
             on_progress: Callable[[Progress], None] | None = None) -> PersonalizeResult:
@@ -718,23 +714,29 @@ class Personalizer:
 
     def _gate(self, speaker: str, result: PersonalizeResult, state: dict, after: float, examples: list,
               tensors: dict[str, torch.Tensor], base_hashes: dict[str, str], extra: dict[str, Any],
-              n_train: int, n_val: int) -> PersonalizeResult:
-        """Keep the candidate only if its held-out WER is strictly lower than what is used now and the
-        gain holds in `gate_confidence` of the paired bootstrap resamples of the held-out utterances."""
+              n_train: int, n_val: int, min_words: int = 0) -> PersonalizeResult:
+        """Keep the candidate only if it was judged on at least `min_words` held-out words, its held-out
+        WER is strictly lower than what is used now, and the gain holds in `gate_confidence` of the
+        paired bootstrap resamples of the held-out utterances."""
         cfg = self.config
         result.steps, result.train_s = state["step"], state["elapsed_s"]
         result.val_wer_before, result.val_wer_after, result.examples = state["val_wer_before"], after, examples
         refs = [ref for ref, _ in examples]
+        result.val_words = sum(len(ref.split()) for ref in refs)
         result.p_better = paired_improvement(word_errors(refs, state["val_hyps_before"]),
                                              word_errors(refs, [hyp for _, hyp in examples]), seed=cfg.seed)
+        extra = {**extra, "steps": state["step"], "train_s": round(state["elapsed_s"], 1)}
+        metrics = {"val_wer_before": state["val_wer_before"], "val_wer_after": after, "p_better": result.p_better,
+                   "n_train": n_train, "n_val": n_val}
+        result.candidate = Adapter(tensors, AdapterInfo(speaker, 0, Path(), "", n_train, base_hashes, metrics, extra))
         figures = f"validation WER {state['val_wer_before']:.3f} -> {after:.3f} on {len(refs)} utterances"
-        if after < state["val_wer_before"] and result.p_better >= cfg.gate_confidence:
-            extra = {**extra, "steps": state["step"], "train_s": round(state["elapsed_s"], 1)}
-            result.adapter = self.adapters.save(
-                speaker, tensors, data_count=n_train, base_hashes=base_hashes,
-                metrics={"val_wer_before": state["val_wer_before"], "val_wer_after": after,
-                         "p_better": result.p_better, "n_train": n_train, "n_val": n_val},
-                extra=extra)
+        if result.val_words < min_words:
+            result.status = "rejected"
+            result.message = (f"only {result.val_words} held-out words (at least {min_words} needed to judge): "
+                              f"{figures} not trusted, nothing swapped")
+        elif after < state["val_wer_before"] and result.p_better >= cfg.gate_confidence:
+            result.adapter = self.adapters.save(speaker, tensors, data_count=n_train, base_hashes=base_hashes,
+                                                metrics=metrics, extra=extra)
             result.status = "saved"
             result.message = f"{figures} (better in {result.p_better:.0%} of resamples): saved v{result.adapter.version}"
         elif after < state["val_wer_before"]:

@@ -89,6 +89,8 @@ class PersonalizerNode(Node):
             kind=p("train.kind", ASR_KIND).value, lr=float(p("train.lr", 0.0).value),
             batch=int(p("train.batch", 4).value), max_steps=int(p("train.max_steps", 40).value),
             budget_s=float(p("train.budget_s", 300.0).value), min_samples=int(p("train.min_samples", 20).value),
+            held_out_fraction=float(p("train.held_out_fraction", 0.2).value),
+            min_held_out=int(p("train.min_held_out", 2).value),
             ckpt_every_s=float(p("train.checkpoint_every_s", 30.0).value),
             threads=int(p("train.threads", 1).value), nice=int(p("train.nice", 10).value),
             asr_rank=int(p("train.asr.rank", 16).value),
