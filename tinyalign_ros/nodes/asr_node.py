@@ -22,7 +22,7 @@ from tinyalign_ros.core.encoder import load_whisper_encoder
 from tinyalign_ros.core.listen import ListenGate, Verdict
 from tinyalign_ros.core.models import data_home, shipped_model
 from tinyalign_ros.core.recognizer import AdapterMismatch, Recognizer
-from tinyalign_ros.core.speaker import SpeakerEmbedder, SpeakerIdentifier, SpeakerRegistryError
+from tinyalign_ros.core.speaker import SpeakerIdentifier, SpeakerRegistryError, make_embedder
 from tinyalign_ros.core.vad import Segment, StreamingSegmenter, VadConfig
 from tinyalign_ros.msg import AudioChunk, Utterance
 
@@ -94,8 +94,9 @@ class AsrNode(Node):
         self.policy.full_depth_for_known_speakers = bool(p("exit.full_depth_for_known_speakers", True).value)
         self.heads = self._load_heads(p("exit.heads_file", "").value)
         self.speaker_id = self._speaker_identifier(
-            bool(p("speaker_id.enabled", True).value), p("speaker_id.dir", "").value,
-            float(p("speaker_id.threshold", 0.68).value), float(p("speaker_id.enroll_timeout_s", 60.0).value))
+            bool(p("speaker_id.enabled", True).value), p("speaker_id.backend", "ge2e").value,
+            p("speaker_id.dir", "").value, float(p("speaker_id.threshold", 0.0).value),
+            float(p("speaker_id.enroll_timeout_s", 60.0).value))
         if self.transcriber_name not in TRANSCRIBERS:
             raise ValueError(f"transcriber must be one of {TRANSCRIBERS}, got '{self.transcriber_name}'")
         if self.transcriber_name == "exit_head" and self.heads is None:
@@ -165,12 +166,13 @@ class AsrNode(Node):
             return None
         return load_heads(file)  # a named but corrupt or missing file is an error, not a silent fallback
 
-    def _speaker_identifier(self, enabled: bool, folder: str, threshold: float,
+    def _speaker_identifier(self, enabled: bool, backend: str, folder: str, threshold: float,
                             timeout_s: float) -> SpeakerIdentifier | None:
-        if not enabled or self.encoder is None:
+        if not enabled or (backend == "whisper" and self.encoder is None):
             return None
-        return SpeakerIdentifier(folder or data_home() / "speakers", SpeakerEmbedder(self.encoder), threshold,
-                                 timeout_s)  # a corrupt registry is a startup error, not a silent reset
+        return SpeakerIdentifier(folder or data_home() / "speakers", make_embedder(backend, self.encoder),
+                                 threshold if threshold > 0 else None,
+                                 timeout_s)  # a corrupt registry or weights file is a startup error, not a silent reset
 
     # -- speakers -----------------------------------------------------------------------------
     def _on_enroll(self, msg: String) -> None:
