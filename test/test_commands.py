@@ -69,6 +69,10 @@ def test_shipped_skills_load_and_their_schema_accepts_every_allowed_call_and_not
     (lambda d: d["skills"]["go_to"].update(phrases=["go"]), "only a skill without arguments can have phrases"),
     (lambda d: d["skills"]["follow_me"].update(phrases=["stop"]), "'stop' is also a phrase of"),
     (lambda d: d.update(skilz={}), "top level: unknown key(s) ['skilz']"),
+    (lambda d: d["skills"]["go_to"]["arguments"]["place"].update(aliases={"moon": ["luna"]}),
+     "aliases: 'moon' is not one of the values"),
+    (lambda d: d["skills"]["go_to"]["arguments"]["place"].update(aliases={"garden": "yard"}),
+     "aliases.garden: must be a non-empty list"),
 ])
 def test_malformed_skills_are_rejected_with_a_message_that_says_where(tmp_path, mutate, message):
     data = _shipped()
@@ -95,9 +99,24 @@ def test_stop_variants_take_the_fast_path(text):
 
 
 @pytest.mark.parametrize("text", ["Don't stop the music.", "Where is the bus stop?", "stop go to the kitchen",
-                                  "", "I waited for an hour"])
+                                  "", "I waited for an hour", "Who?", "Stopped.", "Top.", "Shop."])
 def test_other_text_does_not_take_the_fast_path(text):
     assert SkillSet.load(default_skills_file()).match_phrase(text) is None
+
+
+@pytest.mark.parametrize("text", ["Stomp.", "Emergencies top."])
+def test_a_short_utterance_close_to_a_stop_phrase_takes_the_fast_path_less_surely(text):
+    """What Whisper tiny made of "stop" and "emergency stop" in the dev split's speech."""
+    call = SkillSet.load(default_skills_file()).match_phrase(text)
+    assert call is not None and (call.skill, call.via) == ("stop", "phrase") and 0.88 <= call.confidence < 1.0
+
+
+def test_an_alias_names_its_value():
+    from tinyalign_ros.core.commands import mentioned
+
+    skills = SkillSet.load(default_skills_file())
+    assert mentioned("return to your dock", skills.skills["go_to"].arguments_by_name["place"]) == {"charging station"}
+    assert mentioned("kill the lights", skills.skills["lights"].arguments_by_name["state"]) == {"off"}
 
 
 def test_normalize_phrase_folds_repetitions_and_fillers():
@@ -145,6 +164,19 @@ def test_llm_output_is_always_a_valid_call_under_fuzzed_text(llm, method):
         seen.add(call.skill)
     # and a plain request still gets through the same grammar as a call, not only "none"
     assert parser.parse("Please go to the kitchen.").skill == "go_to"
+
+
+def test_an_utterance_without_a_cue_is_none_without_the_llm(llm):
+    skills = SkillSet.load(default_skills_file())
+    parser = CommandParser(skills, llm.model, llm.tokenizer)
+    question = parser.parse("Who painted the Mona Lisa?")
+    assert (question.skill, question.via, question.arguments) == (NONE, "no_cue", {})
+    assert parser.parse("Drive to the garden.").via == "llm"
+    gated_off = CommandParser(skills, llm.model, llm.tokenizer, require_cue=False)
+    assert gated_off.parse("Who painted the Mona Lisa?").via == "llm"
+    # a skill without cues can only be found by the LLM: no gate
+    uncued = SkillSet.from_dict({"skills": {"wave": {"description": "Wave a hand."}}})
+    assert not CommandParser(uncued, llm.model, llm.tokenizer).require_cue
 
 
 def test_free_text_arguments_stay_valid_with_hypothesis(llm):

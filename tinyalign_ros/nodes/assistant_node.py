@@ -122,10 +122,12 @@ class AssistantNode(Node):
         self.skills_file = p("commands.skills_file", "").value or str(default_skills_file())
         self.command_min_confidence = float(p("commands.min_confidence", 0.5).value)
         method = p("commands.method", "choice").value
+        require_cue = bool(p("commands.require_cue", True).value)
         self.skills = SkillSet.load(self.skills_file)  # SkillsError (a ValueError) says what is wrong, at start-up
         self.command_parser = None
         if bool(p("commands.enabled", True).value):
-            self.command_parser = CommandParser(self.skills, self.llm.model, self.llm.tokenizer, method=method)
+            self.command_parser = CommandParser(self.skills, self.llm.model, self.llm.tokenizer, method=method,
+                                                require_cue=require_cue)
         self.command_pub = self.create_publisher(Command, "command", EVENT_QOS)
         self.commands_published = 0
         self._fast_calls: OrderedDict = OrderedDict()  # utterance id -> call already published by the callback
