@@ -98,16 +98,21 @@ class Room:
         self.tokens.publish(msg)
 
 
-def test_the_robot_talks_over_its_echo_and_stops_for_the_operator(ros, operator_voice):
+def _robot_in_a_room(ros, first_clause_chars: int) -> tuple[TtsNode, Room]:
     node = ros.add(TtsNode(namespace="tinyalign", context=ros.context, parameter_overrides=[
         Parameter(k, value=v) for k, v in {"engine": "espeak-ng", "play": False, "sample_rate": SR,
                                            "tail_s": 0.3, "barge_in_on_speech": True,
-                                           # whole sentences: the long one below must be playing when the
-                                           # operator cuts in (a first clause alone would end before that)
-                                           "first_clause_chars": 0}.items()]))
+                                           "first_clause_chars": first_clause_chars}.items()]))
     room = Room(ros)
     wait_for(lambda: room.tokens.get_subscription_count() and room.mic.get_subscription_count()
              and node.audio_pub.get_subscription_count() and room.speaking, what="discovery")
+    return node, room
+
+
+def test_the_robot_talks_over_its_echo_and_stops_for_the_operator(ros, operator_voice):
+    # whole sentences: the long one below must be playing when the operator cuts in a second into
+    # the answer (a first clause alone would end before that; the next test cuts in after it)
+    node, room = _robot_in_a_room(ros, first_clause_chars=0)
 
     room.answer("u1", "The kitchen is down the hall on your left. The living room is straight ahead.")
     wait_for(lambda: node.speaking, timeout=10, what="the robot speaking")
@@ -130,4 +135,22 @@ def test_the_robot_talks_over_its_echo_and_stops_for_the_operator(ros, operator_
     assert not node.speaking and node.sentences_spoken == 2  # the rest of the answer was dropped
     # decided on the microphone's timeline (not the wall clock of a loaded test machine): within
     # the clip's leading silence plus min_speech_ms of voice
+    assert 0 < node.last_voice_barge_in.at - cut_in < 1.0
+
+
+def test_a_cut_in_after_the_first_clause_stops_the_rest_of_the_answer(ros, operator_voice):
+    """The default tts: the answer's first clause ("Sure,") is spoken on its own, then the rest
+    sentence by sentence. The operator cuts in once that clause has been played, i.e. across the
+    boundary between the first two pieces: the barge-in stops the piece that is playing and drops
+    the rest of the answer, as it does within one sentence."""
+    node, room = _robot_in_a_room(ros, first_clause_chars=4)
+
+    room.answer("u1", "Sure, the bathroom is upstairs, second door on the right, just past the linen closet "
+                      "and the little window over the garden. Ask me again if you get lost.")
+    wait_for(lambda: node.sentences_spoken == 1, timeout=20, what="the first clause played")
+    assert node.speaking and node.voice_barge_ins == 0  # the robot goes on with the next piece
+    cut_in = room.say(operator_voice)
+    wait_for(lambda: node.voice_barge_ins == 1 and node.sentences_interrupted == 1 and node.idle, timeout=10,
+             what="the barge-in counted and the second piece cut short")
+    assert not node.speaking and node.sentences_spoken == 1  # the last sentence was never spoken
     assert 0 < node.last_voice_barge_in.at - cut_in < 1.0
