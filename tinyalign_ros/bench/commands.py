@@ -63,19 +63,24 @@ def load_items(split: str, n_chatter: int, n_commands: int | None = None) -> lis
 
 
 def typical_voices(n: int):
-    """Typical (not atypical, not channel-degraded) default voices, alternating engines."""
+    """Typical (not atypical, not channel-degraded) default voices, alternating engines, each a
+    different speaker model (piper joe, festival slt, espeak en-us m3, festival kal, espeak en-gb f2,
+    ...) before any speaker comes twice with another pitch and rate."""
     from tinyalign_ros.core import corpus
 
     voices = [v for v in corpus.default_voices(0) if not v.atypical and not v.degradations]
-    by_engine: dict[str, list] = {}
-    for v in voices:
-        by_engine.setdefault(v.engine, []).append(v)
-    order = [e for e in ("piper", "festival", "espeak") if e in by_engine]
-    picked = []
-    while len(picked) < n and any(by_engine[e] for e in order):
-        for e in order:
-            if by_engine[e] and len(picked) < n:
-                picked.append(by_engine[e].pop(0))
+    seen: set[str] = set()
+    first = [v for v in voices if not (v.model in seen or seen.add(v.model))]
+    picked: list = []
+    for pool in (first, [v for v in voices if v not in first]):  # new speakers, then the same ones again
+        by_engine: dict[str, list] = {}
+        for v in pool:
+            by_engine.setdefault(v.engine, []).append(v)
+        order = [e for e in ("piper", "festival", "espeak") if e in by_engine]
+        while len(picked) < n and any(by_engine[e] for e in order):
+            for e in order:
+                if by_engine[e] and len(picked) < n:
+                    picked.append(by_engine[e].pop(0))
     return picked
 
 
@@ -159,14 +164,25 @@ def match(spans: list[tuple[float, float]], heard) -> list:
     return got
 
 
-def score(items: list[Item], calls: list) -> dict:
-    """calls: per item (skill, arguments) or None (no Command at all)."""
+def score(items: list[Item], calls: list, sure: list[bool] | None = None) -> dict:
+    """calls: per item (skill, arguments) or None (no Command at all); sure: per item whether the
+    robot would act (Command.sure) rather than ask back (None: not scored)."""
     cmd = [(it, c) for it, c in zip(items, calls) if it.skill != NONE]
     chat = [(it, c) for it, c in zip(items, calls) if it.skill == NONE]
     exact = [c is not None and c[0] == it.skill and c[1] == it.arguments for it, c in cmd]
     with_args = [(it, c) for it, c in cmd if c is not None and c[0] == it.skill and it.arguments]
     predicted_none = [it for it, c in zip(items, calls) if c is not None and c[0] == NONE]
     confusion = Counter((it.skill, c[0] if c is not None else "(missed)") for it, c in zip(items, calls))
+    asked = {}
+    if sure is not None:  # what the confidence is for: ask back on the wrong calls, act on the right ones
+        right = [s for it, c, s in zip(items, calls, sure) if c is not None and c[0] != NONE
+                 and (c[0], c[1]) == (it.skill, it.arguments)]
+        wrong = [s for it, c, s in zip(items, calls, sure) if c is not None and c[0] != NONE
+                 and (c[0], c[1]) != (it.skill, it.arguments)]
+        asked = {"asked_back_right": round(1 - float(np.mean(right)), 4) if right else None,
+                 "asked_back_wrong": round(1 - float(np.mean(wrong)), 4) if wrong else None,
+                 "n_wrong_calls": len(wrong),
+                 "acted_wrong": round(sum(wrong) / len(items), 4) if items else None}
     return {
         "exact_acc": round(float(np.mean(exact)), 4) if exact else None,
         "args_acc": round(float(np.mean([c[1] == it.arguments for it, c in with_args])), 4) if with_args else None,
@@ -175,11 +191,12 @@ def score(items: list[Item], calls: list) -> dict:
                                   if predicted_none else None),
         "missed": sum(c is None for c in calls),
         "confusion": {f"{r} -> {p}": n for (r, p), n in sorted(confusion.items())},
-    }
+    } | asked
 
 
-def pooled(results: list[dict], items_per: list[list[Item]], calls_per: list[list]) -> dict:
-    return score([i for items in items_per for i in items], [c for calls in calls_per for c in calls])
+def pooled(items_per: list[list[Item]], calls_per: list[list], sure_per: list[list[bool]]) -> dict:
+    return score([i for items in items_per for i in items], [c for calls in calls_per for c in calls],
+                 [s for sure in sure_per for s in sure])
 
 
 def compare_libraries(tokenizer, skills: SkillSet) -> dict:
@@ -234,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fast", action="store_true", help="play the files as fast as the graph takes them (as `tinyalign "
                         "run --fast`), latency from a separate real-time run; default: real time, latency from every command")
     parser.add_argument("--skills", default="", help="skills file (default config/skills.yaml)")
+    parser.add_argument("--min-confidence", type=float, default=0.5,
+                        help="text mode: below this the robot asks back (the graph: assistant_node's commands.min_confidence)")
     parser.add_argument("--threads", type=int, default=2, help="LLM and Whisper threads (the YAML's are 2; 1 on a "
                         "CPU shared with other jobs, where 2 threads wait on each other)")
     args = parser.parse_args(argv)
@@ -242,21 +261,26 @@ def main(argv: list[str] | None = None) -> int:
     skills = SkillSet.load(skills_file)
     items = load_items(args.split, args.n_chatter, args.n_commands)
     modes: dict[str, dict] = {}
+    load_before = os.getloadavg()  # a timing bench on a shared CPU: say how busy it was
 
     # text: the parser alone on the reference text
     from tinyalign_ros.core.llm import ChatLLM
 
     llm = ChatLLM(threads=args.threads)
     parser_ = CommandParser(skills, llm.model, llm.tokenizer, method=args.method)
-    calls, seconds = [], []
+    calls, seconds, sure, via = [], [], [], Counter()
     for it in items:
         c = parser_.parse(it.text)
         calls.append((c.skill, c.arguments))
-        seconds.append(c.seconds)
+        sure.append(c.confidence >= args.min_confidence)
+        via[c.via] += 1
+        if c.via == "llm":  # the phrase path and the cue gate answer in microseconds
+            seconds.append(c.seconds)
         if (c.skill, c.arguments) != (it.skill, it.arguments):
             print(f"text: {it.text!r} -> {c.skill} {c.arguments} (want {it.skill} {it.arguments})", flush=True)
-    modes["text"] = score(items, calls) | {"parse_s": {"p50": round(float(np.median(seconds)), 3),
-                                                       "p95": round(float(np.percentile(seconds, 95)), 3)}}
+    modes["text"] = score(items, calls, sure) | {"parse_s": {"p50": round(float(np.median(seconds)), 3),
+                                                             "p95": round(float(np.percentile(seconds, 95)), 3)},
+                                                 "via": dict(via)}
     print("text", {k: v for k, v in modes["text"].items() if k != "confusion"}, flush=True)
     libraries = compare_libraries(llm.tokenizer, skills)
     del parser_, llm
@@ -269,24 +293,26 @@ def main(argv: list[str] | None = None) -> int:
         path.parent.mkdir(parents=True, exist_ok=True)
         files.append((v, path, speech_file(v, texts, path)))
     for mode in [m for m in args.modes.split(",") if m] if voices else []:
-        per_voice, all_calls, latencies = {}, [], []
+        per_voice, all_calls, all_sure, latencies = {}, [], [], []
         for v, path, spans in files:
             t = time.perf_counter()
             heard = run_file(path, mode, args.fast, args.method, skills_file, args.threads)
             got = match(spans, heard)
             calls = [(c.skill, json.loads(c.arguments)) if c is not None else None for c in got]
+            sure = [c is not None and c.sure for c in got]
             for it, c, h in zip(items, calls, got):
                 if c != (it.skill, it.arguments):
                     print(f"{mode} {v.name}: {it.text!r} heard {h.text if h else None!r} -> {c} "
                           f"(want {it.skill} {it.arguments})", flush=True)
-            per_voice[v.name] = {k: val for k, val in score(items, calls).items() if k != "confusion"}
+            per_voice[v.name] = {k: val for k, val in score(items, calls, sure).items() if k != "confusion"}
             per_voice[v.name]["run_s"] = round(time.perf_counter() - t, 1)
             if not args.fast:  # end of speech -> Command of every request, at real time
                 latencies += [h.latency_s for it, h in zip(items, got)
                               if h is not None and it.skill != NONE and np.isfinite(h.latency_s)]
             all_calls.append(calls)
+            all_sure.append(sure)
             print(mode, v.name, per_voice[v.name], flush=True)
-        result = pooled([], [items] * len(files), all_calls)
+        result = pooled([items] * len(files), all_calls, all_sure)
         if args.fast and args.latency_n > 0:
             v = voices[0]
             sub = [it.text for it in items if it.skill != NONE][:args.latency_n]
@@ -311,12 +337,17 @@ def main(argv: list[str] | None = None) -> int:
         "threads": args.threads,
         "skills_file": portable_path(skills_file),
         "libraries": libraries,
+        "load_average": {"before": [round(x, 2) for x in load_before],
+                         "after": [round(x, 2) for x in os.getloadavg()]},
         "definitions": {
             "exact_acc": "commands whose call (skill and all arguments) is right",
             "args_acc": "commands with the right skill and >= 1 argument whose arguments are all right",
             "none_precision": "chatter mapped to none (no action)",
             "none_precision_strict": "utterances mapped to none that were chatter",
             "latency_p50_s": "end of speech -> Command of the requests, graph at real time",
+            "asked_back_right": "right skill calls the robot asked back about (Command.sure false): needless questions",
+            "asked_back_wrong": "wrong skill calls (a wrong command, or chatter mapped to a skill) it asked back about",
+            "acted_wrong": "utterances on which the robot would act on a wrong call (sure and wrong)",
         },
     }
     json_path = write_result(args.out, "commands", figures)

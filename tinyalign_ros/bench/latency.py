@@ -84,6 +84,53 @@ def breakdown(run, responses, warm_ids: set[str]) -> dict[str, dict]:
     return out
 
 
+def throughput_sentences(n: int) -> list[str]:
+    """`n` sentences alternating a spoken request (data/skill_requests_dev.tsv) and a question
+    (data/questions.txt): what a multi-minute recording of someone talking to the robot holds."""
+    data = Path(__file__).resolve().parents[2] / "data"
+    requests = [line.split("\t")[0] for line in (data / "skill_requests_dev.tsv").read_text().splitlines()
+                if line.strip() and not line.startswith("#")][1:]
+    questions = [q for q in (data / "questions.txt").read_text().splitlines() if q.strip()]
+    mixed = [s for pair in zip(requests, questions) for s in pair]
+    return mixed[:n]
+
+
+def throughput(n_sentences: int, work_dir: Path, overrides: dict[str, dict], timeout_s: float = 3600.0) -> dict:
+    """`tinyalign run --fast` on a multi-minute file of `n_sentences` (piper voice, 1.2 s gaps): the
+    file source waits for the graph (lossless), so this is the graph's own speed: audio seconds per
+    wall second from the moment the models are loaded to the last answer spoken (synthesized, not
+    played), and whether every sentence got its Response with nothing dropped."""
+    import os
+
+    from tinyalign_ros.core.corpus import make_demo_wav
+    from tinyalign_ros.nodes.graph import EmbeddedGraph
+
+    os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+    os.environ["ROS_DOMAIN_ID"] = os.environ.get("TINYALIGN_BENCH_DOMAIN_ID", str(1 + os.getpid() % 100))
+    work_dir.mkdir(parents=True, exist_ok=True)
+    path = work_dir / f"throughput-{n_sentences}.wav"
+    segments = make_demo_wav(path, throughput_sentences(n_sentences))
+    ov = {node: dict(params) for node, params in overrides.items()}
+    ov.setdefault("mic_node", {}).update({"input_file": str(path), "loop": False, "playback_rate": 0.0})
+    ov.setdefault("asr_node", {})["echo_gate"] = False
+    ov.setdefault("tts_node", {}).update({"play": False, "realtime": False})  # as `tinyalign run --fast`
+    responses: list = []
+    with EmbeddedGraph(overrides=ov, on_response=responses.append) as graph:
+        t0 = time.monotonic()
+        done = graph.wait_file_done(timeout_s)
+        wall = time.monotonic() - t0
+        mic, asr, assistant = (graph.nodes[n] for n in ("mic_node", "asr_node", "assistant_node"))
+        audio_s = sum(c.size for c in getattr(mic, "_chunks", [])) / 16000
+        record = {
+            "audio_s": round(audio_s, 1), "wall_s": round(wall, 1),
+            "audio_s_per_wall_s": round(audio_s / wall, 3) if wall > 0 else None,
+            "sentences": len(segments), "utterances": asr.published, "answered": len(responses),
+            "dropped": asr.dropped_utterances + (assistant.handled - assistant.answered),
+            "finished": done,
+        }
+    return record
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tinyalign bench latency", description=__doc__)
     parser.add_argument("--out", type=Path, required=True, help="folder for latency.json and latency.png")
@@ -97,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="NODE.PARAM=VALUE",
                         help="override a parameter of config/assistant.yaml, e.g. asr_node.vad.min_silence_ms=300")
     parser.add_argument("--device", default="cpu", help="accepted for symmetry; the graph runs on CPU")
+    parser.add_argument("--throughput-sentences", type=int, default=60,
+                        help="then play a file of this many sentences with --fast (lossless) for the throughput "
+                             "record `fast` (0: skip)")
     args = parser.parse_args(argv)
 
     import os
@@ -111,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
     run = run_graph(path, stop_after_responses=args.utterances + args.warmup, overrides=overrides)
     load_after = os.getloadavg()
+    fast = throughput(args.throughput_sentences, args.out / "work", overrides) if args.throughput_sentences else None
     answered = [r for _, r in run.responses if r.text]
     warm_ids = {r.utterance_id for r in answered[:args.warmup]}
     responses = answered[args.warmup:]
@@ -143,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         "response_modes": {m: sum(r.mode == m for r in responses) for m in sorted({r.mode for r in responses})},
         "overrides": overrides,
         "load_average": {"before": [round(x, 2) for x in load_before], "after": [round(x, 2) for x in load_after]},
+        "fast": fast,
     }
     json_path = write_result(args.out, "latency", figures)
 
@@ -178,6 +230,6 @@ def main(argv: list[str] | None = None) -> int:
     fig.savefig(args.out / "latency.png", dpi=120)
     print(json_path)
     print(json.dumps({k: figures[k] for k in ("end_of_speech_to_first_token_s", "end_of_speech_to_first_audio_s",
-                                                "speech_end_to_first_token_s", "breakdown", "load_average")},
+                                                "speech_end_to_first_token_s", "breakdown", "load_average", "fast")},
                      indent=1))
     return 0
