@@ -108,19 +108,23 @@ def test_paired_improvement_trusts_a_gain_spread_over_utterances_not_one_lucky_s
 
 
 def test_gate_rejects_a_lower_wer_that_could_be_luck(aligned, stores):
-    """Two held-out sentences: one fixed (2 errors fewer), one broken (1 more): a lower WER, but luck."""
+    """Three held-out sentences: one fixed (3 errors fewer), two broken (1 more each): a lower WER,
+    but in only ~70% of resamples (the default gate wants 75%)."""
     p = personalizer(aligned, stores, kind="lora", max_steps=0)
-    state = {"val_wer_before": 0.25, "val_hyps_before": ["go to", "turn on the lights"], "step": 0, "elapsed_s": 0.0}
-    examples = [("go to the kitchen", "go to the kitchen"), ("turn on the lights", "turn the lights")]
-    result = p._gate(SPEAKER, PersonalizeResult(SPEAKER, "lora", "?"), state, 0.125, examples, {}, {}, {}, 4, 2)
-    assert result.status == "rejected" and "luck" in result.message and result.p_better < 0.95
+    refs = ["go to the kitchen", "turn on the lights", "bring me water"]
+    state = {"val_wer_before": 3 / 11, "val_hyps_before": ["go", refs[1], refs[2]], "step": 0, "elapsed_s": 0.0}
+    examples = list(zip(refs, [refs[0], "turn the lights", "bring me"]))
+    result = p._gate(SPEAKER, PersonalizeResult(SPEAKER, "lora", "?"), state, 2 / 11, examples, {}, {}, {}, 4, 3)
+    assert result.status == "rejected" and "luck" in result.message and 0.6 < result.p_better < 0.75
     assert stores[1].list_versions(SPEAKER) == [] and result.candidate is not None  # judged, not stored
-    result = p._gate(SPEAKER, PersonalizeResult(SPEAKER, "lora", "?"), dict(state, val_hyps_before=["go to", "turn on"]),
-                     0.0, [(ref, ref) for ref, _ in examples], {}, {}, {}, 4, 2, min_words=9)
-    assert result.status == "rejected" and "8 held-out words" in result.message  # better, but too little to judge
-    state["val_hyps_before"] = ["go to the", "turn on lights"]  # now both sentences got better
-    result = p._gate(SPEAKER, PersonalizeResult(SPEAKER, "lora", "?"), state, 0.0, [
-        (ref, ref) for ref, _ in examples], {"w": torch.zeros(2)}, {"projector": "base-sha"}, {"kind": "lora"}, 4, 2)
+    fixed = [(ref, ref) for ref in refs]
+    result = p._gate(SPEAKER, PersonalizeResult(SPEAKER, "lora", "?"), state, 0.0, fixed, {}, {}, {}, 4, 3, min_words=12)
+    assert result.status == "rejected" and "11 held-out words" in result.message  # better, but too little to judge
+    assert p._gate(SPEAKER, PersonalizeResult(SPEAKER, "lora", "?"), state, 0.0, fixed, {}, {}, {}, 4,
+                   3).status == "rejected"  # one sentence fixed, none broken: still 70%, could be that one
+    state["val_hyps_before"] = ["go", "turn on", "bring"]  # every sentence misheard before
+    result = p._gate(SPEAKER, PersonalizeResult(SPEAKER, "lora", "?"), state, 0.0, fixed, {"w": torch.zeros(2)},
+                     {"projector": "base-sha"}, {"kind": "lora"}, 4, 3)
     assert result.status == "saved" and result.p_better == 1.0
     assert stores[1].load_latest(SPEAKER).info.metrics["p_better"] == 1.0
 

@@ -313,7 +313,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  "adapter_mb": round(out["adapter_mb"], 2)})
                     print(f"  N={n} {method} seed {seed}: {result.status} after {result.steps} steps "
                           f"({result.train_s:.0f} s train, {out['wall']:.0f} s round); test WER {cascade:.3f} -> "
-                          f"{after:.3f}; peak RSS {out['rss']:.0f} MB", flush=True)
+                          f"{after:.3f} (candidate {_num(runs[-1]['wer_candidate'])}, validation "
+                          f"{_num(result.val_wer_before)} -> {_num(result.val_wer_after)}, P(better) "
+                          f"{_num(result.p_better)}); peak RSS {out['rss']:.0f} MB", flush=True)
     figures = {"methods": methods, "budget_s": args.budget_s, "max_steps": args.max_steps, "epochs": args.epochs,
                "encoder_layers": args.encoder_layers, "threads": args.threads, "atypical_sox": " ".join(ATYPICAL_SOX),
                "voices": runs}
@@ -325,6 +327,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         w.writerows(runs)
     print(f"wrote {out_path}")
     return 0
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 def _plot(runs: list[dict], path: Path) -> None:

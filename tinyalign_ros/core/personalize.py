@@ -105,11 +105,11 @@ class PersonalizeConfig:
     asr_time_mask: float = 0.1
     # kind "asr": the gate judges only with at least this many held-out reference words; fewer (a
     # store of ~10 utterances) cannot tell a better adapter from luck, so nothing is swapped in
-    gate_min_words: int = 25
+    gate_min_words: int = 20
     # every kind: the share of bootstrap resamples of the held-out utterances in which the candidate
     # must make fewer word errors than what the speaker gets now (`paired_improvement`; 0 = a lower
     # validation WER suffices)
-    gate_confidence: float = 0.95
+    gate_confidence: float = 0.75
     # kind "asr": a fixed short schedule of this many passes over the training samples (at most
     # max_steps): more over-trains a small store (held-out WER up again after ~6 passes)
     asr_epochs: float = 6.0

@@ -99,8 +99,8 @@ class PersonalizerNode(Node):
             asr_batch=int(p("train.asr.batch", 8).value),
             asr_time_mask=float(p("train.asr.time_mask", 0.1).value),
             asr_epochs=float(p("train.asr.epochs", 6.0).value),
-            gate_min_words=int(p("train.asr.gate_min_words", 25).value),
-            gate_confidence=float(p("train.gate_confidence", 0.95).value))
+            gate_min_words=int(p("train.asr.gate_min_words", 20).value),
+            gate_confidence=float(p("train.gate_confidence", 0.75).value))
         projector_file = p("projector.file", "").value or str(shipped_model("projector.safetensors"))
         inject = bool(p("aligned.inject_instruction", True).value)
         max_change = float(p("aligned.max_change", DEFAULT_MAX_CHANGE).value)
