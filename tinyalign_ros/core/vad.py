@@ -209,6 +209,12 @@ class StreamingSegmenter:
         return self._triggered
 
     @property
+    def open_start_s(self) -> float | None:
+        """Stream time of the open utterance's first sample (pre-roll included), None between
+        utterances (booster_node's text teacher transcribes the utterance while it is spoken)."""
+        return self._time(self._seg_start) if self._triggered else None
+
+    @property
     def buffered_samples(self) -> int:
         """Audio samples held right now: the memory bound made observable, for tests and
         diagnostics."""

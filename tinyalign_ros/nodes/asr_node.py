@@ -52,7 +52,8 @@ class AsrNode(Node):
     the layer it exited at, go to the aligned assistant and the personalizer); the transcript
     comes from the recognized speaker's ASR adapter when the personalizer made one (announced on
     the latched `adapter` table, loaded in the background, swapped in between utterances), else
-    from faster-whisper (`transcriber: whisper`) or the exit head (`exit_head`): one
+    from faster-whisper (`transcriber: whisper`; when a booster_node's text hints came in time, it
+    starts with the teacher's words, nodes/hints.py) or the exit head (`exit_head`): one
     `core.recognizer.Recognizer` call per utterance, the same one the benches make. The Utterance
     carries the audio too (`utterance_audio`), which the personalizer keeps as a consented
     speaker's training sample. An utterance that answers an enrollment prompt always runs the
@@ -409,10 +410,12 @@ class AsrNode(Node):
         speaker = None if enrolling else self._speaker_of(seg.samples)
         policy = FULL_DEPTH if enrolling else self.policy.for_utterance(known_speaker=bool(speaker))
         # the hints that are here now (never waited for); the Utterance keeps the unfused features
-        # the projector was trained on, the fused ones only feed the boost head (core/boost.py)
+        # the projector was trained on, the fused ones only feed the boost head (core/boost.py);
+        # the booster's text hints start faster-whisper's transcript with the teacher's words
         heard = self.recognizer.recognize(
             seg.samples, speaker or "", policy, self.pad_to_30s,
-            lambda enc: self.boost.fuse(enc.features, enc.layer, seg.start_s, seg.end_s))
+            lambda enc: self.boost.fuse(enc.features, enc.layer, seg.start_s, seg.end_s),
+            lambda: self.boost.prefix(seg.start_s, seg.end_s))
         encoded, text, confidence = heard.encoded, heard.text, heard.confidence
         self.last_source = heard.source if not heard.adapter_version else f"adapter v{heard.adapter_version}"
         verdict = self.listen.check_transcript(text, job.wall_offset + seg.start_s, job.wall_offset + seg.end_s)

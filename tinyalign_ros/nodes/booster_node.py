@@ -1,10 +1,18 @@
 """booster_node: the knowledge-boosting teacher, for a stronger machine on the robot's ROS 2 network.
 
-Subscribes `audio` (AudioChunk), runs Whisper base on a causal sliding window for every chunk
-(core/boost.py `Teacher`) and publishes that chunk's hint on `hints`: one `hint_dim`-vector per
-encoder frame (5 per 0.1 s chunk), stamped with the chunk's stream offset so the robot aligns it
-whatever order or delay it arrives in. A busy booster drops the oldest queued chunks (the robot
-ignores stale hints anyway) and says so in /diagnostics.
+Subscribes `audio` (AudioChunk) and publishes hints on `hints`, stamped with stream offsets so the
+robot aligns them whatever order or delay they arrive in. `hints` selects what it sends:
+
+- `text` (default): Whisper base's transcript of the utterance as far as it has heard it (its own
+  VAD, core/boost.py `TextTeacher`), every `text_every_chunks` chunks of speech, and an empty
+  heartbeat per chunk of silence. asr_node forces these words at the start of faster-whisper's
+  transcript (bench/results/boost.json). The transcription runs on a worker that keeps only the
+  newest request: a slow machine sends fewer, fresher hints, never a backlog.
+- `encoder`: for every chunk, Whisper base's encoder on a causal sliding window (`Teacher`),
+  projected to `hint_dim` numbers per encoder frame (5 per 0.1 s chunk), fused into the exit-head
+  transcript (`transcriber: exit_head`). A busy booster drops the oldest queued chunks.
+- `both`.
+Drops are counted and reported on /diagnostics.
 """
 from __future__ import annotations
 
@@ -15,8 +23,9 @@ import numpy as np
 from rclpy.node import Node
 
 from tinyalign_ros.core.audio import AudioError, normalize
-from tinyalign_ros.core.boost import Teacher, hint_kbps, load_boost, whisper_base_dir
+from tinyalign_ros.core.boost import Teacher, TextHint, TextJob, TextTeacher, hint_kbps, load_boost, whisper_base_dir
 from tinyalign_ros.core.encoder import load_whisper_encoder
+from tinyalign_ros.core.vad import VadConfig
 from tinyalign_ros.core.models import shipped_model
 from tinyalign_ros.msg import AudioChunk
 from tinyalign_ros.msg import Hint as HintMsg
@@ -64,10 +73,54 @@ class BoosterNode(Node):
         window_s = float(p("window_s", 0.0).value)  # 0 = the window the fusion was trained with
         hint_dim = int(p("hint_dim", 0).value)  # 0 = the fusion's; else must match it
         queue_chunks = int(p("queue_chunks", 10).value)
-        threads = int(p("threads", 0).value)  # torch threads, 0 = torch's default
+        threads = int(p("threads", 0).value)  # torch / CTranslate2 threads, 0 = their default
+        self.mode = p("hints", "text").value  # text | encoder | both
+        every = int(p("text_every_chunks", 1).value)
+        compute_type = p("compute_type", "int8").value  # CTranslate2 compute type of the text teacher
+        vad = VadConfig(threshold=float(p("vad_threshold", 0.5).value),
+                        min_silence_ms=int(p("vad_min_silence_ms", 300).value),
+                        speech_pad_ms=int(p("vad_speech_pad_ms", 200).value))
+        if self.mode not in ("text", "encoder", "both"):
+            raise ValueError(f"hints must be text, encoder or both, got {self.mode!r}")
         if threads > 0:
             import torch
             torch.set_num_threads(threads)
+        self.pub = self.create_publisher(HintMsg, "hints", HINT_QOS)
+        self.text_teacher: TextTeacher | None = None
+        self.teacher: Teacher | None = None
+        self.text_published = 0
+        self.text_bytes = _FrameMeter()
+        self.superseded = 0  # text requests replaced by a newer one before the teacher got to them
+        if self.mode in ("text", "both"):
+            from tinyalign_ros.core.asr import WhisperTranscriber
+
+            if hint_dim and self.mode == "text":
+                raise ValueError(f"hint_dim {hint_dim} is for encoder hints; this booster sends text hints "
+                                 "(set hints:=encoder or both)")
+            teacher_dir = model_dir or whisper_base_dir()
+            self.text_teacher = TextTeacher(WhisperTranscriber(teacher_dir, compute_type=compute_type,
+                                                               threads=threads or 2, temperature=0.0), vad, every)
+            self.get_logger().info(f"text teacher: faster-whisper {teacher_dir} ({compute_type}), a transcript "
+                                   f"every {every} chunk(s) of speech")
+        if self.mode in ("encoder", "both"):
+            self._encoder_teacher(model_dir, fusion_file, layer, window_s, hint_dim)
+        self.hint_rate = RateMeter()
+        self.hint_rate_frames = _FrameMeter()
+        self.published = 0
+        self.dropped = 0
+        self.rejected = 0
+        self.errors = 0
+        self.compute_s = 0.0  # last chunk's teacher time
+        self.text_compute_s = 0.0  # last transcript's teacher time
+        self.latency_s = 0.0  # last hint: publish time - audio stamp (clock offset between machines included)
+        self._last_error = ""
+        self.worker: Worker[_Chunk] = Worker("booster", self._process, queue_chunks, self._on_drop, self._on_error)
+        self.text_worker: Worker[tuple[TextJob, object]] = Worker("booster-text", self._process_text, 1,
+                                                                  self._on_superseded, self._on_text_error)
+        self.create_subscription(AudioChunk, "audio", self._on_audio, AUDIO_QOS)
+        Updater(self).add("booster", self._diagnose)
+
+    def _encoder_teacher(self, model_dir: str, fusion_file: str, layer: int, window_s: float, hint_dim: int) -> None:
         path = fusion_file or str(shipped_model(FUSION_FILE))
         fusion = load_boost(path)  # the projection must be the one the robot's fusion was trained with
         if hint_dim and hint_dim != fusion.hint_dim:
@@ -86,19 +139,6 @@ class BoosterNode(Node):
         self.get_logger().info(f"teacher: {encoder.n_layers}-layer {encoder.d_model}-d Whisper encoder, layer "
                                f"{self.teacher.layer}, window {window_s:g} s, hints {self.teacher.dim}-d "
                                f"({hint_kbps(self.teacher.dim):.1f} kB/s)")
-        self.pub = self.create_publisher(HintMsg, "hints", HINT_QOS)
-        self.create_subscription(AudioChunk, "audio", self._on_audio, AUDIO_QOS)
-        self.hint_rate = RateMeter()
-        self.hint_rate_frames = _FrameMeter()
-        self.published = 0
-        self.dropped = 0
-        self.rejected = 0
-        self.errors = 0
-        self.compute_s = 0.0  # last chunk's teacher time
-        self.latency_s = 0.0  # last hint: publish time - audio stamp (clock offset between machines included)
-        self._last_error = ""
-        self.worker: Worker[_Chunk] = Worker("booster", self._process, queue_chunks, self._on_drop, self._on_error)
-        Updater(self).add("booster", self._diagnose)
 
     def _on_audio(self, msg: AudioChunk) -> None:
         try:
@@ -111,7 +151,45 @@ class BoosterNode(Node):
         offset = int(msg.offset)
         if audio.resampled_from:  # the offset counts input-rate samples; the hint clock is 16 kHz
             offset = int(round(offset * 16000 / audio.resampled_from))
-        self.worker.put(_Chunk(audio.samples, offset, msg.header.stamp, msg.end_of_stream))
+        if self.text_teacher is not None:  # the VAD is cheap: here, so it sees every chunk
+            try:
+                items = self.text_teacher.push(audio.samples, offset)
+                if msg.end_of_stream:
+                    items += self.text_teacher.end_of_stream()
+            except ValueError as exc:
+                self.rejected += 1
+                self.get_logger().warning(f"text teacher refused the chunk at offset {offset}: {exc}",
+                                          throttle_duration_sec=5.0)
+                items = []
+            for item in items:
+                if isinstance(item, TextHint):
+                    self._publish_text(item, msg.header.stamp)
+                else:
+                    self.text_worker.put((item, msg.header.stamp))
+        if self.teacher is not None:
+            self.worker.put(_Chunk(audio.samples, offset, msg.header.stamp, msg.end_of_stream))
+
+    def _publish_text(self, hint: TextHint, stamp) -> None:
+        self.pub.publish(hint_to_msg(hint, stamp))
+        self.text_published += 1
+        self.hint_rate.tick()
+        self.text_bytes.add(len(hint.text.encode()) + 12)  # text + offset + n_samples
+
+    def _process_text(self, item: tuple[TextJob, object]) -> None:
+        job, stamp = item
+        t0 = time.monotonic()
+        hint = self.text_teacher.transcribe(job)
+        self.text_compute_s = time.monotonic() - t0
+        self._publish_text(hint, stamp)
+        self.latency_s = self.get_clock().now().nanoseconds * 1e-9 - from_time_msg(stamp)
+
+    def _on_superseded(self, item) -> None:
+        self.superseded += 1  # expected on a slow machine: the newer request hears more
+
+    def _on_text_error(self, item, exc: BaseException) -> None:
+        self.errors += 1
+        self._last_error = repr(exc)
+        self.get_logger().error(f"text hint for offset {item[0].offset} failed: {exc!r}", throttle_duration_sec=5.0)
 
     def _on_drop(self, chunk: _Chunk) -> None:
         self.dropped += 1
@@ -139,8 +217,15 @@ class BoosterNode(Node):
     def _diagnose(self, status: Status) -> None:
         rate = self.hint_rate.rate()
         status.add("hints_per_s", rate)
-        status.add("hint_kbps", self.hint_rate_frames.rate() * self.teacher.dim * 4 / 1000)  # payload, float32
-        status.add("hints_published", self.published)
+        kbps = self.text_bytes.rate() / 1000
+        if self.teacher is not None:
+            kbps += self.hint_rate_frames.rate() * self.teacher.dim * 4 / 1000  # payload, float32
+        status.add("hints", self.mode)
+        status.add("hint_kbps", kbps)
+        status.add("hints_published", self.published + self.text_published)
+        status.add("text_hints_published", self.text_published)
+        status.add("text_requests_superseded", self.superseded)
+        status.add("text_compute_s", self.text_compute_s)
         status.add("compute_s_per_chunk", self.compute_s)
         status.add("latency_s", self.latency_s)
         status.add("queue_depth", self.worker.depth)
@@ -158,6 +243,8 @@ class BoosterNode(Node):
     def destroy_node(self) -> None:
         if hasattr(self, "worker"):
             self.worker.stop()
+        if hasattr(self, "text_worker"):
+            self.text_worker.stop()
         super().destroy_node()
 
 
