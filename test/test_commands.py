@@ -205,3 +205,18 @@ def test_free_text_arguments_stay_valid_with_hypothesis(llm):
 
     check()
     assert parsers["generate"].parse("remember that the milk is in the fridge").skill in ("remember", NONE)
+
+
+def test_bench_scores_what_the_confidence_is_for():
+    """bench commands: asked-back shares of right and wrong skill calls, and wrong calls acted on."""
+    from tinyalign_ros.bench.commands import Item, score
+
+    items = [Item("go to the kitchen", "go_to", {"place": "kitchen"}), Item("fetch my keys", "fetch",
+             {"object": "keys", "person": "me"}), Item("nice weather", NONE, {}), Item("how are you", NONE, {})]
+    calls = [("go_to", {"place": "kitchen"}), ("fetch", {"object": "book", "person": "me"}),
+             ("go_to", {"place": "garden"}), (NONE, {})]
+    got = score(items, calls, sure=[True, False, True, True])
+    assert (got["exact_acc"], got["none_precision"]) == (0.5, 0.5)
+    assert (got["asked_back_right"], got["asked_back_wrong"], got["n_wrong_calls"], got["acted_wrong"]) == \
+        (0.0, 0.5, 2, 0.25)
+    assert "asked_back_right" not in score(items, calls)  # without the sure flags: not scored
