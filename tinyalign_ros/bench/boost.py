@@ -194,8 +194,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     figures = {
         "synthetic": summarize(synthetic),
         "real": summarize(real),
-        "hint": "text: the teacher's transcript of the utterance heard so far; its words but the possibly cut last "
-                "one forced at the start of tiny.en's transcript (all of them at delay 0)",
+        "hint": "text: the words the teacher's transcripts of the utterance heard so far (n - d and n - d - 1 "
+                "chunks) agree on, forced at the start of tiny.en's transcript, trailing punctuation left to it",
         "hint_kbps_speech": round(speech_kbps, 3),
         "hint_kbps_silence": round(silence_kbps, 3),
         "decode_ms_tiny": round(1000 * float(np.mean([r["tiny_s"] for r in rows])), 1),

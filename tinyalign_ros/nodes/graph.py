@@ -10,8 +10,9 @@ first training round, which needs a consented speaker; `exclude=("personalizer_n
 
 booster_node is opt-in (`include=("booster_node",)`, `tinyalign run --booster`): it is meant for a
 stronger remote machine (`ros2 launch tinyalign_ros booster.launch.py` there), and Whisper base
-on the robot's own CPU runs slower than real time (bench/results/boost.json: 1.2x on 2 cores), so
-in the embedded graph it demonstrates the link rather than helps. Without it asr_node runs
+on the robot's own CPU runs slower than real time (bench/results/boost.json: a transcript of the
+utterance so far takes ~6 chunks' time on 2 cores), so in the embedded graph it demonstrates the
+link rather than helps. Without it asr_node runs
 unboosted and never waits.
 """
 from __future__ import annotations
