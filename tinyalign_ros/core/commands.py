@@ -226,7 +226,7 @@ class SkillCall:
     arguments: dict[str, str] = field(default_factory=dict)
     confidence: float = 1.0
     text: str = ""  # what it was made from
-    via: str = "llm"  # "llm", "phrase" (the fast path) or "empty"
+    via: str = "llm"  # "llm", "phrase" (the fast path), "no_cue" (no skill's cue word said) or "empty"
     seconds: float = 0.0  # time spent making it
 
     @property
