@@ -129,6 +129,16 @@ def test_gate_rejects_a_lower_wer_that_could_be_luck(aligned, stores):
     assert stores[1].load_latest(SPEAKER).info.metrics["p_better"] == 1.0
 
 
+def test_a_resumed_round_measures_the_held_out_set_again_when_it_changed(stores):
+    _, val = stores[0].split(SPEAKER, 0.2, 2)
+    state = {"val_hyps_before": ["yes"] * len(val), "val_ids": [i.id for i in val]}
+    assert not Personalizer._measure_before(state, val)  # the checkpoint's figures still fit
+    fill(stores[0], 12)  # samples arrived meanwhile: the gate must pair its transcripts with the new set
+    _, grown = stores[0].split(SPEAKER, 0.2, 2)
+    assert grown != val and Personalizer._measure_before(state, grown)
+    assert Personalizer._measure_before({"val_hyps_before": None, "val_ids": None}, val)
+
+
 def test_an_asr_round_counts_only_samples_that_kept_their_audio(aligned, stores):
     samples = stores[0]
     for i in range(3):

@@ -500,12 +500,19 @@ class Personalizer:
             "start": f"v{current.info.version}" if current is not None else "base",
             "step": 0, "elapsed_s": 0.0, "epoch": 0, "pos": 0, "loss_ema": None, "val_wer_before": None,
             "val_hyps_before": None,  # the held-out transcripts the speaker gets now (the gate pairs them)
+            "val_ids": None,  # ...of these held-out samples (a resumed round whose held-out set grew measures again)
         }
         ckpt = self.checkpoint_path(speaker)
         if self._load_checkpoint(ckpt, module, opt, state):
             log.info("resuming %s adapter of %s at step %d", self.config.kind, speaker, state["step"])
         result.resumed_from_step = state["step"]
         return state, ckpt
+
+    @staticmethod
+    def _measure_before(state: dict[str, Any], val_infos: list[SampleInfo]) -> bool:
+        """Whether the held-out transcripts of what the speaker gets now must be (re)measured: a new
+        round, or a resumed one whose held-out set changed (samples arrived or expired meanwhile)."""
+        return state.get("val_hyps_before") is None or state.get("val_ids") != [i.id for i in val_infos]
 
     def _reporter(self, speaker: str, state: dict[str, Any], budget: float,
                   on_progress: Callable[[Progress], None] | None, max_steps: int) -> Callable[[str, float], None]:
@@ -622,13 +629,14 @@ class Personalizer:
                 train_items, val_items = items(train_infos), items(val_infos)
                 val = model.prepare(val_items)
                 refs = [text for _, text in val_items]
-                if state["val_wer_before"] is None or state.get("val_hyps_before") is None:
+                if self._measure_before(state, val_infos):
                     report("validating-before", 0.0)
                     if current is not None:
                         before_hyps = [model.transcribe_states(val.states[i], val.seconds[i])[0] for i in range(len(refs))]
                     else:
                         before_hyps = [self.asr.cascade(audio) for audio, _ in val_items]
                     state["val_wer_before"], state["val_hyps_before"] = wer(refs, before_hyps), before_hyps
+                    state["val_ids"] = [i.id for i in val_infos]
                     self._save_checkpoint(ckpt, model, opt, state)
                 train = model.prepare(train_items)
                 self._train_loop(state, budget, len(train_items), acfg.batch,
@@ -693,11 +701,11 @@ class Personalizer:
 
         try:
             with hooks:
-                if state["val_wer_before"] is None or state.get("val_hyps_before") is None:
+                if self._measure_before(state, val_infos):
                     report("validating-before", 0.0)
                     now = apply_adapter(self.base, current) if current is not None else self.base
                     state["val_wer_before"], pairs = self.evaluate(now, val)
-                    state["val_hyps_before"] = [hyp for _, hyp in pairs]
+                    state["val_hyps_before"], state["val_ids"] = [hyp for _, hyp in pairs], [i.id for i in val_infos]
                     self._save_checkpoint(ckpt, module, opt, state)
                 self._train_loop(state, budget, len(train.infos), cfg.batch, step, hooks, ckpt, module, opt, report,
                                  cfg.max_steps)
