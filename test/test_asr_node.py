@@ -108,6 +108,21 @@ def test_exit_layer_follows_its_parameter_at_run_time(ros, random_heads_file, sp
     assert say().feature_layer == 1
 
 
+def test_voiceprints_of_the_older_backend_stay_in_use(ros, tmp_path):
+    """A robot enrolled before ge2e became the default keeps its whisper voiceprints (warned), not a
+    node that refuses to start."""
+    import torch
+    from rclpy.parameter import Parameter
+
+    from tinyalign_ros.core.speaker import Background, SpeakerRegistry
+
+    SpeakerRegistry(tmp_path / "speakers", backend="whisper", background=Background(torch.zeros(768), torch.ones(768)))
+    node = ros.add(AsrNode(namespace="tinyalign", context=ros.context, parameter_overrides=[
+        Parameter("speaker_id.dir", value=str(tmp_path / "speakers")), Parameter("speaker_id.backend", value="ge2e")]))
+    assert node.speaker_id is not None and node.speaker_id.embedder.backend == "whisper"
+    assert node.speaker_id.registry is not None and node.speaker_id.registry.backend == "whisper"
+
+
 def test_named_but_corrupt_heads_file_is_refused(ros, tmp_path):
     from rclpy.parameter import Parameter
 

@@ -18,6 +18,7 @@ from tinyalign_ros.core.speaker import (
     SpeakerEmbedder,
     SpeakerIdentifier,
     SpeakerRegistry,
+    registry_backend,
     SpeakerRegistryError,
     embed,
     pool,
@@ -116,6 +117,17 @@ def test_registry_refuses_other_layer_and_bad_files(registry):
     (registry.root / "carol.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(SpeakerRegistryError, match="carol"):
         SpeakerRegistry(registry.root)
+
+
+def test_registry_backend_names_what_a_folder_holds(tmp_path, registry):
+    """asr_node reads it to keep using an older registry's backend instead of refusing to start."""
+    assert registry_backend(registry.root) == "whisper" and registry_backend(tmp_path / "none") is None
+    SpeakerRegistry(tmp_path / "g", backend="ge2e")
+    assert registry_backend(tmp_path / "g") == "ge2e"
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / SpeakerRegistry.HEADER).write_bytes(b"not safetensors")
+    with pytest.raises(SpeakerRegistryError, match="not a valid"):
+        registry_backend(tmp_path / "bad")
 
 
 def test_empty_registry_and_bad_ids(tmp_path, stats, background):

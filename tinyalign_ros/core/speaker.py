@@ -224,6 +224,19 @@ class Identification:
     closest: str | None  # the closest enrolled speaker, even when refused
 
 
+def registry_backend(root: str | Path) -> str | None:
+    """The backend of the registry in `root` (None: no registry there yet). Registries from before
+    backends existed are "whisper" ones; an unreadable header is SpeakerRegistryError."""
+    header = Path(root) / SpeakerRegistry.HEADER
+    if not header.is_file():
+        return None
+    try:
+        with safe_open(header, framework="pt") as f:
+            return (f.metadata() or {}).get("backend", "whisper")
+    except (SafetensorError, OSError) as exc:
+        raise SpeakerRegistryError(f"{header} is not a valid speaker-registry file: {exc}") from exc
+
+
 class SpeakerRegistry:
     """Enrolled speakers, one safetensors file each (`<speaker>.safetensors`), written atomically.
 

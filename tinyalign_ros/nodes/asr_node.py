@@ -5,6 +5,7 @@ import json
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import rclpy
@@ -22,7 +23,7 @@ from tinyalign_ros.core.encoder import load_whisper_encoder
 from tinyalign_ros.core.listen import ListenGate, Verdict
 from tinyalign_ros.core.models import data_home, shipped_model
 from tinyalign_ros.core.recognizer import AdapterMismatch, Recognizer
-from tinyalign_ros.core.speaker import SpeakerIdentifier, SpeakerRegistryError, make_embedder
+from tinyalign_ros.core.speaker import SpeakerIdentifier, SpeakerRegistryError, make_embedder, registry_backend
 from tinyalign_ros.core.vad import Segment, StreamingSegmenter, VadConfig
 from tinyalign_ros.msg import AudioChunk, Utterance
 
@@ -169,9 +170,16 @@ class AsrNode(Node):
 
     def _speaker_identifier(self, enabled: bool, backend: str, folder: str, threshold: float,
                             timeout_s: float) -> SpeakerIdentifier | None:
+        root = Path(folder) if folder else data_home() / "speakers"
+        stored = registry_backend(root)
+        if stored is not None and stored != backend:  # e.g. voiceprints enrolled before ge2e became the default
+            self.get_logger().warning(
+                f"{root} holds voiceprints of the {stored!r} speaker backend, speaker_id.backend is {backend!r}: using "
+                f"{stored!r}, so the enrolled speakers stay known (to move to {backend!r}, forget them and enroll again)")
+            backend = stored
         if not enabled or (backend == "whisper" and self.encoder is None):
             return None
-        return SpeakerIdentifier(folder or data_home() / "speakers", make_embedder(backend, self.encoder),
+        return SpeakerIdentifier(root, make_embedder(backend, self.encoder),
                                  threshold if threshold > 0 else None,
                                  timeout_s)  # a corrupt registry or weights file is a startup error, not a silent reset
 
