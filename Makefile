@@ -12,7 +12,7 @@ export TINYALIGN_HOME ?= $(HOME)/.local/share/tinyalign_ros
 LLM_DIR := $(TINYALIGN_HOME)/models/smollm2-135m-instruct-fp32
 DEMO_WAV := build/demo/demo.wav
 APT_PACKAGES := python3-venv python3-dev cmake g++ make espeak-ng sox libsox-fmt-all libportaudio2 \
-	libsndfile1 festival festvox-kallpc16k festvox-us-slt-hts pocketsphinx-testdata \
+	libsndfile1 festival festvox-kallpc16k festvox-us-slt-hts pocketsphinx-testdata alsa-utils \
 	colcon python3-colcon-ros python3-colcon-cmake python3-colcon-python-setup-py \
 	python3-colcon-package-selection python3-colcon-output python3-colcon-parallel-executor \
 	python3-colcon-library-path python3-colcon-bash

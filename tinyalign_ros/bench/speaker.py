@@ -264,7 +264,7 @@ def _read(path: Path) -> np.ndarray:
 
 def _real_items() -> tuple[dict[str, list], list, list[str]]:
     """{speaker: [(key, load)]} of the real speakers whose recordings are all here, the unknown
-    voices' [(key, load)], and the sources missing (alsa-utils is not a `make setup` package)."""
+    voices' [(key, load)], and the sources missing (`make setup` installs pocketsphinx-testdata and alsa-utils)."""
     speakers, missing = {}, []
     for name, paths in REAL_SPEAKERS.items():
         if paths and all(p.is_file() for p in paths):
