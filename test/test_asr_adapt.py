@@ -151,7 +151,7 @@ def _store(tmp_path, clips, n: int = 10) -> SampleStore:
 
 def _personalizer(tmp_path, samples, cascade: str, **cfg) -> Personalizer:
     config = PersonalizeConfig(**{"kind": "asr", "max_steps": 2, "min_samples": 4, "asr_encoder_layers": 0,
-                                  "asr_batch": 4, "gate_min_words": 1, "nice": 0, "threads": 0, **cfg})
+                                  "asr_decoder": True, "asr_batch": 4, "gate_min_words": 1, "nice": 0, "threads": 0, **cfg})
     return Personalizer(None, samples, AdapterStore(tmp_path / "adapters"), tmp_path / "work", "",
                         config, asr=AsrBase(transcriber=FixedTranscriber(cascade)))
 

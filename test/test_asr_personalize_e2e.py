@@ -3,7 +3,7 @@
 asr_node + personalizer_node over real rclpy with the real models. A voice the base Whisper
 transcribes badly (slow, low, shaking speech) enrolls with `tinyalign enroll`'s client (one prompt,
 one utterance), `tinyalign personalize --wait`'s client trains that speaker's ASR adapter (the
-default recipe: top 2 encoder blocks + decoder, 6 passes over the 19 training utterances), the gate
+default recipe: LoRA in the top 2 encoder blocks, 6 passes over the 19 training utterances), the gate
 (its defaults, on 5-6 held-out utterances) keeps it only if the held-out WER drops,
 personalizer_node announces it, asr_node swaps it in, and the same test sentences spoken again
 come out with a lower WER than before the round, judged against what the base model heard on the

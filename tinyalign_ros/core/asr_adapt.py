@@ -6,8 +6,10 @@ cannot change what Whisper misheard, so the speaker adapter of `kind: asr` is a 
 projector) on
 
 - the top `encoder_layers` blocks of the Whisper encoder (attention q/k/v + output, MLP), and
-- every decoder block (self-attention, cross-attention query/output, MLP; the cross-attention
-  K/V projection stays frozen),
+- optionally every decoder block (self-attention, cross-attention query/output, MLP; the
+  cross-attention K/V projection stays frozen). The Personalizer's default leaves the decoder to the
+  base (`train.asr.decoder: false`): a decoder LoRA learns the enrollment sentences' words too, and
+  on a mild voice it wrote them into questions it had never heard (bench personalize, models/asr_adapter.md),
 
 trained with the decoder's teacher-forced cross-entropy on the speaker's labelled utterances
 (Tomanek et al. 2021: residual adapters / LoRA in the ASR for atypical speech).

@@ -100,7 +100,9 @@ class PersonalizeConfig:
     # kind "asr" (core/asr_adapt.py): LoRA in Whisper's top encoder layers and decoder
     asr_rank: int = 16
     asr_encoder_layers: int = 2
-    asr_decoder: bool = True  # LoRA in the decoder too (false: the adapter only changes what is heard, not the text prior)
+    # LoRA in the decoder too; false (the default): the adapter changes what is heard, not the text prior (a
+    # decoder LoRA wrote the enrollment sentences' words into a mild voice's questions, bench personalize)
+    asr_decoder: bool = False
     asr_batch: int = 8
     asr_time_mask: float = 0.1
     # kind "asr": the gate judges only with at least this many held-out reference words; fewer (a
@@ -123,6 +125,8 @@ class PersonalizeConfig:
             raise ValueError(f"budget_s must be > 0, got {self.budget_s}")
         if not 0.0 <= self.gate_confidence < 1.0:
             raise ValueError(f"gate_confidence must be in [0, 1), got {self.gate_confidence}")
+        if self.kind == ASR_KIND and self.asr_encoder_layers == 0 and not self.asr_decoder:
+            raise ValueError("an asr adapter needs train.asr.encoder_layers > 0 or train.asr.decoder: true")
 
     @property
     def learning_rate(self) -> float:

@@ -95,7 +95,7 @@ class PersonalizerNode(Node):
             threads=int(p("train.threads", 1).value), nice=int(p("train.nice", 10).value),
             asr_rank=int(p("train.asr.rank", 16).value),
             asr_encoder_layers=int(p("train.asr.encoder_layers", 2).value),
-            asr_decoder=bool(p("train.asr.decoder", True).value),
+            asr_decoder=bool(p("train.asr.decoder", False).value),
             asr_batch=int(p("train.asr.batch", 8).value),
             asr_time_mask=float(p("train.asr.time_mask", 0.1).value),
             asr_epochs=float(p("train.asr.epochs", 6.0).value),
