@@ -178,8 +178,15 @@ def test_personalizer_publishes_the_validation_wer_of_each_round(ros, tmp_path, 
                                                                  tiny_projector_file):
     fill(SampleStore(tmp_path / "samples"), 6)
     node = personalizer(ros, tmp_path, tiny_model_dir, tiny_projector_file, **{"train.max_steps": 2})
-    scores = iter([0.75, 0.5])  # before, after: the gate saves the candidate (plumbing, not learning)
-    node.personalizer.evaluate = lambda projector, data: (next(scores), [])
+    # before, after: every held-out sentence misheard, then every one right, so the gate saves the
+    # candidate (plumbing, not learning)
+    scores = iter([(0.75, "misheard"), (0.5, None)])
+
+    def evaluate(projector, data):
+        score, heard = next(scores)
+        return score, [(i.text, heard or i.text) for i in data.infos]
+
+    node.personalizer.evaluate = evaluate
     probe = ros.node("probe")
     wers: list[float] = []
     probe.create_subscription(Float32, "personalize/val_wer", lambda m: wers.append(m.data), EVENT_QOS)
