@@ -23,7 +23,8 @@ from tinyalign_ros.core.encoder import load_whisper_encoder
 from tinyalign_ros.core.listen import ListenGate, Verdict
 from tinyalign_ros.core.models import data_home, shipped_model
 from tinyalign_ros.core.recognizer import AdapterMismatch, Recognizer
-from tinyalign_ros.core.speaker import SpeakerIdentifier, SpeakerRegistryError, make_embedder, registry_backend
+from tinyalign_ros.core.speaker import (DEFAULT_BACKEND, SpeakerIdentifier, SpeakerRegistryError, make_embedder,
+                                        registry_backend)
 from tinyalign_ros.core.vad import Segment, StreamingSegmenter, VadConfig
 from tinyalign_ros.msg import AudioChunk, Utterance
 
@@ -96,7 +97,7 @@ class AsrNode(Node):
         self.policy.full_depth_for_known_speakers = bool(p("exit.full_depth_for_known_speakers", True).value)
         self.heads = self._load_heads(p("exit.heads_file", "").value)
         self.speaker_id = self._speaker_identifier(
-            bool(p("speaker_id.enabled", True).value), p("speaker_id.backend", "ge2e").value,
+            bool(p("speaker_id.enabled", True).value), p("speaker_id.backend", DEFAULT_BACKEND).value,
             p("speaker_id.dir", "").value, float(p("speaker_id.threshold", 0.0).value),
             float(p("speaker_id.enroll_timeout_s", 60.0).value))
         if self.transcriber_name not in TRANSCRIBERS:
@@ -170,14 +171,17 @@ class AsrNode(Node):
 
     def _speaker_identifier(self, enabled: bool, backend: str, folder: str, threshold: float,
                             timeout_s: float) -> SpeakerIdentifier | None:
+        if not enabled:
+            return None
         root = Path(folder) if folder else data_home() / "speakers"
         stored = registry_backend(root)
         if stored is not None and stored != backend:  # e.g. voiceprints enrolled before ge2e became the default
             self.get_logger().warning(
                 f"{root} holds voiceprints of the {stored!r} speaker backend, speaker_id.backend is {backend!r}: using "
-                f"{stored!r}, so the enrolled speakers stay known (to move to {backend!r}, forget them and enroll again)")
+                f"{stored!r}, so the enrolled speakers stay known (to move to {backend!r}, set speaker_id.dir to a new "
+                "folder and enroll again)")
             backend = stored
-        if not enabled or (backend == "whisper" and self.encoder is None):
+        if backend == "whisper" and self.encoder is None:
             return None
         return SpeakerIdentifier(root, make_embedder(backend, self.encoder),
                                  threshold if threshold > 0 else None,
