@@ -577,10 +577,12 @@ class Personalizer:
 
     # ------------------------------------------------------------ one round of an ASR adapter
 
+    def _trainable(self, infos: list[SampleInfo]) -> list[SampleInfo]:
+        """The samples a round of this kind can use (kind "asr": those that kept their audio)."""
+        return [i for i in infos if i.audio_s > 0] if self.config.kind == ASR_KIND else infos
+
     def trainable_count(self, speaker: str) -> int:
-        """The speaker's samples a round of this kind can use (kind "asr": those that kept their audio)."""
-        infos = self.samples.list(speaker)
-        return sum(1 for i in infos if i.audio_s > 0) if self.config.kind == ASR_KIND else len(infos)
+        return len(self._trainable(self.samples.list(speaker)))
 
     def latest_asr_adapter(self, speaker: str) -> Adapter | None:
         """The speaker's newest ASR adapter made for this Whisper (projector adapters are skipped)."""
@@ -605,8 +607,7 @@ class Personalizer:
         cfg, acfg = self.config, self.config.asr()
         budget = float(budget_s) if budget_s and budget_s > 0 else cfg.budget_s
         train_infos, val_infos = self.samples.split(speaker, cfg.held_out_fraction, cfg.min_held_out)
-        train_infos = [i for i in train_infos if i.audio_s > 0]
-        val_infos = [i for i in val_infos if i.audio_s > 0]
+        train_infos, val_infos = self._trainable(train_infos), self._trainable(val_infos)
         result = PersonalizeResult(speaker, cfg.kind, "too_few_samples", n_train=len(train_infos), n_val=len(val_infos))
         if len(train_infos) + len(val_infos) < cfg.min_samples or not val_infos or not train_infos:
             result.message = (f"{len(train_infos) + len(val_infos)} samples with audio, at least {cfg.min_samples} "
