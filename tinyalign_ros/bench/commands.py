@@ -1,8 +1,11 @@
 """`tinyalign bench commands --out DIR`: spoken requests -> skill calls (core/commands.py).
 
-Held-out requests (data/skill_requests_test.tsv, written before any prompt was tried; `--split
-dev` uses data/skill_requests_dev.tsv, the set prompts and thresholds may be tuned on) and chatter
-(data/chatter_test.txt + the odd lines of data/questions.txt; dev: the even lines) are spoken by
+Held-out requests (`--split heldout`, the default: data/skill_requests_heldout.tsv and
+data/chatter_heldout.txt, written 2026-12-05 before the parser changes that followed and never
+used to tune anything) and chatter, or a dev split that cues, aliases, prompts and thresholds may
+be tuned on (`dev`: data/skill_requests_dev.tsv + the even lines of data/questions.txt; `dev2`:
+data/skill_requests_dev2.tsv + data/chatter_dev2.txt + the odd lines of questions.txt, the
+held-out set until its errors were looked at), are spoken by
 several typical synthetic voices (core.corpus, as `tinyalign synth`), each voice's clips in one
 file with 1.2 s gaps, and played at real time through the embedded graph exactly as `tinyalign
 run --input` does (VAD -> Whisper -> assistant_node; `--fast`: as fast as the graph takes it).
@@ -50,15 +53,22 @@ class Item:
     arguments: dict
 
 
+SPLITS = ("heldout", "dev", "dev2")
+
+
+def _lines(path: Path) -> list[str]:
+    return [line for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+
+
 def load_items(split: str, n_chatter: int, n_commands: int | None = None) -> list[Item]:
-    rows = [line.split("\t") for line in (DATA / f"skill_requests_{split}.tsv").read_text().splitlines()
-            if line.strip() and not line.startswith("#")][1:]
+    """The split's requests (the first `n_commands`), then its chatter (the first `n_chatter`)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    rows = [line.split("\t") for line in _lines(DATA / f"skill_requests_{split}.tsv")][1:]
     items = [Item(t, s, json.loads(a)) for t, s, a in rows][:n_commands]
-    questions = [q for q in (DATA / "questions.txt").read_text().splitlines() if q.strip()]
-    chatter = questions[1::2] if split == "test" else questions[0::2]
-    if split == "test":
-        chatter = [c for c in (DATA / "chatter_test.txt").read_text().splitlines()
-                   if c.strip() and not c.startswith("#")] + chatter
+    questions = _lines(DATA / "questions.txt")
+    chatter = {"heldout": _lines(DATA / "chatter_heldout.txt"), "dev": questions[0::2],
+               "dev2": _lines(DATA / "chatter_dev2.txt") + questions[1::2]}[split]
     return items + [Item(c, NONE, {}) for c in chatter[:n_chatter]]
 
 
@@ -241,11 +251,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tinyalign bench commands", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="folder for commands.json and commands.png")
-    parser.add_argument("--split", choices=("test", "dev"), default="test")
+    parser.add_argument("--split", choices=SPLITS, default="heldout",
+                        help="heldout: the quoted figures; dev, dev2: what the parser may be tuned on")
     parser.add_argument("--voices", type=int, default=3, help="typical synthetic voices (0: text only)")
     parser.add_argument("--modes", default="cascade,aligned", help="graph modes to run (comma-separated)")
     parser.add_argument("--method", default="choice", choices=("choice", "generate"))
-    parser.add_argument("--n-chatter", type=int, default=60, help="chatter utterances (held-out ones first)")
+    parser.add_argument("--n-chatter", type=int, default=50, help="chatter utterances (the first N of the split's; "
+                        "heldout has 50)")
     parser.add_argument("--n-commands", type=int, default=None, help="only the first N requests (smoke runs)")
     parser.add_argument("--latency-n", type=int, default=8, help="with --fast: requests played at real time for the latency")
     parser.add_argument("--fast", action="store_true", help="play the files as fast as the graph takes them (as `tinyalign "
