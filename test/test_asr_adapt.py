@@ -91,6 +91,31 @@ def test_training_teaches_the_decoder_a_speakers_words(base, clips):
     assert not label & set(base.model(DECODER_ONLY).transcribe(clips[0][0])[0].lower().strip(".").split())
 
 
+def test_an_encoder_only_adapter_is_decoded_by_faster_whispers_own_model(base, clips):
+    """The default adapter (top encoder blocks only) hands its encoder output to CTranslate2's decoder:
+    a fresh one writes what our PyTorch decoder writes, a trained one what it was taught (so the
+    adapted encoder output is what CTranslate2 decodes), and the Recognizer shares faster-whisper's
+    model instead of loading a second Whisper."""
+    from tinyalign_ros.core.asr import WhisperTranscriber
+
+    cfg = AsrAdaptConfig(encoder_layers=2, decoder=False, lr=3e-3, batch=4)
+    torch.manual_seed(0)
+    model, reference = base.model(cfg), base.model(cfg)
+    reference.fast = None  # our PyTorch decoder
+    assert model.fast is not None
+    for audio, _ in clips[:6]:
+        assert model.transcribe(audio)[0] == reference.transcribe(audio)[0]
+    data = model.prepare([(audio, "purple elephants dance quietly") for audio, _ in clips[:4]])
+    opt, rng = make_optimizer(model), random.Random(0)
+    for step in range(12):
+        train_step(model, opt, data, [0, 1, 2, 3], step, rng)
+    label = {"purple", "elephants", "dance", "quietly"}
+    assert label & set(model.transcribe(clips[0][0])[0].lower().strip(".").split())
+    whisper = WhisperTranscriber(threads=1)
+    assert Recognizer(whisper).base.whisper() is whisper.model.model
+    assert Recognizer(FixedTranscriber("")).base.whisper() is not None  # loads its own when it must
+
+
 @pytest.fixture(scope="module")
 def trained(base, clips, tmp_path_factory) -> tuple[AdapterStore, int]:
     """An ASR adapter of speaker "alice" in a store, trained to say "purple elephants"."""

@@ -21,7 +21,10 @@ same test clips: the yardstick.
 Rows record training seconds, the round's wall time (data preparation and validation included),
 the process's peak RSS while the round ran (sampled every 50 ms; `round_added_mb`: above the RSS
 the process had when the round started, i.e. what a round costs beside a running graph) and the
-adapter's size.
+adapter's size; `recognize_s_adapter` (median seconds per test utterance of the Recognizer with the
+speaker's adapter, or the candidate when the gate refused it) beside `recognize_s_base` (faster-whisper
+alone, what an unknown speaker costs). The PyTorch encoder that asr_node runs for every utterance
+(features, exits) is outside both.
 Writes DIR/personalize.json, DIR/personalize.csv and DIR/personalize.png (test WER against N and
 against training seconds per voice and method).
 """
@@ -215,10 +218,16 @@ def _asr_round(args, method: str, pool: list[Item], test: list[Item], tmp: Path,
         result = trainer.run("bench")
         wall = time.perf_counter() - t0
     recognizer = Recognizer(transcriber, base=asr_base)
+    seconds: list[float] = []
 
     def heard(candidate) -> list[str]:
         recognizer.set_adapter("bench", candidate)
-        return [recognizer.recognize(item.audio, "bench").text for item in test]
+        texts = []
+        for item in test:
+            t0 = time.perf_counter()
+            texts.append(recognizer.recognize(item.audio, "bench").text)
+            seconds.append(time.perf_counter() - t0)
+        return texts
 
     adapter = trainer.latest_asr_adapter("bench")
     # the gate kept the cascade: hyps None (its transcripts, decoded once per voice); the candidate is
@@ -226,6 +235,7 @@ def _asr_round(args, method: str, pool: list[Item], test: list[Item], tmp: Path,
     hyps = heard(adapter) if adapter is not None else None
     candidate_hyps = hyps if hyps is not None else heard(result.candidate) if result.candidate is not None else None
     return {"result": result, "hyps": hyps, "candidate_hyps": candidate_hyps, "wall": wall, "rss": rss.peak,
+            "recognize_s": float(np.median(seconds)) if seconds else None,
             "added": rss.peak - start_mb, "adapter_mb": adapter.info.path.stat().st_size / 1e6 if adapter else 0.0}
 
 
@@ -233,7 +243,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="tinyalign bench personalize", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, required=True, help="folder for personalize.json, .csv and .png")
     ap.add_argument("--corpus", type=Path, default=Path("build/corpus"), help="folder with manifest.csv")
-    ap.add_argument("--methods", default="asr,asr-dec", help="comma-separated: asr, asr-dec, asr-enc, lora, full")
+    ap.add_argument("--methods", default="asr-enc,asr",
+                    help="comma-separated: asr-enc (the default adapter), asr, asr-dec, lora, full")
     ap.add_argument("--n", default="10,25,50", help="comma-separated numbers of personalization utterances")
     ap.add_argument("--real-n", default="5", help="the same for the real recordings (only 10 clips ship)")
     ap.add_argument("--test", type=int, default=25, help="test utterances per voice (the last ones)")
@@ -282,7 +293,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.extra and not real:  # after the corpus' own: N = 10, 25, 50 stay what they were
             pool += extra_items(voice, args.extra, {i.text for i in items}, args.corpus_seed)
         refs = [i.text for i in test]
-        cascade_hyps = [transcriber.transcribe(i.audio).text for i in test]
+        cascade_hyps, cascade_s = [], []
+        for item in test:
+            t0 = time.perf_counter()
+            cascade_hyps.append(transcriber.transcribe(item.audio).text)
+            cascade_s.append(time.perf_counter() - t0)
         cascade = wer(refs, cascade_hyps)
         print(f"{voice}: {len(pool)} utterances to personalize on, {n_test} test; cascade WER {cascade:.3f}", flush=True)
         for n in real_ns if real else ns:
@@ -310,7 +325,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  "steps": result.steps,
                                  "train_s": round(result.train_s, 1), "wall_s": round(out["wall"], 1),
                                  "peak_mem_mb": round(out["rss"]), "round_added_mb": round(out["added"]),
-                                 "adapter_mb": round(out["adapter_mb"], 2)})
+                                 "adapter_mb": round(out["adapter_mb"], 2),
+                                 "recognize_s_base": round(float(np.median(cascade_s)), 3),
+                                 "recognize_s_adapter": None if out.get("recognize_s") is None
+                                 else round(out["recognize_s"], 3)})
                     print(f"  N={n} {method} seed {seed}: {result.status} after {result.steps} steps "
                           f"({result.train_s:.0f} s train, {out['wall']:.0f} s round); test WER {cascade:.3f} -> "
                           f"{after:.3f} (candidate {_num(runs[-1]['wer_candidate'])}, validation "

@@ -23,9 +23,12 @@ learning rate with warm-up, weight decay on the LoRA matrices, gradient clipping
 short schedule; the gate (core/personalize.py) keeps the candidate only if the speaker's held-out
 WER of the final transcript drops.
 
-At inference `SpeakerAsr.transcribe` runs the adapted encoder (padded) and our PyTorch decoder
-greedily, with the length guard of core/decoder.py. Unknown speakers never reach this module:
-they keep faster-whisper, unchanged.
+At inference `SpeakerAsr.transcribe` runs the adapted encoder (padded) and decodes greedily, with the
+length guard of core/decoder.py: an encoder-only adapter (the default) hands the adapted encoder output
+to CTranslate2's int8 decoder, the one faster-whisper runs for everyone else (`fast`, from `AsrBase`;
+faster than our fp32 decoder); an adapter with a decoder LoRA needs our PyTorch decoder. The gate
+judges candidates through the same `transcribe_states`, so it judges what the speaker will get.
+Unknown speakers never reach this module: they keep faster-whisper, unchanged.
 """
 from __future__ import annotations
 
@@ -40,8 +43,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .audio import SAMPLE_RATE
-from .decoder import (EOT, NO_TIMESTAMPS, SOT, WhisperDecoder, decode_text, encode_text, looks_looped,
-                      max_tokens_for)
+from .decoder import (EOT, NO_TIMESTAMPS, SOT, WhisperDecoder, ct2_greedy, decode_text, encode_text,
+                      looks_looped, max_tokens_for)
 from .encoder import WhisperEncoder, log_mel
 
 ASR_KIND = "asr"
@@ -115,6 +118,7 @@ class SpeakerAsr(nn.Module):
                           target_modules=lora_targets(self.encoder, self.decoder, cfg))
         inject_adapter_in_model(lora, self)  # only the lora_* parameters require grad
         self.split = self.encoder.n_layers - cfg.encoder_layers  # blocks below run frozen, once
+        self.fast = None  # a ctranslate2 Whisper: decodes an encoder-only adapter's output (AsrBase.model sets it)
         self.eval()
 
     # -- adapter tensors ------------------------------------------------------------------
@@ -187,7 +191,10 @@ class SpeakerAsr(nn.Module):
     @torch.no_grad()
     def transcribe_states(self, state: torch.Tensor, seconds: float) -> tuple[str, float]:
         xa = self.upper(state.float().unsqueeze(0))
-        tokens, logprob = self.decoder.greedy(xa, max_tokens_for(seconds))
+        if self.fast is not None and not self.cfg.decoder:
+            tokens, logprob = ct2_greedy(self.fast, xa, max_tokens_for(seconds))
+        else:
+            tokens, logprob = self.decoder.greedy(xa, max_tokens_for(seconds))
         text = decode_text(tokens)
         if looks_looped(text):
             return "", 0.0  # a looped decode is no transcript (the gate counts it as all deletions)
@@ -230,13 +237,18 @@ class AsrBase:
     voice it gave a WER of 0.125 in one round and 0.706 in the next, a coin the gate must not toss.
     """
 
-    def __init__(self, model_dir=None, transcriber=None) -> None:
+    def __init__(self, model_dir=None, transcriber=None, whisper=None, fast_decoding: bool = True) -> None:
+        """`whisper`: the `ctranslate2.models.Whisper` that decodes encoder-only adapters' output (asr_node
+        passes faster-whisper's, so one int8 model serves both); None = the cascade transcriber's, loaded
+        when first needed. `fast_decoding` False decodes every adapter with our PyTorch decoder."""
         import threading
 
         from .models import whisper_tiny_dir
 
         self.model_dir = model_dir or whisper_tiny_dir()
         self._transcriber = transcriber
+        self._whisper = whisper
+        self.fast_decoding = fast_decoding
         self._lock = threading.Lock()
         self._sha: str | None = None
 
@@ -260,12 +272,23 @@ class AsrBase:
         model = SpeakerAsr(*self.parts(), cfg)
         if tensors is not None:
             model.load_adapter_state(tensors)
+        if self.fast_decoding and not cfg.decoder:
+            model.fast = self.whisper()
         return model
 
-    def cascade(self, samples: np.ndarray) -> str:
+    def _greedy(self):
         with self._lock:
             if self._transcriber is None:
                 from .asr import WhisperTranscriber
 
                 self._transcriber = WhisperTranscriber(self.model_dir, threads=1, temperature=0.0)
-        return self._transcriber.transcribe(samples).text
+            return self._transcriber
+
+    def whisper(self):
+        """The CTranslate2 Whisper that decodes encoder-only adapters (faster-whisper's own model)."""
+        if self._whisper is None:
+            self._whisper = self._greedy().model.model
+        return self._whisper
+
+    def cascade(self, samples: np.ndarray) -> str:
+        return self._greedy().transcribe(samples).text

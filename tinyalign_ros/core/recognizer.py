@@ -8,7 +8,8 @@ so what is measured is what runs. The pipeline:
 2. the transcript, from the first that applies:
    - `exit_head` transcriber: the booster-fused exit head (when `fuse` says it boosted), else
      the exit head's own text;
-   - the speaker has an ASR adapter (core/asr_adapt.py): the adapted Whisper;
+   - the speaker has an ASR adapter (core/asr_adapt.py): the adapted Whisper (an encoder-only
+     adapter's output decoded by faster-whisper's own CTranslate2 decoder);
    - everyone else: faster-whisper, exactly as without personalization (same speed); when a
      booster sent its transcript of the utterance in time (`prefix`, core/boost.py text hints),
      faster-whisper's decoder starts with the teacher's words and decodes the rest.
@@ -57,7 +58,12 @@ class Recognizer:
                  exit_head_transcripts: bool = False) -> None:
         self.transcriber = transcriber
         self.encoder, self.heads = encoder, heads
-        self.base = base if base is not None else AsrBase()
+        # faster-whisper's CTranslate2 model decodes encoder-only adapters too: one int8 Whisper in memory
+        import ctranslate2
+
+        fast = getattr(getattr(transcriber, "model", None), "model", None)
+        fast = fast if isinstance(fast, ctranslate2.models.Whisper) else None
+        self.base = base if base is not None else AsrBase(whisper=fast)
         self.exit_head_transcripts = exit_head_transcripts
         self._lock = threading.Lock()
         self._models: dict[tuple, SpeakerAsr] = {}
