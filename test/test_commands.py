@@ -119,6 +119,37 @@ def test_an_alias_names_its_value():
     assert mentioned("kill the lights", skills.skills["lights"].arguments_by_name["state"]) == {"off"}
 
 
+@pytest.mark.parametrize("skill, text", [("follow_me", "Keep following me."), ("lights", "Switching the lamps on"),
+                                         ("stop", "stopping now"), ("go_to", "I'm going upstairs"),
+                                         ("fetch", "she fetched it"), ("go_to", "moving to the garden")])
+def test_cues_are_heard_in_their_inflections(skill, text):
+    assert SkillSet.load(default_skills_file()).skills[skill].cued(text)
+
+
+def test_cue_inflections_are_regular_forms_only():
+    from tinyalign_ros.core.commands import Skill, inflections
+
+    assert {"stops", "stopped", "stopping"} <= inflections("stop")
+    assert {"moves", "moved", "moving"} <= inflections("move") and "carries" in inflections("carry")
+    lamp = Skill("lamp", "Lamp.", cues=("here", "turn on"))
+    assert not lamp.cued("give her the keys") and not lamp.cued("heresy")  # whole words, no stemming of what was said
+    assert lamp.cued("turning on the heater") and not lamp.cued("turn the heater on")  # a cue's words in order
+
+
+def test_a_nearly_named_value_is_heard_only_when_none_is_named():
+    """What Whisper tiny made of "grandma" and "a glass of water" in the dev splits' speech."""
+    from tinyalign_ros.core.commands import mentioned
+
+    fetch = SkillSet.load(default_skills_file()).skills["fetch"].arguments_by_name
+    assert mentioned("Take the phone to grammar.", fetch["person"]) == set()
+    assert mentioned("Take the phone to grammar.", fetch["person"], fuzzy=True) == {"grandma"}
+    assert mentioned("Can you get Grandpa Glass of Watcher?", fetch["object"], fuzzy=True) == {"water"}
+    assert mentioned("Bring grandpa a glass of water", fetch["object"], fuzzy=True) == {"water"}  # named: not glasses
+    assert mentioned("Bring grandpa a glass of water", fetch["person"], fuzzy=True) == {"grandpa"}
+    assert mentioned("Can you get the newspaper?", fetch["person"], fuzzy=True) == set()  # "you" is the robot
+    assert mentioned("How do I make a cake?", fetch["object"], fuzzy=True) == set()
+
+
 def test_normalize_phrase_folds_repetitions_and_fillers():
     assert normalize_phrase("Stop it, stop it!") == "stop it"
     assert normalize_phrase("Okay robot, please halt now.") == "halt"
@@ -177,6 +208,22 @@ def test_an_utterance_without_a_cue_is_none_without_the_llm(llm):
     # a skill without cues can only be found by the LLM: no gate
     uncued = SkillSet.from_dict({"skills": {"wave": {"description": "Wave a hand."}}})
     assert not CommandParser(uncued, llm.model, llm.tokenizer).require_cue
+
+
+def test_a_skill_loses_evidence_for_an_argument_nobody_named(llm):
+    """_evidence: cue bonus (less when the cue is only heard inflected), a penalty per choice
+    argument without a default that was not named, a bonus per one named."""
+    from tinyalign_ros.core.commands import CUE_BONUS, INFLECTED_CUE_BONUS, MISSING_PENALTY, NAMED_BONUS
+
+    skills = SkillSet.load(default_skills_file())
+    parser = CommandParser(skills, llm.model, llm.tokenizer)
+    go_to, fetch, stop = (skills.skills[n] for n in ("go_to", "fetch", "stop"))
+    assert parser._evidence(go_to, "go to the garden") == CUE_BONUS + NAMED_BONUS
+    assert parser._evidence(go_to, "should I go out today") == CUE_BONUS - MISSING_PENALTY
+    assert parser._evidence(go_to, "I need you in the office") == NAMED_BONUS  # no cue of go_to, its place named
+    assert parser._evidence(fetch, "I need you in the office") == CUE_BONUS - MISSING_PENALTY  # person has a default
+    assert parser._evidence(stop, "without stopping") == INFLECTED_CUE_BONUS < CUE_BONUS == parser._evidence(stop, "stop")
+    assert parser.parse("Keep following me.").skill == "follow_me"
 
 
 def test_free_text_arguments_stay_valid_with_hypothesis(llm):

@@ -47,7 +47,7 @@ on dev only; the held-out figures are in bench/results/commands.json. The LLM st
 the words do not (several cues, a value not named), and says how sure it is.
 
 The few-shot examples come from the skills file (`examples:`), never from the benchmark's
-held-out requests (data/skill_requests_test.tsv).
+held-out requests (data/skill_requests_heldout.tsv; test_commands_data checks).
 
 **The cue gate** (`require_cue`, assistant_node `commands.require_cue`). With NONE_BIAS 10, a skill
 none of whose cues was said needs the calibrated LLM to prefer it by 10 nats, and on the dev split
@@ -69,6 +69,35 @@ calls it asked back about and how many wrong ones it caught (`asked_back_right/w
 
 **Aliases.** A choice value may list other words that name it (`aliases:` in the YAML: "dock" for
 the charging station, "kill" for off): they count as the value being said.
+
+**Second round: what was tuned on what.** Everything above was chosen on the dev split. The first
+held-out run (then data/skill_requests_test.tsv + chatter_test.txt: 89.7% exact on the text,
+77.6% pooled as Whisper tiny heard 4 voices, "none" 93.8%) had its errors read, so that set became
+the second dev split (`dev2`: skill_requests_dev2.tsv, chatter_dev2.txt + the odd lines of
+questions.txt), and a fresh held-out set was written before anything below changed
+(skill_requests_heldout.tsv, chatter_heldout.txt; `bench commands` default). Chosen on dev + dev2
+only, on the text and on Whisper tiny's transcripts of both splits spoken by the bench's 4 voices
+(faster-whisper on each clip, a throwaway script):
+- a cue's words match in their regular inflections (`inflections`: "keep following me",
+  "switching"); a cue heard only inflected adds INFLECTED_CUE_BONUS, half of CUE_BONUS
+  ("how far can a hummingbird fly without stopping?" stays none);
+- `_evidence`: a skill loses MISSING_PENALTY for each choice argument without a default none of
+  whose values was said (nearly said counts) and gains NAMED_BONUS for each one named as written:
+  "should I take an umbrella when I go out today?" says go_to's "go" but no place, "I need you in
+  the office" says fetch's "need" but no object and names go_to's office. Swept on dev: penalty
+  0 / 4 / 8 / 12 gave dev2 speech "none" 89.7 / 90.8 / 98.8 / 99.3% at the same exact share;
+  bonus 4 then gave dev2 text 100% exact (98.3% without), 8 cost dev 2.5 points;
+- a value nearly said (`mentioned(fuzzy=True)`, FUZZY_VALUE_RATIO 0.7, not for aliases) counts
+  when none is said as written, before an argument's default: +2.2 points exact on dev2 speech
+  (0.8: +1.3); "you" no longer names person me;
+- cues and aliases from dev misses: go_to "ride", "make your way"; fetch "get" (was "get me");
+  lights "switch", "turn on", "turn off"; what_can_you_do "you can do", "how can you help";
+  grandmother/granny, grandfather/grandad; "station" was tried as an alias of the charging station
+  and dropped ("how do I get to the train station?").
+Dev text 100% / 98.4% none -> 100% / 100%; dev2 text 89.7% / 96.0% -> 100% / 99.3%; as heard
+(4 voices pooled) dev 86.3% / 96.0% -> 86.3% / 99.4%, dev2 78.0% / 95.2% -> 88.8% / 98.8% (tuned
+on: the held-out figures in bench/results/commands.json are the ones to quote). The stop fast
+path (`match_phrase`) did not change.
 
 **Stop.** `SkillSet.match_phrase` maps whole utterances such as "stop", "halt!", "stop, stop"
 to an argument-less skill declared with `phrases:` without the LLM (microseconds): assistant_node
@@ -137,6 +166,37 @@ def normalize_phrase(text: str) -> str:
 
 
 ARTICLES = {"a", "an", "the", "my", "your", "his", "her", "their", "some"}
+VOWELS = set("aeiou")
+
+
+def inflections(word: str) -> set[str]:
+    """The regular inflections of an English word: -s/-es, -ed/-d, -ing, with a final e dropped
+    ("move" -> "moving"), a final consonant doubled ("stop" -> "stopping") and y -> ies/ied.
+    Home-made on purpose: the cue words are a handful of verbs and nouns, and generating their
+    forms (rather than stemming what was said with a stemmer library) cannot make two different
+    words equal ("here" and "her" both stem to "her")."""
+    forms = {word, word + "s", word + "es", word + "ed", word + "ing"}
+    if word.endswith("e"):
+        forms |= {word + "d", word[:-1] + "ing"}
+    if word.endswith("y") and len(word) > 2 and word[-2] not in VOWELS:
+        forms |= {word[:-1] + "ies", word[:-1] + "ied"}
+    if (len(word) >= 3 and word[-1] not in VOWELS | {"w", "x", "y"} and word[-2] in VOWELS
+            and word[-3] not in VOWELS):  # one vowel before one consonant: stop -> stopped, stopping
+        forms |= {word + word[-1] + "ed", word + word[-1] + "ing"}
+    return forms
+
+
+_CUE_CACHE: dict[tuple[str, ...], list[re.Pattern]] = {}
+
+
+def _cue_patterns(cues: tuple[str, ...]) -> list[re.Pattern]:
+    """One regex per cue: its words in order, each in any of its inflections (`inflections`);
+    words with an apostrophe ("don't") as written."""
+    if cues not in _CUE_CACHE:
+        _CUE_CACHE[cues] = [re.compile(" " + " ".join(
+            "(?:" + "|".join(sorted(map(re.escape, inflections(w) if "'" not in w else {w}))) + ")"
+            for w in c.split()) + " ") for c in cues]
+    return _CUE_CACHE[cues]
 
 
 def _words(text: str) -> list[str]:
@@ -144,17 +204,47 @@ def _words(text: str) -> list[str]:
             for w in re.findall(r"[a-z0-9']+", text.lower())]
 
 
-def mentioned(text: str, arg: "Argument") -> set[str]:
+def _forms(arg: "Argument", aliases: bool = True) -> list[tuple[str, list[str]]]:
+    """(value, its words without articles) for the value, its spoken form and (`aliases`) its
+    aliases. A spoken form that is only "you" (the robot's word for the operator: person me ->
+    "you") is not matched: in the operator's mouth "you" is the robot ("can you get grandpa ...")."""
+    return [(value, words) for value, spoken in arg.values.items()
+            for form in {value, spoken, *(arg.aliases.get(value, ()) if aliases else ())}
+            if (words := [w for w in _words(form) if w not in ARTICLES]) and words != ["you"]]
+
+
+# A choice value is heard "nearly" when no value is named as written and a run of words of what was
+# said, spaces dropped, is this similar (difflib ratio) to a value's form and starts with the same
+# letter: Whisper tiny bends names ("Grandpa Glass of Watcher", "Take the phone to grammar" in the
+# dev splits' speech). Values of >= 4 letters only; chosen on the dev splits' Whisper transcripts.
+FUZZY_VALUE_RATIO = 0.7
+
+
+def mentioned(text: str, arg: "Argument", fuzzy: bool = False) -> set[str]:
     """The values of a choice argument that `text` names (the value or its spoken form, articles
-    and plural -s ignored, as whole words): grounding evidence added to the LLM's score."""
-    said = f" {' '.join(_words(text))} "
-    out = set()
-    for value, spoken in arg.values.items():
-        for form in {value, spoken, *arg.aliases.get(value, ())}:
-            words = [w for w in _words(form) if w not in ARTICLES]
-            if words and f" {' '.join(words)} " in said:
-                out.add(value)
-    return out
+    and plural -s ignored, as whole words): grounding evidence added to the LLM's score. With
+    `fuzzy`, when none is named as written, the one value nearly named (FUZZY_VALUE_RATIO), if any."""
+    heard = _words(text)
+    said = f" {' '.join(heard)} "
+    out = {value for value, words in _forms(arg) if f" {' '.join(words)} " in said}
+    if out or not fuzzy:
+        return out
+    from difflib import SequenceMatcher
+
+    best, pick = FUZZY_VALUE_RATIO, None
+    for value, words in _forms(arg, aliases=False):  # aliases are short words ("dock", "out"): too easily near
+        target = "".join(words)
+        if len(target) < 4:
+            continue
+        for n in {len(words), len(words) + 1, max(len(words) - 1, 1)}:
+            for i in range(len(heard) - n + 1):
+                run = "".join(heard[i:i + n])
+                if run[:1] != target[:1] or run in ARTICLES:
+                    continue
+                ratio = SequenceMatcher(None, run, target).ratio()
+                if ratio >= best and (pick is None or ratio > best):
+                    best, pick = ratio, value
+    return {pick} if pick is not None else set()
 
 
 @dataclass(frozen=True)
@@ -194,10 +284,14 @@ class Skill:
     phrases: tuple[str, ...] = ()
     cues: tuple[str, ...] = ()  # words that signal this skill (evidence added to the LLM's score)
 
-    def cued(self, text: str) -> bool:
-        words = re.findall(r"[a-z0-9']+", text.lower().replace("\u2019", "'"))
-        said = " " + " ".join(words) + " "
-        return any(f" {c} " in said for c in self.cues)
+    def cued(self, text: str, inflected: bool = True) -> bool:
+        """Whether `text` says one of the cues as whole words, as written or (`inflected`) in any
+        regular inflection of each word ("following", "lights", "switched" say "follow", "light",
+        "switch")."""
+        said = " " + " ".join(re.findall(r"[a-z0-9']+", text.lower().replace("\u2019", "'"))) + " "
+        if not inflected:
+            return any(f" {c} " in said for c in self.cues)
+        return any(rx.search(said) for rx in _cue_patterns(self.cues))
 
     @property
     def arguments_by_name(self) -> dict[str, Argument]:
@@ -473,9 +567,15 @@ CONTENT_FREE = "N/A"  # the calibration request
 # Evidence added to the calibrated log-likelihoods (nats), chosen on the dev split only
 # (data/skill_requests_dev.tsv + even lines of questions.txt): "none" starts NONE_BIAS ahead, a
 # skill whose cue words were said gets CUE_BONUS, an argument value that was said MENTION_BONUS.
+# The second round (dev + dev2, module docstring): INFLECTED_CUE_BONUS for a cue heard only
+# inflected, MISSING_PENALTY per choice argument without a default left unnamed, NAMED_BONUS per
+# one named.
 NONE_BIAS = 10.0
 CUE_BONUS = 12.0
 MENTION_BONUS = 3.0
+MISSING_PENALTY = 8.0
+NAMED_BONUS = 4.0
+INFLECTED_CUE_BONUS = 6.0
 # The confidence is the product, over the decisions, of the chosen option's softmax over the scores
 # divided by CONFIDENCE_TEMPERATURE. Chosen on the dev split's text and on 50 dev requests as Whisper
 # heard them in 4 voices (misheard ones give most of the wrong calls): with commands.min_confidence
@@ -504,6 +604,8 @@ class CommandParser:
 
     def __init__(self, skills: SkillSet, model, tokenizer, method: str = "choice", calibrate: bool = True,
                  none_bias: float = NONE_BIAS, cue_bonus: float = CUE_BONUS, mention_bonus: float = MENTION_BONUS,
+                 missing_penalty: float = MISSING_PENALTY, named_bonus: float = NAMED_BONUS,
+                 inflected_cue_bonus: float = INFLECTED_CUE_BONUS,
                  max_tokens: int = 64, require_cue: bool = True,
                  temperature: float = CONFIDENCE_TEMPERATURE) -> None:
         import llguidance
@@ -517,6 +619,8 @@ class CommandParser:
         self.method = method
         self.calibrate = calibrate
         self.none_bias, self.cue_bonus, self.mention_bonus = none_bias, cue_bonus, mention_bonus
+        self.missing_penalty, self.named_bonus = missing_penalty, named_bonus
+        self.inflected_cue_bonus = inflected_cue_bonus
         if temperature <= 0:
             raise ValueError(f"confidence temperature must be > 0, got {temperature}")
         self.temperature = temperature
@@ -626,7 +730,7 @@ class CommandParser:
         context = self._ids(skill + '", "arguments": {')
         for i, arg in enumerate(self.skills.skills[skill].arguments):
             context += self._ids(("" if i == 0 else ", ") + f'"{arg.name}": "')
-            said = mentioned(text, arg) or ({arg.default} if arg.default else set())
+            said = mentioned(text, arg, fuzzy=True) or ({arg.default} if arg.default else set())
             if len(said) == 1:  # the operator named exactly one value (or none, and there is a default)
                 value = said.pop()
                 yield (skill, arg.name), [value], [0.0]
@@ -655,6 +759,17 @@ class CommandParser:
                 except StopIteration:
                     pass
 
+    def _evidence(self, skill: Skill, text: str) -> float:
+        """What the words said add to a skill's calibrated score: CUE_BONUS when one of its cues
+        was said, less MISSING_PENALTY for each choice argument without a default none of whose
+        values was said (nearly said counts): "I'm going to read" says go_to's cue but no place."""
+        needed = [a for a in skill.arguments if a.type == "choice" and not a.default]
+        named = sum(bool(mentioned(text, a)) for a in needed)
+        missing = sum(not mentioned(text, a, fuzzy=True) for a in needed)
+        cue = (self.cue_bonus if skill.cued(text, inflected=False) else
+               self.inflected_cue_bonus if skill.cued(text) else 0.0)
+        return cue - self.missing_penalty * missing + self.named_bonus * named
+
     def choose(self, text: str) -> tuple[str, dict[str, str], float]:
         """Constrained choice: the skill whose name is likeliest after the request (then each
         argument's value in turn), scored by the LLM's log-likelihood of the JSON it would write,
@@ -674,12 +789,11 @@ class CommandParser:
                     if prior is not None and len(prior) == len(scores):
                         scores = [x - y for x, y in zip(scores, prior)]
                     if key == "":
-                        scores = [x + (self.none_bias if o == NONE else
-                                       self.cue_bonus if self.skills.skills[o].cued(text) else 0.0)
+                        scores = [x + (self.none_bias if o == NONE else self._evidence(self.skills.skills[o], text))
                                   for x, o in zip(scores, options)]
                     else:
                         arg = self.skills.skills[key[0]].arguments_by_name[key[1]]
-                        said = mentioned(text, arg)
+                        said = mentioned(text, arg, fuzzy=True)
                         if not said and arg.default:
                             said = {arg.default}
                         scores = [x + (self.mention_bonus if o in said else 0.0) for x, o in zip(scores, options)]
