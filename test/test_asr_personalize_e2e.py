@@ -1,13 +1,19 @@
 """[8] as a user meets it: the robot mishears a voice, learns it, and then hears it better.
 
 asr_node + personalizer_node over real rclpy with the real models. A voice the base Whisper
-transcribes badly (slow, low, shaking speech) enrolls with `tinyalign enroll`'s client (one prompt,
+transcribes badly (slow, low, shaking speech in a noisy room: faster-whisper's WER 0.51 on the
+enrollment sentences, 0.51 on the test ones) enrolls with `tinyalign enroll`'s client (one prompt,
 one utterance), `tinyalign personalize --wait`'s client trains that speaker's ASR adapter (the
 default recipe: LoRA in the top 2 encoder blocks, 6 passes over the 19 training utterances), the gate
 (its defaults, on 5-6 held-out utterances) keeps it only if the held-out WER drops,
 personalizer_node announces it, asr_node swaps it in, and the same test sentences spoken again
 come out with a lower WER than before the round, judged against what the base model heard on the
 same audio (never a fixed string).
+
+Without the room noise the voice was too easy on these short sentences (held-out WER 0.15 before
+the round): the gate could not tell a gain from luck on 5-6 held-out utterances and refused the
+round in 3 of 4 runs (2 of 2 with an encoder + decoder adapter, 1 of 2 encoder-only). With it, 3 of 3 runs kept the adapter and heard the test sentences better
+(2026-12-05, the encoder-only default decoded by CTranslate2).
 
 The robot has one operator (asr_node `speaker: gruff`): speaker recognition is not what this test
 checks. With recognition on (the default GE2E voiceprint, enrolled by the same prompts) one run
@@ -25,7 +31,7 @@ from tinyalign_ros.core.corpus import Voice, synthesize
 from tinyalign_ros.core.metrics import wer
 from tinyalign_ros.msg import Utterance
 
-VOICE = Voice("gruff", "espeak", "en-gb+m4", pitch=-5.0, rate=0.8, degradations=("slow", "tremolo"))
+VOICE = Voice("gruff", "espeak", "en-gb+m4", pitch=-5.0, rate=0.8, degradations=("slow", "tremolo", "noise"))
 ENROLL = ["Go to the kitchen and wait there.", "Bring me a glass of water, please.",
           "Turn on the lights in the living room.", "Follow me to the garage.", "Stop right now.",
           "What can you do for me today?", "Fetch the red cup from the table.", "Go back to the charging dock.",
@@ -48,11 +54,6 @@ def graph(ros, tmp_path):
          "train.threads": 2})
 
 
-@pytest.mark.xfail(strict=False, reason="19 training utterances of this voice do not reliably make a better adapter: "
-                                        "in 2 runs on 2026-12-05 evening one round had held-out WER 0.233 -> 0.100 but "
-                                        "P(better) 0.67 (< 0.75, rejected), one 0.154 -> 0.179 (rejected); at N = 25 "
-                                        "the bench's severe voice gets 0.56-0.73x the cascade, at N = 50 0.43-0.45x. "
-                                        "Open in [8]")
 def test_an_enrolled_voice_is_heard_better_after_a_personalization_round(graph):
     from tinyalign_ros.nodes.client import enroll, personalize
 

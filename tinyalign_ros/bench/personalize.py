@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from tinyalign_ros.core.heap import rss_mb
-from tinyalign_ros.core.metrics import wer, write_result
+from tinyalign_ros.core.metrics import wer, word_errors, write_result
 
 
 class PeakRss:
@@ -269,6 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from tinyalign_ros.core.align import read_manifest
     from tinyalign_ros.core.asr import WhisperTranscriber
     from tinyalign_ros.core.asr_adapt import AsrBase
+    from tinyalign_ros.core.personalize import paired_improvement
 
     torch.set_num_threads(args.threads)
     methods = args.methods.split(",")
@@ -322,6 +323,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  "val_wer_after": result.val_wer_after, "p_better": result.p_better,
                                  "n_val": result.n_val, "val_words": result.val_words,
                                  "wer_candidate": None if candidate is None else wer(refs, candidate),
+                                 # is the candidate's difference on the test clips more than luck? (the gate's
+                                 # paired bootstrap, on the test clips against the cascade)
+                                 "p_better_test": None if candidate is None else paired_improvement(
+                                     word_errors(refs, cascade_hyps), word_errors(refs, candidate)),
+                                 "p_worse_test": None if candidate is None else paired_improvement(
+                                     word_errors(refs, candidate), word_errors(refs, cascade_hyps)),
                                  "steps": result.steps,
                                  "train_s": round(result.train_s, 1), "wall_s": round(out["wall"], 1),
                                  "peak_mem_mb": round(out["rss"]), "round_added_mb": round(out["added"]),
