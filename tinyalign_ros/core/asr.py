@@ -35,9 +35,8 @@ class WhisperTranscriber:
         """`temperature` None keeps faster-whisper's fallback (greedy, then sampling at 0.2, 0.4, ...
         when a decode fails its compression or log-prob checks: what the robot uses, and it varies
         run to run on hard audio); 0.0 is greedy only, for comparisons that must repeat."""
-        self.model = WhisperModel(
-            str(model_dir or whisper_tiny_dir()), device="cpu", compute_type=compute_type, cpu_threads=threads
-        )
+        self.model_dir = Path(model_dir or whisper_tiny_dir())
+        self.model = WhisperModel(str(self.model_dir), device="cpu", compute_type=compute_type, cpu_threads=threads)
         self.beam_size = beam_size
         self.language = language
         self.temperature = temperature

@@ -26,7 +26,9 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
+import ctranslate2
 import numpy as np
 import torch
 
@@ -58,12 +60,14 @@ class Recognizer:
                  exit_head_transcripts: bool = False) -> None:
         self.transcriber = transcriber
         self.encoder, self.heads = encoder, heads
-        # faster-whisper's CTranslate2 model decodes encoder-only adapters too: one int8 Whisper in memory
-        import ctranslate2
-
-        fast = getattr(getattr(transcriber, "model", None), "model", None)
-        fast = fast if isinstance(fast, ctranslate2.models.Whisper) else None
-        self.base = base if base is not None else AsrBase(whisper=fast)
+        if base is None:
+            # faster-whisper's CTranslate2 model decodes encoder-only adapters too: one int8 Whisper in memory
+            base = AsrBase()
+            fast = getattr(getattr(transcriber, "model", None), "model", None)
+            if (isinstance(fast, ctranslate2.models.Whisper)
+                    and Path(getattr(transcriber, "model_dir", "")) == Path(base.model_dir)):
+                base = AsrBase(whisper=fast)
+        self.base = base
         self.exit_head_transcripts = exit_head_transcripts
         self._lock = threading.Lock()
         self._models: dict[tuple, SpeakerAsr] = {}
