@@ -56,7 +56,8 @@ class Item:
 SPLITS = ("heldout", "dev", "dev2")
 
 
-def _lines(path: Path) -> list[str]:
+def data_lines(path: Path) -> list[str]:
+    """The lines of a data/ file that hold something: blank lines and `#` comments dropped."""
     return [line for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
 
 
@@ -64,11 +65,11 @@ def load_items(split: str, n_chatter: int, n_commands: int | None = None) -> lis
     """The split's requests (the first `n_commands`), then its chatter (the first `n_chatter`)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    rows = [line.split("\t") for line in _lines(DATA / f"skill_requests_{split}.tsv")][1:]
+    rows = [line.split("\t") for line in data_lines(DATA / f"skill_requests_{split}.tsv")][1:]
     items = [Item(t, s, json.loads(a)) for t, s, a in rows][:n_commands]
-    questions = _lines(DATA / "questions.txt")
-    chatter = {"heldout": _lines(DATA / "chatter_heldout.txt"), "dev": questions[0::2],
-               "dev2": _lines(DATA / "chatter_dev2.txt") + questions[1::2]}[split]
+    questions = data_lines(DATA / "questions.txt")
+    chatter = {"heldout": data_lines(DATA / "chatter_heldout.txt"), "dev": questions[0::2],
+               "dev2": data_lines(DATA / "chatter_dev2.txt") + questions[1::2]}[split]
     return items + [Item(c, NONE, {}) for c in chatter[:n_chatter]]
 
 

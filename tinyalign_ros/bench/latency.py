@@ -21,6 +21,7 @@ import numpy as np
 from tinyalign_ros.core.metrics import write_result
 
 from ._graph import demo_input, p50_p95, peak_rss_mb, run_graph
+from .commands import DATA, data_lines
 
 
 def encoder_rtf(samples: list[np.ndarray]) -> float:
@@ -87,10 +88,8 @@ def breakdown(run, responses, warm_ids: set[str]) -> dict[str, dict]:
 def throughput_sentences(n: int) -> list[str]:
     """`n` sentences alternating a spoken request (data/skill_requests_dev.tsv) and a question
     (data/questions.txt): what a multi-minute recording of someone talking to the robot holds."""
-    data = Path(__file__).resolve().parents[2] / "data"
-    requests = [line.split("\t")[0] for line in (data / "skill_requests_dev.tsv").read_text().splitlines()
-                if line.strip() and not line.startswith("#")][1:]
-    questions = [q for q in (data / "questions.txt").read_text().splitlines() if q.strip()]
+    requests = [line.split("\t")[0] for line in data_lines(DATA / "skill_requests_dev.tsv")][1:]
+    questions = data_lines(DATA / "questions.txt")
     mixed = [s for pair in zip(requests, questions) for s in pair]
     return mixed[:n]
 
