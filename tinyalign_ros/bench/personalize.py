@@ -222,11 +222,8 @@ def _asr_round(args, method: str, pool: list[Item], test: list[Item], tmp: Path,
 
     def heard(candidate) -> list[str]:
         recognizer.set_adapter("bench", candidate)
-        texts = []
-        for item in test:
-            t0 = time.perf_counter()
-            texts.append(recognizer.recognize(item.audio, "bench").text)
-            seconds.append(time.perf_counter() - t0)
+        texts, took = _timed(lambda audio: recognizer.recognize(audio, "bench").text, test)
+        seconds.extend(took)
         return texts
 
     adapter = trainer.latest_asr_adapter("bench")
@@ -294,12 +291,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.extra and not real:  # after the corpus' own: N = 10, 25, 50 stay what they were
             pool += extra_items(voice, args.extra, {i.text for i in items}, args.corpus_seed)
         refs = [i.text for i in test]
-        cascade_hyps, cascade_s = [], []
-        for item in test:
-            t0 = time.perf_counter()
-            cascade_hyps.append(transcriber.transcribe(item.audio).text)
-            cascade_s.append(time.perf_counter() - t0)
-        cascade = wer(refs, cascade_hyps)
+        cascade_hyps, cascade_s = _timed(lambda audio: transcriber.transcribe(audio).text, test)
+        cascade, cascade_errors = wer(refs, cascade_hyps), word_errors(refs, cascade_hyps)
         print(f"{voice}: {len(pool)} utterances to personalize on, {n_test} test; cascade WER {cascade:.3f}", flush=True)
         for n in real_ns if real else ns:
             if n > len(pool):
@@ -315,6 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     result = out["result"]
                     after = wer(refs, cascade_hyps if out["hyps"] is None else out["hyps"])
                     candidate = out.get("candidate_hyps")
+                    candidate_errors = None if candidate is None else word_errors(refs, candidate)
                     runs.append({"voice": voice, "real": real, "atypical": atypical.get(voice, voice != REAL_VOICE),
                                  "method": method,
                                  "seed": seed, "n_train": n, "test_n": n_test, "wer_before": cascade,
@@ -326,9 +320,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  # is the candidate's difference on the test clips more than luck? (the gate's
                                  # paired bootstrap, on the test clips against the cascade)
                                  "p_better_test": None if candidate is None else paired_improvement(
-                                     word_errors(refs, cascade_hyps), word_errors(refs, candidate)),
+                                     cascade_errors, candidate_errors),
                                  "p_worse_test": None if candidate is None else paired_improvement(
-                                     word_errors(refs, candidate), word_errors(refs, cascade_hyps)),
+                                     candidate_errors, cascade_errors),
                                  "steps": result.steps,
                                  "train_s": round(result.train_s, 1), "wall_s": round(out["wall"], 1),
                                  "peak_mem_mb": round(out["rss"]), "round_added_mb": round(out["added"]),
@@ -352,6 +346,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         w.writerows(runs)
     print(f"wrote {out_path}")
     return 0
+
+
+def _timed(transcribe, items: list[Item]) -> tuple[list[str], list[float]]:
+    """`transcribe(audio)` of each item, and the seconds each took."""
+    texts, seconds = [], []
+    for item in items:
+        t0 = time.perf_counter()
+        texts.append(transcribe(item.audio))
+        seconds.append(time.perf_counter() - t0)
+    return texts, seconds
 
 
 def _num(value: float | None) -> str:
