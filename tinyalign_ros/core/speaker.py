@@ -230,11 +230,7 @@ def registry_backend(root: str | Path) -> str | None:
     header = Path(root) / SpeakerRegistry.HEADER
     if not header.is_file():
         return None
-    try:
-        with safe_open(header, framework="pt") as f:
-            return (f.metadata() or {}).get("backend", "whisper")
-    except (SafetensorError, OSError) as exc:
-        raise SpeakerRegistryError(f"{header} is not a valid speaker-registry file: {exc}") from exc
+    return SpeakerRegistry.read(header)[1].get("backend", "whisper")
 
 
 class SpeakerRegistry:
@@ -265,7 +261,7 @@ class SpeakerRegistry:
         self._centroids: dict[str, torch.Tensor] = {}
         header = self.root / self.HEADER
         if header.is_file():
-            tensors, meta = self._read(header)
+            tensors, meta = self.read(header)
             if meta.get("backend", "whisper") != backend:  # registries before backends were whisper ones
                 raise SpeakerRegistryError(
                     f"{self.root} holds voiceprints of the {meta.get('backend', 'whisper')!r} speaker backend, not "
@@ -289,7 +285,7 @@ class SpeakerRegistry:
             except InvalidSpeakerId:
                 log.warning("ignoring %s: not a speaker file (invalid speaker id)", path)
                 continue
-            self._centroids[speaker] = self._read(path)[0]["embedding"]
+            self._centroids[speaker] = self.read(path)[0]["embedding"]
 
     # ---------------------------------------------------------------- files
 
@@ -309,7 +305,9 @@ class SpeakerRegistry:
     def _path(self, speaker: str) -> Path:
         return self.root / f"{validate_speaker_id(speaker)}.safetensors"
 
-    def _read(self, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    @classmethod
+    def read(cls, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """(tensors, metadata) of one registry file, checked (SpeakerRegistryError if it is not one)."""
         try:
             with safe_open(path, framework="pt") as f:
                 meta = f.metadata() or {}
@@ -318,7 +316,7 @@ class SpeakerRegistry:
             raise SpeakerRegistryError(f"{path} is not a valid speaker-registry file: {exc}") from exc
         if meta.get("format") != REGISTRY_FORMAT:
             raise SpeakerRegistryError(f"{path}: format {meta.get('format')!r}, expected {REGISTRY_FORMAT!r}")
-        if path.name != self.HEADER and "embedding" not in tensors:
+        if path.name != cls.HEADER and "embedding" not in tensors:
             raise SpeakerRegistryError(f"{path} has no embedding")
         return tensors, meta
 
