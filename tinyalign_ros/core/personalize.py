@@ -125,8 +125,11 @@ class PersonalizeConfig:
             raise ValueError(f"budget_s must be > 0, got {self.budget_s}")
         if not 0.0 <= self.gate_confidence < 1.0:
             raise ValueError(f"gate_confidence must be in [0, 1), got {self.gate_confidence}")
-        if self.kind == ASR_KIND and self.asr_encoder_layers == 0 and not self.asr_decoder:
-            raise ValueError("an asr adapter needs train.asr.encoder_layers > 0 or train.asr.decoder: true")
+        if self.kind == ASR_KIND:
+            try:
+                self.asr()  # AsrAdaptConfig's own checks, at start-up (a rank, layers and decoder it can train)
+            except ValueError as exc:
+                raise ValueError(f"train.asr: {exc}") from exc
 
     @property
     def learning_rate(self) -> float:
