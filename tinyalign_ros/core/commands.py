@@ -152,11 +152,16 @@ def _fields(template: str) -> list[str]:
     return [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
 
 
+def _tokens(text: str) -> list[str]:
+    """The lowercase words of `text` (letters, digits, apostrophes; a typographic apostrophe read as
+    '), punctuation dropped: what every word match of this module compares."""
+    return re.findall(r"[a-z0-9']+", text.lower().replace("\u2019", "'"))
+
+
 def normalize_phrase(text: str) -> str:
     """Lowercase words without punctuation, fillers dropped and immediate repetitions folded:
     "Stop, stop, STOP please!" -> "stop"."""
-    words = re.findall(r"[a-z0-9']+", text.lower().replace("’", "'"))
-    words = [w for w in words if w not in FILLERS]
+    words = [w for w in _tokens(text) if w not in FILLERS]
     for n in range(1, len(words) // 2 + 1):  # "stop stop stop", "stop it stop it"
         unit = words[:n]
         if len(words) % n == 0 and unit * (len(words) // n) == words:
@@ -200,8 +205,10 @@ def _cue_patterns(cues: tuple[str, ...]) -> list[re.Pattern]:
 
 
 def _words(text: str) -> list[str]:
-    return [w[:-1] if len(w) > 3 and w.endswith("s") and not w.endswith("ss") else w
-            for w in re.findall(r"[a-z0-9']+", text.lower())]
+    """`_tokens` with a possessive 's and a plural -s dropped ("grandpa's", "keys"): how values are
+    compared."""
+    words = [w[:-2] if w.endswith("'s") else w for w in _tokens(text)]
+    return [w[:-1] if len(w) > 3 and w.endswith("s") and not w.endswith("ss") else w for w in words]
 
 
 def _forms(arg: "Argument", aliases: bool = True) -> list[tuple[str, list[str]]]:
@@ -223,12 +230,17 @@ FUZZY_VALUE_RATIO = 0.7
 def mentioned(text: str, arg: "Argument", fuzzy: bool = False) -> set[str]:
     """The values of a choice argument that `text` names (the value or its spoken form, articles
     and plural -s ignored, as whole words): grounding evidence added to the LLM's score. With
-    `fuzzy`, when none is named as written, the one value nearly named (FUZZY_VALUE_RATIO), if any."""
+    `fuzzy`, when none is named as written, the one value nearly named (`nearly_mentioned`), if any."""
     heard = _words(text)
     said = f" {' '.join(heard)} "
     out = {value for value, words in _forms(arg) if f" {' '.join(words)} " in said}
-    if out or not fuzzy:
-        return out
+    return out if out or not fuzzy else nearly_mentioned(heard, arg)
+
+
+def nearly_mentioned(heard: list[str], arg: "Argument") -> set[str]:
+    """The one value of `arg` whose form (not an alias) a run of the words `heard` (`_words`),
+    spaces dropped, is FUZZY_VALUE_RATIO similar to and starts like, if any: `mentioned(fuzzy=True)`
+    when nothing is named as written."""
     from difflib import SequenceMatcher
 
     best, pick = FUZZY_VALUE_RATIO, None
@@ -288,7 +300,7 @@ class Skill:
         """Whether `text` says one of the cues as whole words, as written or (`inflected`) in any
         regular inflection of each word ("following", "lights", "switched" say "follow", "light",
         "switch")."""
-        said = " " + " ".join(re.findall(r"[a-z0-9']+", text.lower().replace("\u2019", "'"))) + " "
+        said = " " + " ".join(_tokens(text)) + " "
         if not inflected:
             return any(f" {c} " in said for c in self.cues)
         return any(rx.search(said) for rx in _cue_patterns(self.cues))
@@ -454,7 +466,7 @@ class SkillSet:
             cues = raw.get("cues") or []
             if not isinstance(cues, list):
                 raise fail(f"{where}.cues", "must be a list of words or phrases")
-            cues = tuple(" ".join(re.findall(r"[a-z0-9']+", text(c, f"{where}.cues").lower())) for c in cues)
+            cues = tuple(" ".join(_tokens(text(c, f"{where}.cues"))) for c in cues)
             skills.append(Skill(name, text(raw["description"], f"{where}.description"), tuple(args),
                                 templates.get("confirm", ""), templates.get("ask", ""), tuple(normalized), cues))
         seen: dict[str, str] = {}
@@ -763,9 +775,13 @@ class CommandParser:
         """What the words said add to a skill's calibrated score: CUE_BONUS when one of its cues
         was said, less MISSING_PENALTY for each choice argument without a default none of whose
         values was said (nearly said counts): "I'm going to read" says go_to's cue but no place."""
-        needed = [a for a in skill.arguments if a.type == "choice" and not a.default]
-        named = sum(bool(mentioned(text, a)) for a in needed)
-        missing = sum(not mentioned(text, a, fuzzy=True) for a in needed)
+        named = missing = 0
+        for arg in skill.arguments:
+            if arg.type == "choice" and not arg.default:
+                if mentioned(text, arg):
+                    named += 1
+                elif not nearly_mentioned(_words(text), arg):
+                    missing += 1
         cue = (self.cue_bonus if skill.cued(text, inflected=False) else
                self.inflected_cue_bonus if skill.cued(text) else 0.0)
         return cue - self.missing_penalty * missing + self.named_bonus * named
