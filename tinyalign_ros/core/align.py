@@ -407,11 +407,11 @@ def encode_file(encoder, path: Path, layer: int | None = None) -> torch.Tensor:
 
 def encode_samples(encoder, samples: np.ndarray, layer: int | None = None, grad: bool = False) -> torch.Tensor:
     """`grad=True` keeps the graph (end-to-end alignment trains the encoder too)."""
-    from .encoder import log_mel
+    from .encoder import log_mel, speech_frames
 
     layer = layer or encoder.n_layers
     mel = log_mel(samples, pad_to_30s=False).unsqueeze(0)
-    frames = max(1, math.ceil(len(samples) / 320))
+    frames = speech_frames(len(samples))
     with torch.enable_grad() if grad else torch.inference_mode():
         out = encoder(mel, max_layer=layer)
     return out.output[0, :frames]

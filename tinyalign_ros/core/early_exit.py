@@ -306,12 +306,12 @@ def encode_utterance(
     Padded input is trimmed back to the frames that hold the utterance (one per 20 ms), so a
     message never carries 30 s of features for a 2 s command.
     """
-    from .encoder import log_mel
+    from .encoder import log_mel, speech_frames
 
     mel = log_mel(samples_16k, pad_to_30s=pad_to_30s)
     if mel.dim() == 2:
         mel = mel.unsqueeze(0)
-    frames = max(1, math.ceil(len(samples_16k) / 320))
+    frames = speech_frames(len(samples_16k))
     with torch.inference_mode():
         if heads is None:
             out = encoder(mel)

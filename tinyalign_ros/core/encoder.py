@@ -46,6 +46,12 @@ def _feature_extractor(n_mels: int):
     return FeatureExtractor(feature_size=n_mels)
 
 
+def speech_frames(n_samples: int) -> int:
+    """Encoder frames that hold `n_samples` of 16 kHz audio (one per 20 ms, at least one): the
+    frames of an utterance's features, padded input trimmed back to them."""
+    return max(1, math.ceil(n_samples / 320))
+
+
 def log_mel(samples_16k: np.ndarray, pad_to_30s: bool, n_mels: int = 80) -> torch.Tensor:
     """Whisper log-mel features (n_mels, frames) of 16 kHz mono audio, as faster-whisper makes them.
 

@@ -50,7 +50,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,7 +62,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as save_safetensors
 
 from .adapters import InvalidSpeakerId, atomic_write_bytes, validate_speaker_id
-from .encoder import WhisperEncoder, log_mel
+from .encoder import WhisperEncoder, log_mel, speech_frames
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +157,7 @@ class SpeakerEmbedder:
         """Pooled statistics of one utterance; runs the encoder only up to `layer` (unpadded mel)."""
         samples = np.asarray(samples_16k, dtype=np.float32)
         mel = log_mel(samples, pad_to_30s=False)
-        frames = max(1, math.ceil(samples.size / 320))  # one encoder frame per 20 ms of speech
+        frames = speech_frames(samples.size)
         with torch.inference_mode():
             for i, hidden in enumerate(self.encoder.layers(mel)):
                 if i == self.layer:
