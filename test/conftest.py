@@ -203,3 +203,25 @@ def demo_file(tmp_path_factory) -> tuple[Path, list[dict]]:
 def write(path: Path, data: np.ndarray, rate: int, subtype: str = "PCM_16") -> Path:
     sf.write(str(path), data, rate, subtype=subtype)
     return path
+
+
+# -- the LLM's tokenizer and a tiny random LLM with its vocabulary: for the logic of what feeds an LLM ----------
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from tinyalign_ros.core.models import default_llm_dir
+
+    return AutoTokenizer.from_pretrained(default_llm_dir())
+
+
+@pytest.fixture(scope="module")
+def tiny_llm(tokenizer):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
+    return LlamaForCausalLM(cfg).eval().requires_grad_(False)

@@ -4,28 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from conftest import espeak
 from tinyalign_ros.core.align import (
     IGNORE, AlignedLLM, AlignPrompt, FeatureSet, TrainConfig, build_embeds, encode_file, prompt_segments,
     train_projector)
-from tinyalign_ros.core.models import default_llm_dir
 from tinyalign_ros.core.projector import build_projector, load_projector
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return AutoTokenizer.from_pretrained(default_llm_dir())
-
-
-@pytest.fixture(scope="module")
-def tiny_llm(tokenizer):
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
-    return LlamaForCausalLM(cfg).eval().requires_grad_(False)
 
 
 @pytest.fixture

@@ -8,33 +8,17 @@ import time
 import numpy as np
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from conftest import Probe, wait_for
 
 from tinyalign_ros.core.adapters import AdapterStore
 from tinyalign_ros.core.align import AlignedLLM, AlignPrompt
-from tinyalign_ros.core.models import default_llm_dir
 from tinyalign_ros.core.personalize import (PersonalizeConfig, Personalizer, PersonalizeResult, Progress,
                                             adapter_tensors, apply_adapter, paired_improvement, trainable_module)
 from tinyalign_ros.core.projector import build_projector
 from tinyalign_ros.core.samples import SampleStore
 
 SPEAKER = "alice"
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return AutoTokenizer.from_pretrained(default_llm_dir())
-
-
-@pytest.fixture(scope="module")
-def tiny_llm(tokenizer):
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
-    return LlamaForCausalLM(cfg).eval().requires_grad_(False)
 
 
 @pytest.fixture
