@@ -244,3 +244,105 @@ def test_config_is_validated():
         AsrAdaptConfig(time_mask=0.7)
     cfg = AsrAdaptConfig(rank=4, encoder_layers=3)
     assert AsrAdaptConfig.from_metadata(cfg.metadata()) == AsrAdaptConfig(rank=4, alpha=cfg.alpha, encoder_layers=3)
+
+
+# --------------------------------------------------------------------------- Tiny-Align end to end (kind e2e)
+def _e2e_personalizer(tmp_path, samples, cascade, tiny_llm, tokenizer, **cfg) -> Personalizer:
+    from tinyalign_ros.core.align import AlignedLLM
+    from tinyalign_ros.core.projector import build_projector
+
+    torch.manual_seed(1)
+    projector = build_projector("mlp", in_dim=384, out_dim=64, stack=4, hidden=32)  # tiny.en frames -> the tiny LLM
+    aligned = AlignedLLM(tiny_llm, tokenizer, projector, max_new_tokens=3)
+    config = PersonalizeConfig(**{"kind": "e2e", "max_steps": 2, "min_samples": 4, "asr_encoder_layers": 1,
+                                  "asr_batch": 4, "e2e_llm_chunk": 2, "gate_min_words": 1, "gate_confidence": 0.0,
+                                  "max_new_tokens": 3, "nice": 0, "threads": 0, **cfg})
+    return Personalizer(aligned, samples, AdapterStore(tmp_path / "adapters"), tmp_path / "work", "base-sha",
+                        config, asr=AsrBase(transcriber=FixedTranscriber(cascade), fast_decoding=False))
+
+
+def test_an_e2e_round_trains_whisper_and_projector_through_both_losses_into_one_adapter(
+        tmp_path, clips, tiny_llm, tokenizer, monkeypatch):
+    from tinyalign_ros.core.personalize import apply_adapter
+
+    trainer = _e2e_personalizer(tmp_path, _store(tmp_path, clips), "", tiny_llm, tokenizer)
+    # a random LLM repeats nothing: let the aligned assistant's text be the transcript it is anchored to,
+    # so that the gate (which judges that text) sees the adapted Whisper's gain over a deaf cascade
+    monkeypatch.setattr(trainer, "aligned_texts", lambda projector, features, heard: list(heard))
+    losses = []
+    result = trainer.run("alice", on_progress=lambda p: losses.append(p.loss))
+    assert result.status == "saved", result.message
+    assert result.val_transcript_wer[0] == 1.0 and result.val_transcript_wer[1] < 1.0
+    adapter = trainer.latest_asr_adapter("alice")
+    assert adapter.info.extra["kind"] == "e2e"
+    assert adapter.info.base_hashes == {"whisper": trainer.asr.sha, "projector": "base-sha"}
+    asr_keys = [k for k in adapter.tensors if k.startswith("asr.")]
+    projector_keys = [k for k in adapter.tensors if k.startswith("projector.")]
+    assert asr_keys and projector_keys and len(asr_keys) + len(projector_keys) == len(adapter.tensors)
+    # LoRA B starts at zero: only the LLM's loss can have moved the projector's
+    assert any(float(v.abs().max()) > 0 for k, v in adapter.tensors.items() if k.startswith("projector.")
+               and "lora_B" in k)
+    # the assistant's projector for this speaker differs from the base
+    frames = torch.randn(1, 12, 384)
+    base = trainer.base
+    assert not torch.allclose(apply_adapter(base, adapter)(frames, torch.tensor([12]))[0],
+                              base(frames, torch.tensor([12]))[0])
+    # asr_node's Recognizer takes it: the adapted transcript, and the adapted last-layer features
+    from tinyalign_ros.core.encoder import load_whisper_encoder, speech_frames
+
+    encoder = load_whisper_encoder()
+    recognizer = Recognizer(FixedTranscriber("from faster whisper"), encoder=encoder, base=trainer.asr)
+    audio = clips[5][0]
+    plain = recognizer.recognize(audio, "bob")
+    recognizer.set_adapter("alice", adapter)
+    alice = recognizer.recognize(audio, "alice")
+    assert alice.source == "adapter" and alice.adapter_version == adapter.info.version
+    assert alice.encoded.layer == encoder.n_layers and alice.encoded.features.shape == plain.encoded.features.shape
+    assert alice.encoded.features.shape[0] == speech_frames(audio.size)
+    assert not torch.allclose(alice.encoded.features, plain.encoded.features)
+    assert recognizer.drop_adapter("alice")
+    assert torch.allclose(recognizer.recognize(audio, "alice").encoded.features, plain.encoded.features)
+
+
+def test_a_fresh_e2e_adapter_gives_the_base_encoders_features(base, clips):
+    from tinyalign_ros.core.early_exit import FULL_DEPTH, encode_utterance
+    from tinyalign_ros.core.encoder import load_whisper_encoder
+
+    model = base.model(AsrAdaptConfig(encoder_layers=2, decoder=False))
+    audio = clips[2][0]
+    expected = encode_utterance(load_whisper_encoder(), None, FULL_DEPTH, audio).features
+    assert torch.allclose(model.features(audio), expected, atol=1e-4)
+
+
+def test_the_e2e_gate_refuses_a_candidate_whose_transcripts_got_worse(tmp_path, clips, tiny_llm, tokenizer,
+                                                                      monkeypatch):
+    samples = _store(tmp_path, clips)
+    _, held = samples.split("alice", 0.2, 2)
+    trainer = _e2e_personalizer(tmp_path, samples, "", tiny_llm, tokenizer)
+    refs = iter([info.text for info in held])
+    trainer.asr.cascade = lambda audio: next(refs)  # the cascade is perfect on the held-out samples
+    # ...and the aligned assistant's text is better after the round than before: only the transcripts can refuse
+    calls = []
+
+    def texts(projector, features, heard):
+        calls.append(len(calls))
+        return ["x"] * len(heard) if len(calls) == 1 else [info.text for info in held]
+
+    monkeypatch.setattr(trainer, "aligned_texts", texts)
+    # a learning rate that wrecks the decoder's LoRA in two steps
+    trainer.config = PersonalizeConfig(**{**trainer.config.__dict__, "lr": 0.3, "asr_decoder": True})
+    result = trainer.run("alice")
+    assert result.val_wer_after == 0.0 < result.val_wer_before
+    assert result.val_transcript_wer[1] > result.val_transcript_wer[0] == 0.0
+    assert result.status == "rejected" and "transcripts got worse" in result.message, result.message
+    assert trainer.latest_asr_adapter("alice") is None
+
+
+def test_e2e_adapters_for_another_base_projector_are_not_continued(tmp_path, clips, tiny_llm, tokenizer):
+    trainer = _e2e_personalizer(tmp_path, _store(tmp_path, clips), "", tiny_llm, tokenizer)
+    trainer.adapters.save("alice", {"asr.x": torch.zeros(1)}, base_hashes={"whisper": trainer.asr.sha,
+                                                                        "projector": "other"},
+                          extra={"kind": "e2e"})
+    assert trainer.latest_asr_adapter("alice") is None
+    with pytest.raises(ValueError, match="e2e_llm_chunk"):
+        PersonalizeConfig(kind="e2e", e2e_llm_chunk=0)

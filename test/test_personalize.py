@@ -468,27 +468,37 @@ def test_personalizer_node_declares_exactly_its_yaml_section(ros, monkeypatch, t
 # --------------------------------------------------------------------------- benchmark
 
 
-def test_bench_personalize_writes_json_and_png_on_a_tiny_config(tmp_path, monkeypatch, tiny_model_dir,
-                                                                tiny_projector_file):
-    """Both families side by side: an ASR adapter (real tiny.en, decoder only) and a projector one (tiny LLM)."""
+def test_bench_personalize_writes_json_and_png_on_a_tiny_config(tmp_path, monkeypatch, tiny_model_dir):
+    """The families side by side: an ASR adapter (real tiny.en, decoder only), a projector one and
+    Tiny-Align end to end (both with the tiny LLM and a projector for tiny.en's 384-dim frames)."""
     from conftest import espeak
     from tinyalign_ros.bench import personalize as bench
     from tinyalign_ros.core.audio import load_audio
+    from tinyalign_ros.core.projector import save_projector
 
+    torch.manual_seed(1)
+    projector_file = save_projector(build_projector("mlp", in_dim=384, out_dim=64, stack=4, hidden=32, encoder_layer=4),
+                                    tmp_path / "projector.safetensors")
     g = torch.Generator().manual_seed(0)
     clip = load_audio(espeak("turn left", tmp_path / "turn_left.wav"))
-    fake = {"v1": [bench.Item(clip, "turn left", torch.randn(8, 16, generator=g), "turn left") for _ in range(14)]}
+    fake = {"v1": [bench.Item(clip, "turn left", torch.randn(8, 384, generator=g), "turn left") for _ in range(14)]}
     monkeypatch.setattr(bench, "voice_sets", lambda corpus, voices, real: fake)
-    assert bench.main(["--out", str(tmp_path), "--llm", str(tiny_model_dir), "--projector", str(tiny_projector_file),
-                       "--n", "4,8", "--test", "4", "--methods", "asr-dec,lora", "--max-steps", "2",
+    methods = ["asr-dec", "lora", "e2e"]
+    assert bench.main(["--out", str(tmp_path), "--llm", str(tiny_model_dir), "--projector", str(projector_file),
+                       "--n", "4,8", "--test", "4", "--methods", ",".join(methods), "--max-steps", "2",
                        "--threads", "1"]) == 0
     record = json.loads((tmp_path / "personalize.json").read_text())
-    assert len(record["voices"]) == 2 * 2 and (tmp_path / "personalize.png").stat().st_size > 0
-    assert {r["method"] for r in record["voices"]} == {"asr-dec", "lora"}
+    assert len(record["voices"]) == 2 * 3 and (tmp_path / "personalize.png").stat().st_size > 0
+    assert {r["method"] for r in record["voices"]} == set(methods)
     for run in record["voices"]:
         assert run["gate"] in ("saved", "rejected") and run["steps"] == 2 and run["peak_mem_mb"] > 0
         # docs/design.md §7's names; the cascade's WER on the same test set is the yardstick
         assert {"voice", "real", "atypical", "method", "n_train", "wer_before", "wer_after", "cascade_wer",
-                "train_s", "peak_mem_mb", "adapter_mb"} <= set(run)
-        assert run["real"] is False and 0.0 <= run["cascade_wer"] <= 1.0 and run["wer_before"] == run["cascade_wer"]
-    assert "git_commit" in record and record["methods"] == ["asr-dec", "lora"]
+                "train_s", "peak_mem_mb", "adapter_mb", "aligned_base_wer", "wer_transcript"} <= set(run)
+        assert run["real"] is False and 0.0 <= run["cascade_wer"] <= 1.0
+        # what the speaker gets without an adapter: the transcript (asr kinds), the aligned assistant's text
+        aligned = run["method"] in ("lora", "e2e")
+        assert run["wer_before"] == (run["aligned_base_wer"] if aligned else run["cascade_wer"])
+        # e2e is judged on the aligned text, and also reports the transcripts its Whisper half gave
+        assert (run["wer_transcript"] is not None) == (run["method"] == "e2e")
+    assert "git_commit" in record and record["methods"] == methods

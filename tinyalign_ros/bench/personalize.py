@@ -74,7 +74,8 @@ ATYPICAL_SOX = ["tempo", "-s", "0.8", "pitch", "-300", "sinc", "300-3400", "reve
                 "rate", "-v", "16000", "gain", "-n", "-3"]
 FIXED_CLOCK = 1.8e9
 # method -> (encoder layers with LoRA (None = --encoder-layers), LoRA in the decoder)
-ASR_METHODS = {"asr": (None, True), "asr-dec": (0, True), "asr-enc": (None, False)}
+ASR_METHODS = {"asr": (None, True), "asr-dec": (0, True), "asr-enc": (None, False), "e2e": (None, False)}
+ALIGNED_METHODS = {"e2e", "lora", "full"}  # judged by the aligned assistant's text
 
 
 @dataclass
@@ -91,7 +92,8 @@ def make_atypical(path: Path) -> np.ndarray:
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out.wav"
-        subprocess.run(["sox", str(path), "-c", "1", str(out), *ATYPICAL_SOX], check=True, capture_output=True)
+        # -R: sox's dither seeded the same every run (by default it differs, and so would the figures)
+        subprocess.run(["sox", "-R", str(path), "-c", "1", str(out), *ATYPICAL_SOX], check=True, capture_output=True)
         audio, _ = sf.read(out, dtype="float32")
     rng = np.random.default_rng(zlib.crc32(path.name.encode()))  # the same noise in every run
     power = float(np.mean(audio.astype(np.float64) ** 2))
@@ -129,12 +131,7 @@ def _projector_round(args, kind: str, pool: list[Item], test: list[Item], tmp: P
     from tinyalign_ros.core.samples import SampleStore
 
     aligned, base, base_sha, hybrid, encoder = _llm(args, llm_state)
-    for item in pool + test:
-        if item.features is None:
-            from tinyalign_ros.core.early_exit import FULL_DEPTH, encode_utterance
-
-            item.features = encode_utterance(encoder, None, FULL_DEPTH, item.audio).features.float()
-            item.heard = llm_state["whisper"].transcribe(item.audio).text
+    _features(pool + test, encoder, llm_state["whisper"])
     samples, adapters = SampleStore(tmp / "s", clock=lambda: FIXED_CLOCK), AdapterStore(tmp / "a")
     samples.grant_consent("bench")
     for k, item in enumerate(pool):
@@ -151,13 +148,28 @@ def _projector_round(args, kind: str, pool: list[Item], test: list[Item], tmp: P
     adapter = adapters.load_latest("bench")
     projector = apply_adapter(base, adapter) if adapter else base
     aligned.projector = projector
-    hyps: list[str] = []
-    for s in range(0, len(test), 8):
-        chunk = test[s:s + 8]
-        hyps += aligned.transcribe([c.features for c in chunk], 40, [c.heard for c in chunk] if hybrid else None)
+    hyps = _aligned_texts(aligned, [c.features for c in test], [c.heard for c in test] if hybrid else None)
     aligned.projector = base
     return {"result": result, "hyps": hyps, "wall": wall, "rss": rss.peak, "added": rss.peak - start_mb,
             "adapter_mb": adapter.info.path.stat().st_size / 1e6 if adapter else 0.0}
+
+
+def _features(items: list[Item], encoder, whisper) -> None:
+    """Fill in each item's base features (full depth, unpadded: what asr_node publishes) and cascade transcript."""
+    from tinyalign_ros.core.early_exit import FULL_DEPTH, encode_utterance
+
+    for item in items:
+        if item.features is None:
+            item.features = encode_utterance(encoder, None, FULL_DEPTH, item.audio).features.float()
+            item.heard = whisper.transcribe(item.audio).text
+
+
+def _aligned_texts(aligned, features: list[torch.Tensor], heard: list[str] | None) -> list[str]:
+    """The aligned assistant's greedy "repeat what was said" of each utterance (its projector as set)."""
+    hyps: list[str] = []
+    for s in range(0, len(features), 8):
+        hyps += aligned.transcribe(features[s:s + 8], 40, heard[s:s + 8] if heard is not None else None)
+    return hyps
 
 
 def _llm(args, state: dict):
@@ -192,46 +204,68 @@ def extra_items(voice: str, count: int, avoid: set[str], seed: int) -> list[Item
     return [Item(synthesize(text, spec), text) for text in texts[:count]]
 
 
-def _asr_round(args, method: str, pool: list[Item], test: list[Item], tmp: Path, asr_base, transcriber) -> dict:
-    """One ASR-adapter round as personalizer_node runs it, judged by the Recognizer asr_node runs."""
+def _asr_round(args, method: str, pool: list[Item], test: list[Item], tmp: Path, asr_base, transcriber,
+               llm_state: dict) -> dict:
+    """One ASR-adapter round as personalizer_node runs it, judged by the Recognizer asr_node runs
+    (e2e: and by the aligned assistant reading that Recognizer's features, with the adapter's projector)."""
     from tinyalign_ros.core.adapters import AdapterStore
-    from tinyalign_ros.core.personalize import PersonalizeConfig, Personalizer
+    from tinyalign_ros.core.asr_adapt import E2E_KIND
+    from tinyalign_ros.core.personalize import PersonalizeConfig, Personalizer, apply_adapter
     from tinyalign_ros.core.recognizer import Recognizer
     from tinyalign_ros.core.samples import SampleStore
 
+    e2e = method == E2E_KIND
+    aligned = base = None
+    base_sha, hybrid = "", False
+    if e2e:  # the samples carry what asr_node heard (the hybrid prompt's transcript)
+        aligned, base, base_sha, hybrid, encoder = _llm(args, llm_state)
+        _features(pool + test, encoder, transcriber)
     # a fixed clock: sample ids (hence the held-out split) are the same for every method and seed
     samples, adapters = SampleStore(tmp / "s", clock=lambda: FIXED_CLOCK), AdapterStore(tmp / "a")
     samples.grant_consent("bench")
     for k, item in enumerate(pool):
         samples.add("bench", torch.zeros(1, 1), item.text, "correction", utterance_id=str(k), audio=item.audio,
-                    created=FIXED_CLOCK - len(pool) + k)
+                    asr_transcript=item.heard, created=FIXED_CLOCK - len(pool) + k)
     layers, decoder = ASR_METHODS[method]
-    config = PersonalizeConfig(kind="asr", budget_s=args.budget_s, max_steps=args.max_steps,
+    config = PersonalizeConfig(kind=E2E_KIND if e2e else "asr", budget_s=args.budget_s, max_steps=args.max_steps,
                                min_samples=min(len(pool), 8), seed=args.seed, nice=0, threads=0,
                                asr_encoder_layers=args.encoder_layers if layers is None else layers, asr_decoder=decoder,
-                               lr=args.lr, asr_epochs=args.epochs)
-    trainer = Personalizer(None, samples, adapters, tmp / "w", "", config, asr=asr_base)
+                               lr=args.lr, asr_epochs=args.epochs, e2e_llm_weight=args.llm_weight)
+    trainer = Personalizer(aligned, samples, adapters, tmp / "w", base_sha, config, asr=asr_base)
     torch.manual_seed(args.seed)
     with PeakRss() as rss:
         start_mb = rss.peak
         t0 = time.perf_counter()
         result = trainer.run("bench")
         wall = time.perf_counter() - t0
-    recognizer = Recognizer(transcriber, base=asr_base)
+    # e2e: with the encoder, so that the speaker's adapted features come out as asr_node publishes them
+    recognizer = Recognizer(transcriber, encoder=llm_state["aligned"][4] if e2e else None, base=asr_base)
     seconds: list[float] = []
+    transcripts: dict[int, list[str]] = {}
 
     def heard(candidate) -> list[str]:
+        """What the speaker gets with `candidate`: the transcript (asr), the aligned assistant's text (e2e)."""
         recognizer.set_adapter("bench", candidate)
-        texts, took = _timed(lambda audio: recognizer.recognize(audio, "bench").text, test)
+        got, took = _timed(lambda audio: recognizer.recognize(audio, "bench"), test)
         seconds.extend(took)
-        return texts
+        texts = [r.text for r in got]
+        transcripts[candidate.info.version] = texts
+        if not e2e:
+            return texts
+        aligned.projector = apply_adapter(base, candidate)
+        try:
+            return _aligned_texts(aligned, [r.encoded.features for r in got], texts if hybrid else None)
+        finally:
+            aligned.projector = base
 
     adapter = trainer.latest_asr_adapter("bench")
     # the gate kept the cascade: hyps None (its transcripts, decoded once per voice); the candidate is
     # judged on the test clips either way, so that the gate's decisions can be judged too
     hyps = heard(adapter) if adapter is not None else None
     candidate_hyps = hyps if hyps is not None else heard(result.candidate) if result.candidate is not None else None
+    judged = adapter if adapter is not None else result.candidate
     return {"result": result, "hyps": hyps, "candidate_hyps": candidate_hyps, "wall": wall, "rss": rss.peak,
+            "transcripts": transcripts.get(judged.info.version) if judged is not None and e2e else None,
             "recognize_s": float(np.median(seconds)) if seconds else None,
             "added": rss.peak - start_mb, "adapter_mb": adapter.info.path.stat().st_size / 1e6 if adapter else 0.0}
 
@@ -241,7 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, required=True, help="folder for personalize.json, .csv and .png")
     ap.add_argument("--corpus", type=Path, default=Path("build/corpus"), help="folder with manifest.csv")
     ap.add_argument("--methods", default="asr-enc,asr",
-                    help="comma-separated: asr-enc (the default adapter), asr, asr-dec, lora, full")
+                    help="comma-separated: asr-enc (the default adapter), asr, asr-dec, e2e, lora, full")
     ap.add_argument("--n", default="10,25,50", help="comma-separated numbers of personalization utterances")
     ap.add_argument("--real-n", default="5", help="the same for the real recordings (only 10 clips ship)")
     ap.add_argument("--test", type=int, default=25, help="test utterances per voice (the last ones)")
@@ -257,6 +291,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--encoder-layers", type=int, default=2, help="top encoder blocks with LoRA for `asr`")
     ap.add_argument("--epochs", type=float, default=6.0, help="asr methods: passes over the samples per round")
     ap.add_argument("--lr", type=float, default=0.0, help="learning rate (0 = the kind's default)")
+    ap.add_argument("--llm-weight", type=float, default=1.0, help="e2e: weight of the LLM's loss beside the decoder's")
     ap.add_argument("--projector", type=Path, default=None, help="projector methods: base projector")
     ap.add_argument("--llm", default="", help="projector methods: transformers model folder")
     ap.add_argument("--threads", type=int, default=2)
@@ -294,6 +329,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         cascade_hyps, cascade_s = _timed(lambda audio: transcriber.transcribe(audio).text, test)
         cascade, cascade_errors = wer(refs, cascade_hyps), word_errors(refs, cascade_hyps)
         print(f"{voice}: {len(pool)} utterances to personalize on, {n_test} test; cascade WER {cascade:.3f}", flush=True)
+        aligned_hyps = aligned_errors = None  # the aligned assistant without an adapter: the yardstick of the methods judged by it
+        if set(methods) & ALIGNED_METHODS:
+            aligned, base, _, hybrid, encoder = _llm(args, llm_state)
+            _features(test, encoder, transcriber)
+            aligned_hyps = _aligned_texts(aligned, [i.features for i in test], [i.heard for i in test] if hybrid else None)
+            aligned_errors = word_errors(refs, aligned_hyps)
+            print(f"{voice}: aligned assistant (base projector) WER {wer(refs, aligned_hyps):.3f}", flush=True)
         for n in real_ns if real else ns:
             if n > len(pool):
                 continue
@@ -302,16 +344,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                     with tempfile.TemporaryDirectory() as tmp:
                         run_args = argparse.Namespace(**{**vars(args), "seed": seed})
                         if method in ASR_METHODS:
-                            out = _asr_round(run_args, method, pool[:n], test, Path(tmp), asr_base, transcriber)
+                            out = _asr_round(run_args, method, pool[:n], test, Path(tmp), asr_base, transcriber,
+                                             llm_state)
                         else:
                             out = _projector_round(run_args, method, pool[:n], test, Path(tmp), llm_state)
                     result = out["result"]
-                    after = wer(refs, cascade_hyps if out["hyps"] is None else out["hyps"])
+                    # what the speaker gets without an adapter: the cascade's transcript, or the aligned assistant's text
+                    now = aligned_hyps if method in ALIGNED_METHODS else cascade_hyps
+                    now_errors = aligned_errors if method in ALIGNED_METHODS else cascade_errors
+                    after = wer(refs, now if out["hyps"] is None else out["hyps"])
                     candidate = out.get("candidate_hyps")
                     candidate_errors = None if candidate is None else word_errors(refs, candidate)
                     runs.append({"voice": voice, "real": real, "atypical": atypical.get(voice, voice != REAL_VOICE),
                                  "method": method,
-                                 "seed": seed, "n_train": n, "test_n": n_test, "wer_before": cascade,
+                                 "seed": seed, "n_train": n, "test_n": n_test, "wer_before": wer(refs, now),
                                  "wer_after": after, "cascade_wer": cascade, "ratio": after / cascade if cascade else None,
                                  "gate": result.status, "val_wer_before": result.val_wer_before,
                                  "val_wer_after": result.val_wer_after, "p_better": result.p_better,
@@ -320,9 +366,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  # is the candidate's difference on the test clips more than luck? (the gate's
                                  # paired bootstrap, on the test clips against the cascade)
                                  "p_better_test": None if candidate is None else paired_improvement(
-                                     cascade_errors, candidate_errors),
+                                     now_errors, candidate_errors),
                                  "p_worse_test": None if candidate is None else paired_improvement(
-                                     candidate_errors, cascade_errors),
+                                     candidate_errors, now_errors),
+                                 # aligned methods: the aligned assistant's WER without an adapter (wer_before), and
+                                 # (e2e) the WER of the transcripts the judged adapter gave (cascade mode, the anchor)
+                                 "aligned_base_wer": None if aligned_hyps is None else wer(refs, aligned_hyps),
+                                 "wer_transcript": None if out.get("transcripts") is None
+                                 else wer(refs, out["transcripts"]),
                                  "steps": result.steps,
                                  "train_s": round(result.train_s, 1), "wall_s": round(out["wall"], 1),
                                  "peak_mem_mb": round(out["rss"]), "round_added_mb": round(out["added"]),

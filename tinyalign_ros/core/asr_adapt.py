@@ -34,8 +34,8 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -45,9 +45,21 @@ from torch import nn
 from .audio import SAMPLE_RATE
 from .decoder import (EOT, NO_TIMESTAMPS, SOT, WhisperDecoder, ct2_greedy, decode_text, encode_text,
                       looks_looped, max_tokens_for)
-from .encoder import WhisperEncoder, log_mel
+from .encoder import WhisperEncoder, log_mel, speech_frames
 
 ASR_KIND = "asr"
+# Tiny-Align end to end (core/personalize.py): this LoRA plus a LoRA on the aligned assistant's projector, trained
+# together through the decoder's and the LLM's losses; its tensors are stored as "asr.*" and "projector.*"
+E2E_KIND = "e2e"
+AUDIO_KINDS = (ASR_KIND, E2E_KIND)  # kinds trained on the speaker's audio, used by asr_node for the transcript
+ASR_PREFIX, PROJECTOR_PREFIX = "asr.", "projector."
+
+
+def asr_tensors(kind: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The Whisper LoRA tensors of an adapter of kind "asr" (all of them) or "e2e" (its "asr.*" ones)."""
+    if kind == ASR_KIND:
+        return tensors
+    return {k[len(ASR_PREFIX):]: v for k, v in tensors.items() if k.startswith(ASR_PREFIX)}
 
 
 @dataclass(frozen=True)
@@ -90,6 +102,15 @@ def lora_targets(encoder: WhisperEncoder, decoder: WhisperDecoder, cfg: AsrAdapt
     return names
 
 
+def time_mask(h: torch.Tensor, speech: int, fraction: float, rng: random.Random) -> None:
+    """Zero one span of `fraction` of the first `speech` frames of `h` (frames, d), in place
+    (SpecAugment-like time masking of cached states; nothing when the span is empty)."""
+    width = int(speech * fraction)
+    if width > 0:
+        start = rng.randrange(0, speech - width + 1)
+        h[start:start + width] = 0.0
+
+
 @dataclass
 class Prepared:
     """What training reads per sample: the frozen lower encoder states and the label tokens."""
@@ -98,6 +119,9 @@ class Prepared:
     tokens: list[list[int]]  # [SOT, NO_TIMESTAMPS, text..., EOT]
     seconds: list[float]
     texts: list[str]
+    # the same blocks' output for the unpadded log-mel (speech frames only), fp16: what `features_from`
+    # turns into the projector's input (end-to-end rounds only; empty otherwise)
+    unpadded: list[torch.Tensor] = field(default_factory=list)
 
 
 class SpeakerAsr(nn.Module):
@@ -154,13 +178,17 @@ class SpeakerAsr(nn.Module):
         return self.encoder.ln_post(h)
 
     # -- training -------------------------------------------------------------------------
-    def prepare(self, items: Sequence[tuple[np.ndarray, str]]) -> Prepared:
-        """Run every frozen part once: (16 kHz samples, label text) -> cached states and tokens."""
+    def prepare(self, items: Sequence[tuple[np.ndarray, str]], unpadded: bool = False) -> Prepared:
+        """Run every frozen part once: (16 kHz samples, label text) -> cached states and tokens
+        (`unpadded`: also the states of the unpadded input, for `features_from`)."""
         out = Prepared([], [], [], [], [])
         for samples, text in items:
             mel = log_mel(samples, pad_to_30s=True)
             out.states.append(self.lower(mel)[0].to(torch.float16))
-            out.speech_frames.append(min(self.encoder.config.n_ctx, math.ceil(samples.size / SAMPLE_RATE * 50)))
+            if unpadded:
+                frames = speech_frames(samples.size)
+                out.unpadded.append(self.lower(log_mel(samples, pad_to_30s=False))[0, :frames].to(torch.float16))
+            out.speech_frames.append(min(self.encoder.config.n_ctx, speech_frames(samples.size)))
             out.tokens.append([SOT, NO_TIMESTAMPS] + encode_text(text) + [EOT])
             out.seconds.append(samples.size / SAMPLE_RATE)
             out.texts.append(text)
@@ -169,13 +197,9 @@ class SpeakerAsr(nn.Module):
     def loss(self, data: Prepared, idx: Sequence[int], rng: random.Random | None = None) -> torch.Tensor:
         """Teacher-forced cross-entropy of the label tokens (after the prompt) for samples `idx`."""
         h = torch.stack([data.states[i] for i in idx]).float()
-        if rng is not None and self.cfg.time_mask > 0:
-            for row, i in enumerate(idx):  # one span per sample, inside its speech
-                n = data.speech_frames[i]
-                width = int(n * self.cfg.time_mask)
-                if width > 0:
-                    start = rng.randrange(0, n - width + 1)
-                    h[row, start:start + width] = 0.0
+        if rng is not None:
+            for row, i in enumerate(idx):
+                time_mask(h[row], data.speech_frames[i], self.cfg.time_mask, rng)
         xa = self.upper(h)
         length = max(len(data.tokens[i]) for i in idx) - 1
         inp = torch.full((len(idx), length), EOT, dtype=torch.long)
@@ -200,6 +224,19 @@ class SpeakerAsr(nn.Module):
             return "", 0.0  # a looped decode is no transcript (the gate counts it as all deletions)
         return text, float(math.exp(min(logprob, 0.0)))
 
+    def features_from(self, state: torch.Tensor) -> torch.Tensor:
+        """The adapted final-layer features (after ln_post) of one utterance from its *unpadded* lower
+        states (`lower` of `log_mel(pad_to_30s=False)`): what asr_node publishes for the aligned
+        assistant's projector (models/projector.md: layer 4, unpadded); equal to the base encoder's
+        output while the LoRA is zero."""
+        return self.upper(state.float().unsqueeze(0))[0]
+
+    @torch.no_grad()
+    def features(self, samples: np.ndarray) -> torch.Tensor:
+        """(frames, d) adapted features of one utterance (16 kHz mono), one frame per 20 ms."""
+        frames = speech_frames(samples.size)
+        return self.features_from(self.lower(log_mel(samples, pad_to_30s=False))[0])[:frames]
+
     @torch.no_grad()
     def transcribe(self, samples: np.ndarray) -> tuple[str, float]:
         """(text, confidence) of one utterance (16 kHz mono, <= 30 s) with this speaker's adapter."""
@@ -207,24 +244,32 @@ class SpeakerAsr(nn.Module):
         return self.transcribe_states(state, samples.size / SAMPLE_RATE)
 
 
-def make_optimizer(model: SpeakerAsr) -> torch.optim.Optimizer:
+def make_optimizer(model: SpeakerAsr, extra: Sequence[nn.Parameter] = ()) -> torch.optim.Optimizer:
+    """AdamW over the model's LoRA (and `extra` parameters trained with it: an end-to-end round's projector LoRA)."""
     cfg = model.cfg
-    return torch.optim.AdamW(model.trainable(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(model.trainable() + list(extra), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def train_step(model: SpeakerAsr, opt: torch.optim.Optimizer, data: Prepared, idx: Sequence[int], step: int,
-               rng: random.Random) -> float:
-    """One AdamW step (linear warm-up of the learning rate); returns the loss."""
+               rng: random.Random, extra: Callable[[Sequence[int]], float] | None = None) -> float:
+    """One AdamW step (linear warm-up of the learning rate); returns the loss.
+
+    `extra(idx)`: more losses of the same samples, each back-propagated by `extra` itself (so a
+    large one can go in chunks), returning their value; the step applies their gradients with the
+    decoder's (the end-to-end round's LLM loss through the projector)."""
     model.train()
     for group in opt.param_groups:
         group["lr"] = model.cfg.lr * min(1.0, (step + 1) / max(model.cfg.warmup_steps, 1))
-    loss = model.loss(data, idx, rng)
     opt.zero_grad(set_to_none=True)
+    loss = model.loss(data, idx, rng)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.trainable(), model.cfg.grad_clip)
+    value = float(loss.detach())
+    if extra is not None:
+        value += extra(idx)
+    torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], model.cfg.grad_clip)
     opt.step()
     model.eval()
-    return float(loss.detach())
+    return value
 
 
 class AsrBase:

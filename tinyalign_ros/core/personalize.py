@@ -1,4 +1,4 @@
-"""On-idle personalization: train one speaker's projector adapter from that speaker's samples.
+"""On-idle personalization: train one speaker's adapter from that speaker's samples.
 
 `Personalizer.run(speaker)` does one round:
 
@@ -15,7 +15,18 @@
    announced. A lower WER on five or ten utterances is often luck: in `bench personalize` two
    adapters that lowered the validation WER of a mild voice raised its test WER.
 
-Two adapter kinds, so they can be measured side by side (`tinyalign bench personalize`):
+Adapter kinds, measured side by side by `tinyalign bench personalize`. Inside Whisper, where the
+voice is heard (docs/design.md §5):
+
+- `asr` (the default): LoRA in Whisper's top encoder blocks (core/asr_adapt.py), trained with the
+  decoder's cross-entropy; asr_node transcribes the speaker with it (`_run_asr`).
+- `e2e`: Tiny-Align end to end: the same Whisper LoRA *and* a LoRA on the aligned assistant's
+  projector, trained together by the decoder's loss plus the frozen LLM's loss of the label text
+  given the projected adapted features; one adapter file holds both ("asr.*", "projector.*"):
+  asr_node transcribes with the first half and publishes the adapted features, assistant_node
+  reads them through the second. Judged on the aligned assistant's text (`_run_asr`).
+
+On the projector alone (the first kinds; the transcript never changes, so they barely help):
 
 - `full`: every projector weight is fine-tuned; the adapter is a whole projector state dict.
 - `lora`: a low-rank delta (LoRA, via peft's `inject_adapter_in_model`, which works on a plain
@@ -62,14 +73,15 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from .adapters import Adapter, AdapterInfo, AdapterStore, atomic_write_bytes, validate_speaker_id
-from .asr_adapt import ASR_KIND, AsrAdaptConfig, AsrBase, make_optimizer, train_step
+from .asr_adapt import (ASR_KIND, ASR_PREFIX, AUDIO_KINDS, E2E_KIND, PROJECTOR_PREFIX, AsrAdaptConfig, AsrBase,
+                        asr_tensors, make_optimizer, time_mask, train_step)
 from .metrics import wer, word_errors
 from .projector import Projector
 from .samples import SampleInfo, SampleStore
 
 log = logging.getLogger(__name__)
 
-ADAPTER_KINDS = ("full", "lora", ASR_KIND)
+ADAPTER_KINDS = ("full", "lora", ASR_KIND, E2E_KIND)
 CHECKPOINT_FORMAT = "tinyalign-personalize-ckpt/1"
 
 
@@ -115,6 +127,10 @@ class PersonalizeConfig:
     # kind "asr": a fixed short schedule of this many passes over the training samples (at most
     # max_steps): more over-trains a small store (held-out WER up again after ~6 passes)
     asr_epochs: float = 6.0
+    # kind "e2e" (Tiny-Align end to end): the LLM's loss through the projector is added to the decoder's with this
+    # weight, back-propagated this many utterances at a time (the LLM's activations bound a round's memory)
+    e2e_llm_weight: float = 1.0
+    e2e_llm_chunk: int = 4
 
     def __post_init__(self) -> None:
         if self.kind not in ADAPTER_KINDS:
@@ -125,7 +141,9 @@ class PersonalizeConfig:
             raise ValueError(f"budget_s must be > 0, got {self.budget_s}")
         if not 0.0 <= self.gate_confidence < 1.0:
             raise ValueError(f"gate_confidence must be in [0, 1), got {self.gate_confidence}")
-        if self.kind == ASR_KIND:
+        if self.e2e_llm_weight < 0 or self.e2e_llm_chunk < 1:
+            raise ValueError("e2e_llm_weight must be >= 0 and e2e_llm_chunk >= 1")
+        if self.kind in AUDIO_KINDS:
             try:
                 self.asr()  # AsrAdaptConfig's own checks, at start-up (a rank, layers and decoder it can train)
             except ValueError as exc:
@@ -133,7 +151,7 @@ class PersonalizeConfig:
 
     @property
     def learning_rate(self) -> float:
-        return self.lr or {"full": 3e-4, "lora": 2e-3, ASR_KIND: 1e-3}[self.kind]
+        return self.lr or {"full": 3e-4, "lora": 2e-3, ASR_KIND: 1e-3, E2E_KIND: 1e-3}[self.kind]
 
     def asr(self) -> AsrAdaptConfig:
         return AsrAdaptConfig(rank=self.asr_rank, alpha=2.0 * self.asr_rank, encoder_layers=self.asr_encoder_layers,
@@ -174,6 +192,8 @@ class PersonalizeResult:
     resumed_from_step: int = 0
     adapter: AdapterInfo | None = None
     examples: list[tuple[str, str]] = field(default_factory=list)  # (reference, hypothesis) after
+    # kind e2e: the held-out transcripts' WER (before, after); the gate judged the aligned assistant's text
+    val_transcript_wer: tuple[float, float] | None = None
 
 
 def paired_improvement(errors_before: Sequence[int], errors_after: Sequence[int], resamples: int = 4000,
@@ -231,6 +251,24 @@ def _merge_lora(model: nn.Module) -> Projector:
     return model
 
 
+def _lora_projector(base: Projector, rank: int, alpha: float, tensors: dict[str, torch.Tensor] | None) -> Projector:
+    """A copy of `base` with LoRA of this shape, holding `tensors` (None: fresh, a zero delta)."""
+    model = _inject_lora(base, rank, alpha)
+    if tensors is not None:
+        from peft import set_peft_model_state_dict
+
+        missing = set(_lora_state(model)) ^ set(tensors)
+        if missing:
+            raise ValueError(f"LoRA tensors {sorted(missing)[:3]} do not match the projector")
+        set_peft_model_state_dict(model, {k: v.float() for k, v in tensors.items()})
+    return model
+
+
+def projector_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The projector LoRA tensors of an "e2e" adapter (its "projector.*" ones, prefix dropped)."""
+    return {k[len(PROJECTOR_PREFIX):]: v for k, v in tensors.items() if k.startswith(PROJECTOR_PREFIX)}
+
+
 def trainable_module(base: Projector, kind: str, start: Adapter | None = None, rank: int = 8,
                      alpha: float = 16.0) -> nn.Module:
     """What a round trains: a copy of the base projector (full) or LoRA on it, from `start`."""
@@ -263,13 +301,12 @@ def apply_adapter(base: Projector, adapter: Adapter) -> Projector:
             model.load_state_dict({k: v.float() for k, v in adapter.tensors.items()})
             return model.eval()
         if kind == "lora":
-            from peft import set_peft_model_state_dict
-
-            model = _inject_lora(base, int(adapter.info.extra["lora_rank"]), float(adapter.info.extra["lora_alpha"]))
-            missing = set(_lora_state(model)) ^ set(adapter.tensors)
-            if missing:
-                raise ValueError(f"LoRA tensors {sorted(missing)} do not match the projector")
-            set_peft_model_state_dict(model, {k: v.float() for k, v in adapter.tensors.items()})
+            model = _lora_projector(base, int(adapter.info.extra["lora_rank"]), float(adapter.info.extra["lora_alpha"]),
+                                    adapter.tensors)
+            return _merge_lora(model).eval().requires_grad_(False)
+        if kind == E2E_KIND:  # its projector half
+            model = _lora_projector(base, int(adapter.info.extra["projector_lora_rank"]),
+                                    float(adapter.info.extra["projector_lora_alpha"]), projector_tensors(adapter.tensors))
             return _merge_lora(model).eval().requires_grad_(False)
     except (RuntimeError, KeyError) as exc:  # shape mismatch, missing metadata
         raise ValueError(f"adapter {adapter.info.path} does not fit this projector: {exc}") from exc
@@ -482,20 +519,26 @@ class Personalizer:
 
     def evaluate(self, projector: nn.Module, data: _Data) -> tuple[float, list[tuple[str, str]]]:
         """Validation WER of `projector` on `data` with greedy decoding (as align.evaluate)."""
+        hyps = self.aligned_texts(projector, data.features, data.transcripts(range(len(data.infos))))
+        refs = [i.text for i in data.infos]
+        return wer(refs, hyps), list(zip(refs, hyps))
+
+    def aligned_texts(self, projector: nn.Module, features: Sequence[torch.Tensor], heard: Sequence[str]) -> list[str]:
+        """What the aligned assistant makes of each utterance's features with `projector` (greedy
+        "repeat what was said"; with a hybrid prompt, anchored to `heard`, the transcripts)."""
         was_training = projector.training
         projector.eval()
         self.aligned.projector = projector
         hyps: list[str] = []
         try:
-            for s in range(0, len(data.infos), self.config.eval_batch):
-                idx = list(range(s, min(s + self.config.eval_batch, len(data.infos))))
-                heard = data.transcripts(idx) if self._hybrid() else None
-                hyps += self.aligned.transcribe([data.features[i] for i in idx], self.config.max_new_tokens, heard)
+            for s in range(0, len(features), self.config.eval_batch):
+                idx = range(s, min(s + self.config.eval_batch, len(features)))
+                hyps += self.aligned.transcribe([features[i] for i in idx], self.config.max_new_tokens,
+                                                [heard[i] for i in idx] if self._hybrid() else None)
         finally:
             self.aligned.projector = self.base
             projector.train(was_training)
-        refs = [i.text for i in data.infos]
-        return wer(refs, hyps), list(zip(refs, hyps))
+        return hyps
 
     # ------------------------------------------------------------ what every round shares
 
@@ -507,6 +550,7 @@ class Personalizer:
             "start": f"v{current.info.version}" if current is not None else "base",
             "step": 0, "elapsed_s": 0.0, "epoch": 0, "pos": 0, "loss_ema": None, "val_wer_before": None,
             "val_hyps_before": None,  # the held-out transcripts the speaker gets now (the gate pairs them)
+            "val_heard_before": None,  # kind e2e: ...and the transcripts the assistant's text is anchored to
             "val_ids": None,  # ...of these held-out samples (a resumed round whose held-out set grew measures again)
         }
         ckpt = self.checkpoint_path(speaker)
@@ -581,18 +625,28 @@ class Personalizer:
     # ------------------------------------------------------------ one round of an ASR adapter
 
     def _trainable(self, infos: list[SampleInfo]) -> list[SampleInfo]:
-        """The samples a round of this kind can use (kind "asr": those that kept their audio)."""
-        return [i for i in infos if i.audio_s > 0] if self.config.kind == ASR_KIND else infos
+        """The samples a round of this kind can use (kinds "asr", "e2e": those that kept their audio)."""
+        return [i for i in infos if i.audio_s > 0] if self.config.kind in AUDIO_KINDS else infos
 
     def trainable_count(self, speaker: str) -> int:
         return len(self._trainable(self.samples.list(speaker)))
 
+    def fits(self, info: AdapterInfo) -> bool:
+        """Whether an adapter was made for our bases: Whisper (kinds asr, e2e), the base projector
+        (lora, full, e2e)."""
+        kind = info.extra.get("kind")
+        whisper = kind not in AUDIO_KINDS or info.base_hashes.get("whisper") == self.asr.sha
+        projector = kind == ASR_KIND or info.base_hashes.get("projector") == self.base_sha
+        return whisper and projector
+
     def latest_asr_adapter(self, speaker: str) -> Adapter | None:
-        """The speaker's newest ASR adapter made for this Whisper (projector adapters are skipped)."""
+        """The speaker's newest adapter of the configured audio kind ("asr", else "e2e") made for our
+        bases (other kinds are skipped)."""
+        kind = self.config.kind if self.config.kind in AUDIO_KINDS else ASR_KIND
         for version in reversed(self.adapters.list_versions(speaker)):
             try:
                 info = self.adapters.info(speaker, version)
-                if info.extra.get("kind") == ASR_KIND and info.base_hashes.get("whisper") == self.asr.sha:
+                if info.extra.get("kind") == kind and self.fits(info):
                     return self.adapters.load(speaker, version)
             except Exception as exc:  # noqa: BLE001 - a bad version is skipped, as load_latest does
                 log.warning("skipping adapter v%d of %s: %s", version, speaker, exc)
@@ -600,14 +654,24 @@ class Personalizer:
 
     def _run_asr(self, speaker: str, budget_s: float | None,
                  on_progress: Callable[[Progress], None] | None) -> PersonalizeResult:
-        """A round of kind "asr": LoRA in Whisper trained on the speaker's audio samples.
+        """A round of kind "asr" (LoRA in Whisper trained on the speaker's audio) or "e2e".
 
         The same round as the projector's (split, resume, preemption, checkpoints, gate), with
         what an ASR adapter needs: only samples that carry audio count; the gate compares the
         held-out WER of the transcript the speaker gets now (their current ASR adapter, else the
         faster-whisper cascade) with the candidate's.
+
+        Kind "e2e" is Tiny-Align end to end: the same Whisper LoRA and a LoRA on the base projector
+        train together, the decoder's cross-entropy plus `e2e_llm_weight` x the frozen LLM's
+        cross-entropy of the label text given the projected *adapted* encoder features (the
+        assistant's hybrid prompt, with the transcript asr_node stored with the sample). It is
+        judged on what the aligned assistant makes of the held-out utterances (adapted features,
+        adapted projector, anchored to the adapted transcript) against what it makes of them now;
+        and a candidate whose transcripts got worse is refused even when the aligned text improved
+        (cascade mode and the anchor read the transcript).
         """
         cfg, acfg = self.config, self.config.asr()
+        e2e = cfg.kind == E2E_KIND
         budget = float(budget_s) if budget_s and budget_s > 0 else cfg.budget_s
         train_infos, val_infos = self.samples.split(speaker, cfg.held_out_fraction, cfg.min_held_out)
         train_infos, val_infos = self._trainable(train_infos), self._trainable(val_infos)
@@ -620,49 +684,123 @@ class Personalizer:
         if current is not None:  # continuing an adapter keeps its shape
             acfg = dataclasses.replace(AsrAdaptConfig.from_metadata(current.info.extra), lr=acfg.lr,
                                        batch=acfg.batch, time_mask=acfg.time_mask, grad_clip=acfg.grad_clip)
-        model = self.asr.model(acfg, current.tensors if current is not None else None)
-        opt = make_optimizer(model)
-        state, ckpt = self._begin(speaker, self.asr.sha, current, model, opt, result)
+        model = self.asr.model(acfg, asr_tensors(cfg.kind, current.tensors) if current is not None else None)
+        trained: nn.Module = model
+        projector: nn.Module | None = None
+        if e2e:
+            rank, alpha = cfg.lora_rank, cfg.lora_alpha
+            if current is not None:
+                rank, alpha = int(current.info.extra["projector_lora_rank"]), float(current.info.extra["projector_lora_alpha"])
+            projector = _lora_projector(self.base, rank, alpha,
+                                        projector_tensors(current.tensors) if current is not None else None).eval()
+            trained = nn.ModuleDict({"asr": model, "projector": projector})
+        opt = make_optimizer(model, [p for p in projector.parameters() if p.requires_grad] if e2e else ())
+        # a checkpoint is stale when a base it was made for changed
+        state, ckpt = self._begin(speaker, f"{self.asr.sha}+{self.base_sha}" if e2e else self.asr.sha, current, trained,
+                                  opt, result)
         max_steps = min(cfg.max_steps, math.ceil(cfg.asr_epochs * len(train_infos) / min(acfg.batch, len(train_infos))))
         report = self._reporter(speaker, state, budget, on_progress, max_steps)
 
         def items(infos: list[SampleInfo]) -> list[tuple]:
             return [(s.audio, s.info.text) for s in (self.samples.load(speaker, i.id) for i in infos)]
 
-        hooks = _PreemptionHooks(list(model.encoder.blocks) + list(model.decoder.blocks), self._stop)
+        frozen = list(model.encoder.blocks) + list(model.decoder.blocks) + (_llm_layers(self.aligned.model) if e2e else [])
+        hooks = _PreemptionHooks(frozen, self._stop)
         rng = random.Random(cfg.seed * 1000003 + state["step"])  # the time masks
+
+        def judge(heard: list[str] | None) -> tuple[list[str], list[str]]:
+            """(what the speaker gets, transcripts) for the held-out samples with the model as it is;
+            `heard`: the transcripts to use instead of the model's (the cascade's, before a first adapter)."""
+            if heard is None:
+                heard = [model.transcribe_states(val.states[i], val.seconds[i])[0] for i in range(len(refs))]
+            if not e2e:
+                return heard, heard
+            with torch.no_grad():
+                feats = [model.features_from(h) for h in val.unpadded]
+            return self.aligned_texts(projector, feats, heard), heard
+
         try:
             with hooks:
                 report("preparing", 0.0)
                 train_items, val_items = items(train_infos), items(val_infos)
-                val = model.prepare(val_items)
+                val = model.prepare(val_items, unpadded=e2e)
                 refs = [text for _, text in val_items]
                 if self._measure_before(state, val_infos):
                     report("validating-before", 0.0)
-                    if current is not None:
-                        before_hyps = [model.transcribe_states(val.states[i], val.seconds[i])[0] for i in range(len(refs))]
-                    else:
-                        before_hyps = [self.asr.cascade(audio) for audio, _ in val_items]
+                    cascade = None if current is not None else [self.asr.cascade(audio) for audio, _ in val_items]
+                    before_hyps, before_heard = judge(cascade)
                     state["val_wer_before"], state["val_hyps_before"] = wer(refs, before_hyps), before_hyps
-                    state["val_ids"] = [i.id for i in val_infos]
-                    self._save_checkpoint(ckpt, model, opt, state)
-                train = model.prepare(train_items)
+                    state["val_heard_before"], state["val_ids"] = before_heard, [i.id for i in val_infos]
+                    self._save_checkpoint(ckpt, trained, opt, state)
+                train = model.prepare(train_items, unpadded=e2e)
+                extra = None
+                if e2e:
+                    targets = [self.aligned.target_ids(text) for _, text in train_items]
+                    heard = [i.asr_transcript for i in train_infos]
+                    extra = self._llm_loss(model, projector, train, targets, heard, rng)
                 self._train_loop(state, budget, len(train_items), acfg.batch,
-                                 lambda idx: train_step(model, opt, train, idx, state["step"], rng),
-                                 hooks, ckpt, model, opt, report, max_steps)
+                                 lambda idx: train_step(model, opt, train, idx, state["step"], rng, extra),
+                                 hooks, ckpt, trained, opt, report, max_steps)
                 report("validating-after", 0.0)
-                hyps = [model.transcribe_states(val.states[i], val.seconds[i])[0] for i in range(len(refs))]
+                hyps, heard_after = judge(None)
                 after, examples = wer(refs, hyps), list(zip(refs, hyps))
         except Preempted:
-            return self._preempted(result, ckpt, model, opt, state)
-        return self._gate(speaker, result, state, after, examples, model.adapter_state(),
-                          {"whisper": self.asr.sha}, {**acfg.metadata(), "start": state["start"]},
-                          len(train_infos), len(val_infos), cfg.gate_min_words)
+            return self._preempted(result, ckpt, trained, opt, state)
+        meta = {**acfg.metadata(), "start": state["start"]}
+        tensors = model.adapter_state()
+        hashes = {"whisper": self.asr.sha}
+        veto = None
+        if e2e:
+            meta.update(kind=E2E_KIND, projector_lora_rank=rank, projector_lora_alpha=alpha, hybrid=self._hybrid())
+            tensors = {**{ASR_PREFIX + k: v for k, v in tensors.items()},
+                       **{PROJECTOR_PREFIX + k: v for k, v in _lora_state(projector).items()}}
+            hashes["projector"] = self.base_sha
+            heard_before, heard_wer = wer(refs, state["val_heard_before"]), wer(refs, heard_after)
+            result.val_transcript_wer = (heard_before, heard_wer)
+            if heard_wer > heard_before:
+                veto = f"its transcripts got worse ({heard_before:.3f} -> {heard_wer:.3f})"
+        return self._gate(speaker, result, state, after, examples, tensors, hashes, meta,
+                          len(train_infos), len(val_infos), cfg.gate_min_words, veto)
+
+    def _llm_loss(self, model, projector: nn.Module, train, targets: list[list[int]], heard: list[str],
+                  rng: random.Random) -> Callable[[Sequence[int]], float]:
+        """The end-to-end round's second loss (`train_step`'s `extra`): the frozen LLM's cross-entropy
+        of the label text given the projected adapted features of the unpadded utterance (time-masked
+        as the decoder's input is), back-propagated `e2e_llm_chunk` utterances at a time into the
+        projector's and the encoder's LoRA."""
+        cfg = self.config
+        hybrid = self._hybrid()
+
+        def loss(idx: Sequence[int]) -> float:
+            total = 0.0
+            projector.train()
+            try:
+                for s in range(0, len(idx), cfg.e2e_llm_chunk):
+                    chunk = idx[s:s + cfg.e2e_llm_chunk]
+                    feats = []
+                    for i in chunk:
+                        h = train.unpadded[i].float()
+                        time_mask(h, h.shape[0], model.cfg.time_mask, rng)
+                        feats.append(model.features_from(h))
+                    lengths = torch.tensor([f.shape[0] for f in feats])
+                    self.aligned.projector = projector
+                    try:
+                        value = self.aligned.loss(torch.nn.utils.rnn.pad_sequence(feats, batch_first=True), lengths,
+                                                  [targets[i] for i in chunk],
+                                                  transcripts=[heard[i] for i in chunk] if hybrid else None)
+                    finally:
+                        self.aligned.projector = self.base
+                    (value * cfg.e2e_llm_weight * len(chunk) / len(idx)).backward()
+                    total += float(value.detach()) * cfg.e2e_llm_weight * len(chunk) / len(idx)
+            finally:
+                projector.eval()
+            return total
+        return loss
 
     def run(self, speaker: str, budget_s: float | None = None,
             on_progress: Callable[[Progress], None] | None = None) -> PersonalizeResult:
         """One round for `speaker` (see the module docstring); never raises Preempted."""
-        if self.config.kind == ASR_KIND:
+        if self.config.kind in AUDIO_KINDS:
             return self._run_asr(speaker, budget_s, on_progress)
         cfg = self.config
         budget = float(budget_s) if budget_s and budget_s > 0 else cfg.budget_s
@@ -730,10 +868,10 @@ class Personalizer:
 
     def _gate(self, speaker: str, result: PersonalizeResult, state: dict, after: float, examples: list,
               tensors: dict[str, torch.Tensor], base_hashes: dict[str, str], extra: dict[str, Any],
-              n_train: int, n_val: int, min_words: int = 0) -> PersonalizeResult:
+              n_train: int, n_val: int, min_words: int = 0, veto: str | None = None) -> PersonalizeResult:
         """Keep the candidate only if it was judged on at least `min_words` held-out words, its held-out
-        WER is strictly lower than what is used now, and the gain holds in `gate_confidence` of the
-        paired bootstrap resamples of the held-out utterances."""
+        WER is strictly lower than what is used now, the gain holds in `gate_confidence` of the
+        paired bootstrap resamples of the held-out utterances, and nothing `veto`ed it (the reason)."""
         cfg = self.config
         result.steps, result.train_s = state["step"], state["elapsed_s"]
         result.val_wer_before, result.val_wer_after, result.examples = state["val_wer_before"], after, examples
@@ -750,6 +888,9 @@ class Personalizer:
             result.status = "rejected"
             result.message = (f"only {result.val_words} held-out words (at least {min_words} needed to judge): "
                               f"{figures} not trusted, nothing swapped")
+        elif veto is not None:
+            result.status = "rejected"
+            result.message = f"{figures}, but {veto}: the current adapter stays"
         elif after < state["val_wer_before"] and result.p_better >= cfg.gate_confidence:
             result.adapter = self.adapters.save(speaker, tensors, data_count=n_train, base_hashes=base_hashes,
                                                 metrics=metrics, extra=extra)

@@ -4,7 +4,9 @@ asr_node calls `Recognizer.recognize` once per utterance and the benches call th
 so what is measured is what runs. The pipeline:
 
 1. our PyTorch Whisper encoder with early exits (features for the aligned assistant and the
-   personalizer; the exit layer),
+   personalizer; the exit layer); for a speaker with an end-to-end adapter (kind "e2e", Tiny-Align
+   trained through the LLM, core/personalize.py) the adapted encoder's final-layer features instead,
+   which that speaker's projector LoRA (assistant_node) was trained on,
 2. the transcript, from the first that applies:
    - `exit_head` transcriber: the booster-fused exit head (when `fuse` says it boosted), else
      the exit head's own text;
@@ -33,7 +35,7 @@ import numpy as np
 import torch
 
 from .adapters import Adapter
-from .asr_adapt import ASR_KIND, AsrAdaptConfig, AsrBase, SpeakerAsr
+from .asr_adapt import AUDIO_KINDS, E2E_KIND, AsrAdaptConfig, AsrBase, SpeakerAsr, asr_tensors
 from .decoder import looks_looped
 from .early_exit import EncodedUtterance, ExitHeads, ExitPolicy, encode_utterance
 
@@ -73,6 +75,7 @@ class Recognizer:
         self._models: dict[tuple, SpeakerAsr] = {}
         self._adapters: dict[str, tuple[tuple, dict[str, torch.Tensor], int]] = {}
         self._loaded: str | None = None  # whose tensors are in the model now
+        self._features: set[str] = set()  # speakers whose adapter makes the features too (kind e2e)
 
     # -- adapters ----------------------------------------------------------------------------
     @property
@@ -82,8 +85,9 @@ class Recognizer:
     def set_adapter(self, speaker: str, adapter: Adapter) -> None:
         """Use `adapter` for `speaker` from the next utterance on (AdapterMismatch if it does not fit)."""
         extra = adapter.info.extra
-        if extra.get("kind") != ASR_KIND:
-            raise AdapterMismatch(f"adapter v{adapter.info.version} of {speaker} is a {extra.get('kind')!r} adapter, "
+        kind = extra.get("kind")
+        if kind not in AUDIO_KINDS:
+            raise AdapterMismatch(f"adapter v{adapter.info.version} of {speaker} is a {kind!r} adapter, "
                                   "not an ASR one")
         if adapter.info.base_hashes.get("whisper") != self.base.sha:
             raise AdapterMismatch(f"adapter v{adapter.info.version} of {speaker} was made for another Whisper model")
@@ -95,13 +99,17 @@ class Recognizer:
         model = self._models.get(key)
         if model is None:
             model = self.base.model(cfg)
+        tensors = {k: v.float() for k, v in asr_tensors(kind, adapter.tensors).items()}
         try:
             with self._lock:
-                model.load_adapter_state(adapter.tensors)  # checks that the tensors fit
+                model.load_adapter_state(tensors)  # checks that the tensors fit
                 self._models[key] = model
-                self._adapters[speaker] = (key, {k: v.float() for k, v in adapter.tensors.items()},
-                                           adapter.info.version)
+                self._adapters[speaker] = (key, tensors, adapter.info.version)
                 self._loaded = speaker
+                if kind == E2E_KIND:
+                    self._features.add(speaker)
+                else:
+                    self._features.discard(speaker)
         except (ValueError, RuntimeError) as exc:
             raise AdapterMismatch(f"adapter v{adapter.info.version} of {speaker} does not fit: {exc}") from exc
 
@@ -109,9 +117,11 @@ class Recognizer:
         with self._lock:
             if self._loaded == speaker:
                 self._loaded = None
+            self._features.discard(speaker)
             return self._adapters.pop(speaker, None) is not None
 
-    def _adapted(self, speaker: str, samples: np.ndarray) -> tuple[str, float, int] | None:
+    def _model_of(self, speaker: str) -> tuple[SpeakerAsr, int] | None:
+        """The adapted model holding `speaker`'s tensors, and their version (call with the lock held)."""
         entry = self._adapters.get(speaker) if speaker else None
         if entry is None:
             return None
@@ -120,8 +130,26 @@ class Recognizer:
         if self._loaded != speaker:
             model.load_adapter_state(tensors)
             self._loaded = speaker
-        text, confidence = model.transcribe(samples)
-        return text, confidence, version
+        return model, version
+
+    def _adapted(self, speaker: str, samples: np.ndarray) -> tuple[str, float, int] | None:
+        found = self._model_of(speaker)
+        if found is None:
+            return None
+        text, confidence = found[0].transcribe(samples)
+        return text, confidence, found[1]
+
+    def _adapted_features(self, speaker: str, samples: np.ndarray) -> EncodedUtterance | None:
+        """An end-to-end adapter's speaker: their adapted final-layer features (full depth: the
+        projector their adapter was trained with reads the last layer); else None."""
+        if speaker not in self._features:
+            return None
+        with self._lock:
+            found = self._model_of(speaker)
+            if found is None:  # dropped meanwhile
+                return None
+            model = found[0]
+            return EncodedUtterance(model.encoder.n_layers, model.features(samples), None)
 
     # -- one utterance ----------------------------------------------------------------------
     def recognize(self, samples: np.ndarray, speaker: str = "", policy: ExitPolicy | None = None,
@@ -131,7 +159,9 @@ class Recognizer:
         (an object with `.text`, "" for none): the hints that are there then, never waited for."""
         encoded = None
         if self.encoder is not None:
-            encoded = encode_utterance(self.encoder, self.heads, policy or ExitPolicy(), samples, pad_to_30s)
+            encoded = self._adapted_features(speaker, samples)
+            if encoded is None:
+                encoded = encode_utterance(self.encoder, self.heads, policy or ExitPolicy(), samples, pad_to_30s)
         boosted = fuse(encoded) if fuse is not None and encoded is not None else None
         if self.exit_head_transcripts and boosted is not None and getattr(boosted, "boosted", False):
             return Recognition(boosted.text, boosted.confidence, encoded, "boost", boosted=boosted)

@@ -17,7 +17,7 @@ from visualization_msgs.msg import Marker
 
 from tinyalign_ros.core.asr import WhisperTranscriber
 from tinyalign_ros.core.audio import SAMPLE_RATE, AudioError, normalize
-from tinyalign_ros.core.asr_adapt import ASR_KIND
+from tinyalign_ros.core.asr_adapt import AUDIO_KINDS
 from tinyalign_ros.core.early_exit import DEFAULT_THRESHOLD, FULL_DEPTH, ExitHeads, ExitPolicy, load_heads
 from tinyalign_ros.core.encoder import load_whisper_encoder
 from tinyalign_ros.core.listen import ListenGate, Verdict
@@ -229,7 +229,7 @@ class AsrNode(Node):
         except ValueError as exc:
             self.get_logger().error(f"{exc}: ignored")
             return
-        wanted = {s: e for s, e in table.items() if e.get("kind") == ASR_KIND}
+        wanted = {s: e for s, e in table.items() if e.get("kind") in AUDIO_KINDS}
         for speaker in set(self.recognizer.adapted_speakers) - set(wanted):
             self.recognizer.drop_adapter(speaker)
             self.get_logger().info(f"{speaker} has no ASR adapter any more: base Whisper")

@@ -53,7 +53,7 @@ from std_msgs.msg import Float32, String
 
 from tinyalign_ros.core.adapters import AdapterStore, InvalidSpeakerId, file_sha256, validate_speaker_id
 from tinyalign_ros.core.align import DEFAULT_MAX_CHANGE
-from tinyalign_ros.core.asr_adapt import ASR_KIND
+from tinyalign_ros.core.asr_adapt import ASR_KIND, AUDIO_KINDS
 from tinyalign_ros.core.models import data_home, resolve_llm, shipped_model
 from tinyalign_ros.core.personalize import PersonalizeConfig, PersonalizeResult, Personalizer, Progress
 from tinyalign_ros.core.projector import (FeatureMismatch, LayerMismatch, ProjectorLoadError, check_features,
@@ -100,6 +100,8 @@ class PersonalizerNode(Node):
             asr_time_mask=float(p("train.asr.time_mask", 0.1).value),
             asr_epochs=float(p("train.asr.epochs", 6.0).value),
             gate_min_words=int(p("train.asr.gate_min_words", 20).value),
+            e2e_llm_weight=float(p("train.e2e.llm_weight", 1.0).value),
+            e2e_llm_chunk=int(p("train.e2e.llm_chunk", 4).value),
             gate_confidence=float(p("train.gate_confidence", 0.75).value))
         projector_file = p("projector.file", "").value or str(shipped_model("projector.safetensors"))
         inject = bool(p("aligned.inject_instruction", True).value)
@@ -171,11 +173,7 @@ class PersonalizerNode(Node):
             adapter = self.adapters.load_latest(speaker)
             if adapter is None:
                 continue
-            if adapter.info.extra.get("kind") == ASR_KIND:
-                fits = adapter.info.base_hashes.get("whisper") == self.personalizer.asr.sha
-            else:
-                fits = adapter.info.base_hashes.get("projector") == self.personalizer.base_sha
-            if fits:
+            if self.personalizer.fits(adapter.info):
                 table[speaker] = {"version": adapter.info.version, "path": str(adapter.info.path),
                                   "kind": adapter.info.extra.get("kind", "")}
         return table
@@ -215,7 +213,7 @@ class PersonalizerNode(Node):
         except (ConsentError, InvalidSpeakerId, ValueError) as exc:
             self.get_logger().warning(f"{utt.id}: sample refused: {exc}")
             return None
-        if sample_id is not None and (audio is not None or self.personalizer.config.kind != ASR_KIND):
+        if sample_id is not None and (audio is not None or self.personalizer.config.kind not in AUDIO_KINDS):
             self.sample_counts[utt.speaker] = self.sample_counts.get(utt.speaker, 0) + 1
         return sample_id
 
@@ -338,7 +336,7 @@ class PersonalizerNode(Node):
             return f"unknown speaker {speaker!r}: no consent recorded (consent.speakers parameter or enrollment)"
         count, need = self.sample_counts.get(speaker, 0), self.personalizer.config.min_samples
         if count < need:
-            what = "samples with audio" if self.personalizer.config.kind == ASR_KIND else "samples"
+            what = "samples with audio" if self.personalizer.config.kind in AUDIO_KINDS else "samples"
             return f"too few {what} for {speaker}: {count}, at least {need} needed"
         return ""
 
