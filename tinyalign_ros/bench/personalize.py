@@ -420,6 +420,8 @@ def _plot(runs: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     voices = sorted({r["voice"] for r in runs})
+    # one colour per method in every panel
+    colors = {m: f"C{i}" for i, m in enumerate(sorted({r["method"] for r in runs}))}
     fig, axes = plt.subplots(2, max(1, len(voices)), figsize=(4 * max(1, len(voices)), 6.5), squeeze=False)
     for col, voice in enumerate(voices):
         mine = [r for r in runs if r["voice"] == voice]
@@ -430,8 +432,8 @@ def _plot(runs: list[dict], path: Path) -> None:
             rows = [r for r in mine if r["method"] == method]
             pts = sorted((n, float(np.mean([r["wer_after"] for r in rows if r["n_train"] == n]))) for n in ns
                          if any(r["n_train"] == n for r in rows))
-            line, = top.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=method)
-            bottom.scatter([r["train_s"] for r in rows], [r["wer_after"] for r in rows], color=line.get_color(),
+            top.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=colors[method], label=method)
+            bottom.scatter([r["train_s"] for r in rows], [r["wer_after"] for r in rows], color=colors[method],
                            label=method, s=14)
         bottom.axhline(mine[0]["cascade_wer"], ls=":", color="grey")
         top.set_title(voice, fontsize=8)
