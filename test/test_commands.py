@@ -219,7 +219,9 @@ def test_a_skill_loses_evidence_for_an_argument_nobody_named(llm):
     parser = CommandParser(skills, llm.model, llm.tokenizer)
     go_to, fetch, stop = (skills.skills[n] for n in ("go_to", "fetch", "stop"))
     assert parser._evidence(go_to, "go to the garden") == CUE_BONUS + NAMED_BONUS
-    assert parser._evidence(go_to, "should I go out today") == CUE_BONUS - MISSING_PENALTY
+    assert parser._evidence(go_to, "go out for a walk") == CUE_BONUS - MISSING_PENALTY
+    assert parser._evidence(go_to, "should I go out today") == -MISSING_PENALTY  # a question about the speaker
+    assert parser._evidence(fetch, "I need a new winter coat") == CUE_BONUS - MISSING_PENALTY  # "winter": only nearly water
     assert parser._evidence(go_to, "I need you in the office") == NAMED_BONUS  # no cue of go_to, its place named
     assert parser._evidence(fetch, "I need you in the office") == CUE_BONUS - MISSING_PENALTY  # person has a default
     assert parser._evidence(stop, "without stopping") == INFLECTED_CUE_BONUS < CUE_BONUS == parser._evidence(stop, "stop")

@@ -110,6 +110,7 @@ import json
 import re
 import string
 import time
+from functools import lru_cache
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -119,7 +120,7 @@ import yaml
 NONE = "none"  # the skill of an utterance that asks for no skill
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 ARG_TYPES = ("choice", "text")
-SKILL_KEYS = {"description", "arguments", "confirm", "ask", "phrases", "cues"}
+SKILL_KEYS = {"description", "arguments", "confirm", "ask", "phrases", "cues", "imperative", "requires"}
 ARG_KEYS = {"choice": {"type", "values", "default", "aliases", "description"},
             "text": {"type", "max_chars", "description"}}
 EXAMPLE_KEYS = {"text", "skill", "arguments"}
@@ -191,17 +192,74 @@ def inflections(word: str) -> set[str]:
     return forms
 
 
-_CUE_CACHE: dict[tuple[str, ...], list[re.Pattern]] = {}
+@lru_cache(maxsize=None)
+def _cue_forms(cue: str, inflected: bool) -> tuple[frozenset[str], ...]:
+    """Per word of a cue, the forms it may be heard in: the word (`inflected`: any of its
+    `inflections`; a word with an apostrophe, "don't", as written)."""
+    return tuple(frozenset(inflections(w) if inflected and "'" not in w else {w}) for w in cue.split())
 
 
-def _cue_patterns(cues: tuple[str, ...]) -> list[re.Pattern]:
-    """One regex per cue: its words in order, each in any of its inflections (`inflections`);
-    words with an apostrophe ("don't") as written."""
-    if cues not in _CUE_CACHE:
-        _CUE_CACHE[cues] = [re.compile(" " + " ".join(
-            "(?:" + "|".join(sorted(map(re.escape, inflections(w) if "'" not in w else {w}))) + ")"
-            for w in c.split()) + " ") for c in cues]
-    return _CUE_CACHE[cues]
+# Third round (module docstring): where in what was said a cue counts.
+# A clause ends at punctuation and before these words ("stay close and follow me").
+CLAUSE_BREAKS = {"and", "then", "but"}
+# Said before a command to the robot without changing it: dropped from a clause's start (and not
+# counted as words before an imperative cue).
+LEAD_INS = FILLERS | {"oh", "no", "whoa", "yes", "well", "can", "could", "would", "will", "you", "come", "on"}
+LEAD_IN_PHRASES = (("i", "want", "you", "to"), ("i", "need", "you", "to"), ("i'd", "like", "you", "to"),
+                   ("i", "would", "like", "you", "to"), ("you", "need", "to"), ("you", "have", "to"),
+                   ("i", "told", "you", "to"))
+# A word before an imperative cue that makes the clause about someone or something else, or a
+# question ("I can't stop thinking", "did you follow the news", "how do I stop my dog").
+NOT_ADDRESSED = {"i", "i'm", "i've", "i'd", "i'll", "we", "we're", "we've", "he", "she", "they", "it", "it's",
+                 "there", "my", "our", "his", "her", "their", "its", "how", "what", "when", "where", "why", "who",
+                 "which", "did", "does", "do", "is", "are", "was", "were", "has", "have", "had"}
+# Words that may follow an imperative cue at the end of its clause ("stop it right now", "I said stop").
+CUE_TAIL = FILLERS | {"there", "here", "immediately", "it", "that", "this", "at", "once", "away", "moving", "all"}
+SELF_QUESTION = re.compile(r"^(?:(?:how|where|what|when|why|which) )?(?:should|shall|do|did|must) (?:i|we)\b")
+
+
+def _clauses(text: str) -> list[list[str]]:
+    """The clauses of `text` as `_tokens`: split at punctuation and CLAUSE_BREAKS."""
+    out = []
+    for part in re.split(r"[,.!?;:]+", text.lower().replace("\u2019", "'")):
+        clause: list[str] = []
+        for w in _tokens(part) + [""]:
+            if w in CLAUSE_BREAKS or not w:
+                out += [clause] if clause else []
+                clause = []
+            else:
+                clause.append(w)
+    return out
+
+
+def _without_lead_in(words: list[str]) -> list[str]:
+    """`words` less the lead-in words and phrases they start with ("please can you", "I want you to")."""
+    i, more = 0, True
+    while more and i < len(words):
+        more = False
+        if words[i] in LEAD_INS:
+            i, more = i + 1, True
+        for ph in LEAD_IN_PHRASES:
+            if tuple(words[i:i + len(ph)]) == ph:
+                i, more = i + len(ph), True
+    return words[i:]
+
+
+def _said_at(clause: list[str], cue: str, inflected: bool) -> list[int]:
+    """Where in `clause` the cue's words start, in order (`_cue_forms`)."""
+    forms = _cue_forms(cue, inflected)
+    return [i for i in range(len(clause) - len(forms) + 1)
+            if all(w in f for w, f in zip(clause[i:i + len(forms)], forms))]
+
+
+def _addressed(clause: list[str], start: int, end: int) -> bool:
+    """Whether a cue said at clause[start:end] is a command to the robot: at most two words before
+    it, none of them a subject or question word and the first not an article ("please stop moving",
+    "walk behind me", "cut the motors"), or nothing but CUE_TAIL after it ("I said stop")."""
+    before = [w for w in _without_lead_in(clause[:start]) if w not in LEAD_INS]
+    after = [w for w in clause[end:] if w not in CUE_TAIL]
+    return not after or (len(before) <= 2 and not set(before) & NOT_ADDRESSED
+                         and not (before and before[0] in ARTICLES))
 
 
 def _words(text: str) -> list[str]:
@@ -295,15 +353,31 @@ class Skill:
     ask: str = ""
     phrases: tuple[str, ...] = ()
     cues: tuple[str, ...] = ()  # words that signal this skill (evidence added to the LLM's score)
+    imperative: bool = False  # its cues count only said as a command to the robot (`cued`)
+    requires: tuple[str, ...] = ()  # words one of which must be said for the skill to be chosen
 
     def cued(self, text: str, inflected: bool = True) -> bool:
         """Whether `text` says one of the cues as whole words, as written or (`inflected`) in any
         regular inflection of each word ("following", "lights", "switched" say "follow", "light",
-        "switch")."""
-        said = " " + " ".join(_tokens(text)) + " "
-        if not inflected:
-            return any(f" {c} " in said for c in self.cues)
-        return any(rx.search(said) for rx in _cue_patterns(self.cues))
+        "switch"), where it counts: not in a clause that asks what the speaker should do ("should
+        I take the train or drive?", "how do I turn off ..."), for an `imperative` skill only as a
+        command to the robot (`_addressed`: "please stop", not "I can't stop thinking"), and for a
+        skill that `requires` words only when one of them is said too ("turn off the lights", not
+        "turn off notifications")."""
+        if not self.allowed(text):
+            return False
+        for clause in _clauses(text):
+            if SELF_QUESTION.match(" ".join(_without_lead_in(clause))):
+                continue
+            for cue in self.cues:
+                n = len(cue.split())
+                if any(not self.imperative or _addressed(clause, i, i + n) for i in _said_at(clause, cue, inflected)):
+                    return True
+        return False
+
+    def allowed(self, text: str) -> bool:
+        """False when the skill `requires` words and `text` says none of them: it cannot be chosen."""
+        return not self.requires or any(_said_at(c, r, True) for c in _clauses(text) for r in self.requires)
 
     @property
     def arguments_by_name(self) -> dict[str, Argument]:
@@ -467,8 +541,16 @@ class SkillSet:
             if not isinstance(cues, list):
                 raise fail(f"{where}.cues", "must be a list of words or phrases")
             cues = tuple(" ".join(_tokens(text(c, f"{where}.cues"))) for c in cues)
+            imperative = raw.get("imperative", False)
+            if not isinstance(imperative, bool):
+                raise fail(f"{where}.imperative", f"must be true or false, got {imperative!r}")
+            requires = raw.get("requires") or []
+            if not isinstance(requires, list):
+                raise fail(f"{where}.requires", "must be a list of words or phrases")
+            requires = tuple(" ".join(_tokens(text(r, f"{where}.requires"))) for r in requires)
             skills.append(Skill(name, text(raw["description"], f"{where}.description"), tuple(args),
-                                templates.get("confirm", ""), templates.get("ask", ""), tuple(normalized), cues))
+                                templates.get("confirm", ""), templates.get("ask", ""), tuple(normalized), cues,
+                                imperative, requires))
         seen: dict[str, str] = {}
         for s in skills:
             for p in s.phrases:
@@ -774,14 +856,15 @@ class CommandParser:
     def _evidence(self, skill: Skill, text: str) -> float:
         """What the words said add to a skill's calibrated score: CUE_BONUS when one of its cues
         was said, less MISSING_PENALTY for each choice argument without a default none of whose
-        values was said (nearly said counts): "I'm going to read" says go_to's cue but no place."""
-        named = missing = 0
-        for arg in skill.arguments:
-            if arg.type == "choice" and not arg.default:
-                if mentioned(text, arg):
-                    named += 1
-                elif not nearly_mentioned(_words(text), arg):
-                    missing += 1
+        values was said as written (third round: a value only nearly said, "winter" for water, no
+        longer spares the penalty; it still picks the value once the skill is chosen), plus
+        NAMED_BONUS for each one said: "I'm going to read" says go_to's cue but no place. -inf when
+        the skill `requires` words and none was said."""
+        if not skill.allowed(text):
+            return float("-inf")
+        needed = [a for a in skill.arguments if a.type == "choice" and not a.default]
+        named = sum(bool(mentioned(text, a)) for a in needed)  # as written: a value only nearly heard is no evidence
+        missing = len(needed) - named
         cue = (self.cue_bonus if skill.cued(text, inflected=False) else
                self.inflected_cue_bonus if skill.cued(text) else 0.0)
         return cue - self.missing_penalty * missing + self.named_bonus * named
