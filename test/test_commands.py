@@ -73,6 +73,8 @@ def test_shipped_skills_load_and_their_schema_accepts_every_allowed_call_and_not
      "aliases: 'moon' is not one of the values"),
     (lambda d: d["skills"]["go_to"]["arguments"]["place"].update(aliases={"garden": "yard"}),
      "aliases.garden: must be a non-empty list"),
+    (lambda d: d["skills"]["stop"].update(imperative="yes"), "skills.stop.imperative: must be true or false"),
+    (lambda d: d["skills"]["lights"].update(requires="light"), "skills.lights.requires: must be a list"),
 ])
 def test_malformed_skills_are_rejected_with_a_message_that_says_where(tmp_path, mutate, message):
     data = _shipped()
@@ -134,6 +136,36 @@ def test_cue_inflections_are_regular_forms_only():
     lamp = Skill("lamp", "Lamp.", cues=("here", "turn on"))
     assert not lamp.cued("give her the keys") and not lamp.cued("heresy")  # whole words, no stemming of what was said
     assert lamp.cued("turning on the heater") and not lamp.cued("turn the heater on")  # a cue's words in order
+
+
+@pytest.mark.parametrize("skill, text, cued", [
+    # imperative skills: a cue counts said as a command to the robot, wherever the fillers are
+    ("stop", "Please stop moving", True), ("stop", "Robot, stop immediately.", True), ("stop", "I said stop!", True),
+    ("stop", "you need to stop right now", True), ("stop", "Cut the motors.", True), ("stop", "No, no, halt!", True),
+    ("stop", "Stop, there is a step ahead.", True), ("stop", "Can you stop?", True),
+    ("stop", "She couldn't stop smiling.", False), ("stop", "The train stops at every station.", False),
+    ("stop", "How do we stop the tap from dripping?", False), ("stop", "My car's motor is loud", False),
+    ("follow_me", "Walk behind me.", True), ("follow_me", "I want you to follow me.", True),
+    ("follow_me", "Stay close and follow me", True), ("follow_me", "come along", True),
+    ("follow_me", "Did you follow the match?", False), ("follow_me", "My son follows the football league", False),
+    # any skill: no cue counts in a question about what the speaker should do; "could I" is a request
+    ("go_to", "Where should I go for lunch?", False), ("go_to", "Should we drive to the coast?", False),
+    ("go_to", "Go to the garden", True), ("fetch", "Could I have the keys?", True),
+    # requires: lights only with light or lamp said
+    ("lights", "Turn off the radio.", False), ("lights", "It's bright outside", False),
+    ("lights", "Turn off the lamp.", True), ("lights", "switch the lights on", True)])
+def test_where_a_cue_is_said_decides_whether_it_counts(skill, text, cued):
+    assert SkillSet.load(default_skills_file()).skills[skill].cued(text) is cued
+
+
+def test_the_imperative_rule_is_the_skills_choice():
+    """The same cue anywhere in the clause when the skill is not declared imperative."""
+    from tinyalign_ros.core.commands import Skill
+
+    assert Skill("pause", "Pause.", cues=("stop",)).cued("She couldn't stop smiling.")
+    assert not Skill("pause", "Pause.", cues=("stop",), imperative=True).cued("She couldn't stop smiling.")
+    lamp = Skill("lamp", "Lamp.", cues=("turn on",), requires=("lamp",))
+    assert not lamp.allowed("turn on the radio") and lamp.allowed("turn on the lamps")
 
 
 def test_a_nearly_named_value_is_heard_only_when_none_is_named():

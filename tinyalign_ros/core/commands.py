@@ -99,6 +99,42 @@ Dev text 100% / 98.4% none -> 100% / 100%; dev2 text 89.7% / 96.0% -> 100% / 99.
 on: the held-out figures in bench/results/commands.json are the ones to quote). The stop fast
 path (`match_phrase`) did not change.
 
+**Third round: what was tuned on what.** The fresh held-out set of the second round was run once
+(bench/results/commands.json of eebc0dd: 81.2% exact pooled over 4 voices, text 92.6%, "none"
+77.0%) and its errors read, so it became the third dev split (`dev3`: skill_requests_dev3.tsv,
+chatter_dev3.txt), and another fresh held-out set was written before anything below changed
+(skill_requests_heldout.tsv, chatter_heldout.txt). Chosen on dev + dev2 + dev3 only, on the text
+and on Whisper tiny's transcripts of the three splits in the bench's 4 voices (as in the second
+round). dev3's chatter says cue words in other senses ("I can't stop thinking about that movie",
+"did you follow the news", "how do I turn off notifications", "I need to get a new winter coat"):
+- `imperative: true` in the YAML (stop, follow_me): a cue of such a skill counts only where it is
+  said as a command to the robot (`_addressed`): in its clause (split at punctuation and
+  "and/then/but"), after lead-ins ("please", "robot", "can you", "I want you to", ...), at most two
+  words before it, none a subject or question word ("I", "my", "how", "did", ...) and the first not
+  an article ("walk behind me", "cut the motors"), or nothing after it but "now", "it", "that",
+  "right there" ... ("I said stop", "you need to stop right now"). Not for what_can_you_do: its
+  cues are questions ("which tasks can you do for me?");
+- no cue counts in a clause that asks what the speaker should do (`SELF_QUESTION`: "should I take
+  the train or drive?", "where should we go on holiday", "how do I stop my dog"); "can I / could
+  I" are requests and not matched;
+- `requires:` in the YAML: lights is chosen only when "light" or "lamp" is said ("turn off
+  notifications" is not about lights);
+- a value only nearly said (`nearly_mentioned`) no longer spares a skill MISSING_PENALTY ("winter"
+  for water): the LLM has to prefer the skill by the penalty's margin; the near value is still
+  taken once the skill is chosen. Cost on dev: one request of dev2 speech ("bring a blank to the
+  kids"); gain: dev3 "none" +2 points;
+- cues from dev3 misses: what_can_you_do drops "you do" ("what do you do for fun?") and gains "you
+  to do", "how to do", "able to help"; fetch gains "take this", "I'd like", "I'd love", "can I
+  have", "could I have"; a possessive 's is dropped when values are matched ("grandpa's").
+  Tried and dropped: a reduced cue bonus for non-imperative skills whose cue is not addressed (x0.5
+  cost 2.5 points of dev speech, x0.75 changed nothing).
+Text exact / none: dev 100 / 100 -> 100 / 100, dev2 100 / 99.3 -> 100 / 99.3, dev3 92.6 / 76.0 ->
+100 / 96.0; as heard (4 voices pooled): dev 86.3 / 99.4 -> 86.3 / 99.8, dev2 88.8 / 98.8 -> 88.4 /
+99.0, dev3 82.1 / 76.5 -> 88.6 / 96.0 (tuned on: the held-out figures in
+bench/results/commands.json are the ones to quote). Left on dev3: "Halt and Catch Fire was a
+great TV show" (stop: "halt" starts a clause) and "the remote control for the TV needs new
+batteries" (fetch: cue and object said). The stop fast path (`match_phrase`) did not change.
+
 **Stop.** `SkillSet.match_phrase` maps whole utterances such as "stop", "halt!", "stop, stop"
 to an argument-less skill declared with `phrases:` without the LLM (microseconds): assistant_node
 calls it in the subscription callback, before the bounded queue, so a stop is published at once
