@@ -12,7 +12,7 @@ from std_msgs.msg import Float32, String
 
 from conftest import Probe, wait_for
 # the tiny random LLM (and a projector for it) of the personalization tests: nodes load in a second
-from test_personalize import SPEAKER, tiny_llm, tiny_model_dir, tiny_projector_file, tokenizer  # noqa: F401
+from test_personalize import SPEAKER, tiny_model_dir, tiny_projector_file  # noqa: F401
 from test_personalize import utterance as good_utterance
 from tinyalign_ros.core.llm import MAX_USER_CHARS
 from tinyalign_ros.core.projector import MAX_FEATURE_FRAMES

@@ -17,7 +17,7 @@ from visualization_msgs.msg import Marker
 
 from conftest import REPO, wait_for
 # the tiny random LLM (and a projector for it) of the personalization tests: nodes load in a second
-from test_personalize import SPEAKER, fill, tiny_llm, tiny_model_dir, tiny_projector_file, tokenizer  # noqa: F401
+from test_personalize import SPEAKER, fill, tiny_model_dir, tiny_projector_file  # noqa: F401
 from tinyalign_ros.core.samples import SampleStore
 from tinyalign_ros.msg import AudioChunk, Response, Utterance
 from tinyalign_ros.nodes.common import AUDIO_QOS, EVENT_QOS, LATCHED_QOS, to_time_msg
