@@ -215,7 +215,7 @@ def _asr_round(args, method: str, pool: list[Item], test: list[Item], tmp: Path,
     from tinyalign_ros.core.samples import SampleStore
 
     e2e = method == E2E_KIND
-    aligned = base = None
+    aligned = base = encoder = None
     base_sha, hybrid = "", False
     if e2e:  # the samples carry what asr_node heard (the hybrid prompt's transcript)
         aligned, base, base_sha, hybrid, encoder = _llm(args, llm_state)
@@ -239,9 +239,9 @@ def _asr_round(args, method: str, pool: list[Item], test: list[Item], tmp: Path,
         result = trainer.run("bench")
         wall = time.perf_counter() - t0
     # e2e: with the encoder, so that the speaker's adapted features come out as asr_node publishes them
-    recognizer = Recognizer(transcriber, encoder=llm_state["aligned"][4] if e2e else None, base=asr_base)
+    recognizer = Recognizer(transcriber, encoder=encoder, base=asr_base)
     seconds: list[float] = []
-    transcripts: dict[int, list[str]] = {}
+    transcripts: list[str] = []  # of the last adapter judged: the kept one, else the candidate
 
     def heard(candidate) -> list[str]:
         """What the speaker gets with `candidate`: the transcript (asr), the aligned assistant's text (e2e)."""
@@ -249,7 +249,7 @@ def _asr_round(args, method: str, pool: list[Item], test: list[Item], tmp: Path,
         got, took = _timed(lambda audio: recognizer.recognize(audio, "bench"), test)
         seconds.extend(took)
         texts = [r.text for r in got]
-        transcripts[candidate.info.version] = texts
+        transcripts[:] = texts
         if not e2e:
             return texts
         aligned.projector = apply_adapter(base, candidate)
@@ -263,9 +263,8 @@ def _asr_round(args, method: str, pool: list[Item], test: list[Item], tmp: Path,
     # judged on the test clips either way, so that the gate's decisions can be judged too
     hyps = heard(adapter) if adapter is not None else None
     candidate_hyps = hyps if hyps is not None else heard(result.candidate) if result.candidate is not None else None
-    judged = adapter if adapter is not None else result.candidate
     return {"result": result, "hyps": hyps, "candidate_hyps": candidate_hyps, "wall": wall, "rss": rss.peak,
-            "transcripts": transcripts.get(judged.info.version) if judged is not None and e2e else None,
+            "transcripts": transcripts if transcripts and e2e else None,
             "recognize_s": float(np.median(seconds)) if seconds else None,
             "added": rss.peak - start_mb, "adapter_mb": adapter.info.path.stat().st_size / 1e6 if adapter else 0.0}
 

@@ -184,11 +184,11 @@ class SpeakerAsr(nn.Module):
         out = Prepared([], [], [], [], [])
         for samples, text in items:
             mel = log_mel(samples, pad_to_30s=True)
+            frames = speech_frames(samples.size)
             out.states.append(self.lower(mel)[0].to(torch.float16))
             if unpadded:
-                frames = speech_frames(samples.size)
                 out.unpadded.append(self.lower(log_mel(samples, pad_to_30s=False))[0, :frames].to(torch.float16))
-            out.speech_frames.append(min(self.encoder.config.n_ctx, speech_frames(samples.size)))
+            out.speech_frames.append(min(self.encoder.config.n_ctx, frames))
             out.tokens.append([SOT, NO_TIMESTAMPS] + encode_text(text) + [EOT])
             out.seconds.append(samples.size / SAMPLE_RATE)
             out.texts.append(text)

@@ -790,8 +790,9 @@ class Personalizer:
                                                   transcripts=[heard[i] for i in chunk] if hybrid else None)
                     finally:
                         self.aligned.projector = self.base
-                    (value * cfg.e2e_llm_weight * len(chunk) / len(idx)).backward()
-                    total += float(value.detach()) * cfg.e2e_llm_weight * len(chunk) / len(idx)
+                    scale = cfg.e2e_llm_weight * len(chunk) / len(idx)  # a chunk's share of the batch's mean
+                    (value * scale).backward()
+                    total += float(value.detach()) * scale
             finally:
                 projector.eval()
             return total

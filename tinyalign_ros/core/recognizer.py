@@ -73,14 +73,14 @@ class Recognizer:
         self.exit_head_transcripts = exit_head_transcripts
         self._lock = threading.Lock()
         self._models: dict[tuple, SpeakerAsr] = {}
-        self._adapters: dict[str, tuple[tuple, dict[str, torch.Tensor], int]] = {}
+        # speaker -> (model key, LoRA tensors, version, whether the adapter makes the features too: kind e2e)
+        self._adapters: dict[str, tuple[tuple, dict[str, torch.Tensor], int, bool]] = {}
         self._loaded: str | None = None  # whose tensors are in the model now
-        self._features: set[str] = set()  # speakers whose adapter makes the features too (kind e2e)
 
     # -- adapters ----------------------------------------------------------------------------
     @property
     def adapted_speakers(self) -> dict[str, int]:
-        return {s: v for s, (_, _, v) in self._adapters.items()}
+        return {s: v for s, (_, _, v, _) in self._adapters.items()}
 
     def set_adapter(self, speaker: str, adapter: Adapter) -> None:
         """Use `adapter` for `speaker` from the next utterance on (AdapterMismatch if it does not fit)."""
@@ -104,12 +104,8 @@ class Recognizer:
             with self._lock:
                 model.load_adapter_state(tensors)  # checks that the tensors fit
                 self._models[key] = model
-                self._adapters[speaker] = (key, tensors, adapter.info.version)
+                self._adapters[speaker] = (key, tensors, adapter.info.version, kind == E2E_KIND)
                 self._loaded = speaker
-                if kind == E2E_KIND:
-                    self._features.add(speaker)
-                else:
-                    self._features.discard(speaker)
         except (ValueError, RuntimeError) as exc:
             raise AdapterMismatch(f"adapter v{adapter.info.version} of {speaker} does not fit: {exc}") from exc
 
@@ -117,7 +113,6 @@ class Recognizer:
         with self._lock:
             if self._loaded == speaker:
                 self._loaded = None
-            self._features.discard(speaker)
             return self._adapters.pop(speaker, None) is not None
 
     def _model_of(self, speaker: str) -> tuple[SpeakerAsr, int] | None:
@@ -125,7 +120,7 @@ class Recognizer:
         entry = self._adapters.get(speaker) if speaker else None
         if entry is None:
             return None
-        key, tensors, version = entry
+        key, tensors, version, _ = entry
         model = self._models[key]
         if self._loaded != speaker:
             model.load_adapter_state(tensors)
@@ -142,13 +137,11 @@ class Recognizer:
     def _adapted_features(self, speaker: str, samples: np.ndarray) -> EncodedUtterance | None:
         """An end-to-end adapter's speaker: their adapted final-layer features (full depth: the
         projector their adapter was trained with reads the last layer); else None."""
-        if speaker not in self._features:
-            return None
         with self._lock:
-            found = self._model_of(speaker)
-            if found is None:  # dropped meanwhile
+            entry = self._adapters.get(speaker) if speaker else None
+            if entry is None or not entry[3]:
                 return None
-            model = found[0]
+            model = self._model_of(speaker)[0]
             return EncodedUtterance(model.encoder.n_layers, model.features(samples), None)
 
     # -- one utterance ----------------------------------------------------------------------
