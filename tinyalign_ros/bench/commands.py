@@ -1,12 +1,12 @@
 """`tinyalign bench commands --out DIR`: spoken requests -> skill calls (core/commands.py).
 
 Held-out requests (`--split heldout`, the default: data/skill_requests_heldout.tsv and
-data/chatter_heldout.txt, written 2026-12-05 before the third round of parser changes and never
+data/chatter_heldout.txt, written 2026-12-06 before the fourth round of parser changes and never
 used to tune anything) and chatter, or a dev split that cues, aliases, prompts and thresholds may
 be tuned on (`dev`: data/skill_requests_dev.tsv + the even lines of data/questions.txt; `dev2`:
 data/skill_requests_dev2.tsv + data/chatter_dev2.txt + the odd lines of questions.txt; `dev3`:
-data/skill_requests_dev3.tsv + data/chatter_dev3.txt; dev2 and dev3 were held out until their
-errors were looked at), are spoken by
+data/skill_requests_dev3.tsv + data/chatter_dev3.txt; `dev4`: data/skill_requests_dev4.tsv +
+data/chatter_dev4.txt; dev2, dev3 and dev4 were held out until their errors were looked at), are spoken by
 several typical synthetic voices (core.corpus, as `tinyalign synth`), each voice's clips in one
 file with 1.2 s gaps, and played at real time through the embedded graph exactly as `tinyalign
 run --input` does (VAD -> Whisper -> assistant_node; `--fast`: as fast as the graph takes it).
@@ -54,7 +54,7 @@ class Item:
     arguments: dict
 
 
-SPLITS = ("heldout", "dev", "dev2", "dev3")
+SPLITS = ("heldout", "dev", "dev2", "dev3", "dev4")
 
 
 def data_lines(path: Path) -> list[str]:
@@ -69,9 +69,9 @@ def load_items(split: str, n_chatter: int, n_commands: int | None = None) -> lis
     rows = [line.split("\t") for line in data_lines(DATA / f"skill_requests_{split}.tsv")][1:]
     items = [Item(t, s, json.loads(a)) for t, s, a in rows][:n_commands]
     questions = data_lines(DATA / "questions.txt")
-    chatter = {"heldout": data_lines(DATA / "chatter_heldout.txt"), "dev": questions[0::2],
-               "dev2": data_lines(DATA / "chatter_dev2.txt") + questions[1::2],
-               "dev3": data_lines(DATA / "chatter_dev3.txt")}[split]
+    chatter = {"dev": questions[0::2], "dev2": data_lines(DATA / "chatter_dev2.txt") + questions[1::2]}.get(split)
+    if chatter is None:
+        chatter = data_lines(DATA / f"chatter_{split}.txt")
     return items + [Item(c, NONE, {}) for c in chatter[:n_chatter]]
 
 
@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="folder for commands.json and commands.png")
     parser.add_argument("--split", choices=SPLITS, default="heldout",
-                        help="heldout: the quoted figures; dev, dev2, dev3: what the parser may be tuned on")
+                        help="heldout: the quoted figures; dev, dev2, dev3, dev4: what the parser may be tuned on")
     parser.add_argument("--voices", type=int, default=3, help="typical synthetic voices (0: text only)")
     parser.add_argument("--modes", default="cascade,aligned", help="graph modes to run (comma-separated)")
     parser.add_argument("--method", default="choice", choices=("choice", "generate"))
