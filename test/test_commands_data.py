@@ -8,7 +8,7 @@ import re
 import pytest
 import yaml
 
-from tinyalign_ros.bench.commands import DATA, SPLITS, load_items
+from tinyalign_ros.core.skill_data import DATA, SPLITS, load_items
 from tinyalign_ros.core.commands import NONE, SkillSet, default_skills_file
 
 

@@ -33,90 +33,28 @@ import json
 import os
 import time
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from tinyalign_ros.core.commands import NONE, CommandParser, SkillSet, default_skills_file
 from tinyalign_ros.core.metrics import portable_path, write_result
+from tinyalign_ros.core.models import shipped_model
+from tinyalign_ros.core.skill_probe import SkillProbe
+from tinyalign_ros.core.skill_data import SAMPLE_RATE, SPLITS, Item, load_items, spoken_clip, typical_voices
 
-DATA = Path(__file__).resolve().parents[2] / "data"
 WORK = Path(__file__).resolve().parents[2] / "build" / "bench_commands"  # the speech files (not results)
 GAP_S = 1.2
-SAMPLE_RATE = 16000
-
-
-@dataclass(frozen=True)
-class Item:
-    text: str
-    skill: str  # NONE for chatter
-    arguments: dict
-
-
-SPLITS = ("heldout", "dev", "dev2", "dev3", "dev4")
-
-
-def data_lines(path: Path) -> list[str]:
-    """The lines of a data/ file that hold something: blank lines and `#` comments dropped."""
-    return [line for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
-
-
-def load_items(split: str, n_chatter: int, n_commands: int | None = None) -> list[Item]:
-    """The split's requests (the first `n_commands`), then its chatter (the first `n_chatter`)."""
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    rows = [line.split("\t") for line in data_lines(DATA / f"skill_requests_{split}.tsv")][1:]
-    items = [Item(t, s, json.loads(a)) for t, s, a in rows][:n_commands]
-    questions = data_lines(DATA / "questions.txt")
-    chatter = {"dev": questions[0::2], "dev2": data_lines(DATA / "chatter_dev2.txt") + questions[1::2]}.get(split)
-    if chatter is None:
-        chatter = data_lines(DATA / f"chatter_{split}.txt")
-    return items + [Item(c, NONE, {}) for c in chatter[:n_chatter]]
-
-
-def typical_voices(n: int):
-    """Typical (not atypical, not channel-degraded) default voices, alternating engines, each a
-    different speaker model (piper joe, festival slt, espeak en-us m3, festival kal, espeak en-gb f2,
-    ...) before any speaker comes twice with another pitch and rate."""
-    from tinyalign_ros.core import corpus
-
-    voices = [v for v in corpus.default_voices(0) if not v.atypical and not v.degradations]
-    seen: set[str] = set()
-    first = [v for v in voices if not (v.model in seen or seen.add(v.model))]
-    picked: list = []
-    for pool in (first, [v for v in voices if v not in first]):  # new speakers, then the same ones again
-        by_engine: dict[str, list] = {}
-        for v in pool:
-            by_engine.setdefault(v.engine, []).append(v)
-        order = [e for e in ("piper", "festival", "espeak") if e in by_engine]
-        while len(picked) < n and any(by_engine[e] for e in order):
-            for e in order:
-                if by_engine[e] and len(picked) < n:
-                    picked.append(by_engine[e].pop(0))
-    return picked
 
 
 def speech_file(voice, texts: list[str], out: Path) -> list[tuple[float, float]]:
     """One file of `texts` by `voice` with GAP_S gaps; (start_s, end_s) of each (cached clips)."""
     import soundfile as sf
 
-    from tinyalign_ros.core import corpus
-    from tinyalign_ros.core.models import data_home
-
-    cache = data_home() / "cache" / "commands" / voice.key
-    cache.mkdir(parents=True, exist_ok=True)
     gap = np.zeros(round(GAP_S * SAMPLE_RATE), dtype=np.float32)
     parts, spans = [np.zeros(SAMPLE_RATE // 2, dtype=np.float32)], []
     for text in texts:
-        path = cache / f"{corpus._digest(text)[:16]}.flac"
-        if path.is_file():
-            clip = sf.read(path, dtype="float32")[0]
-        else:
-            clip = corpus.synthesize(text, voice)
-            loud = np.flatnonzero(np.abs(clip) > 0.003)
-            clip = clip[loud[0]:loud[-1] + 1] if loud.size else clip
-            sf.write(path, clip, SAMPLE_RATE)
+        clip = spoken_clip(text, voice)
         start = sum(p.size for p in parts)
         spans.append((start / SAMPLE_RATE, (start + clip.size) / SAMPLE_RATE))
         parts += [clip, gap]
@@ -124,7 +62,8 @@ def speech_file(voice, texts: list[str], out: Path) -> list[tuple[float, float]]
     return spans
 
 
-def run_file(path: Path, mode: str, fast: bool, method: str, skills_file: str, threads: int = 2, log=print):
+def run_file(path: Path, mode: str, fast: bool, method: str, skills_file: str, threads: int = 2, log=print,
+             probe_file: str = ""):
     """Play `path` through the embedded graph; [(utterance start_s, end_s, transcript, Command)]."""
     os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
     from rclpy.node import Node
@@ -141,7 +80,8 @@ def run_file(path: Path, mode: str, fast: bool, method: str, skills_file: str, t
         # answers to chatter are not scored: short ones (aligned mode writes its transcript with the same limit)
         "assistant_node": {"mode": mode, "llm.max_new_tokens": 32 if mode == "aligned" else 12,
                            "max_pending_utterances": 1000,
-                           "commands.method": method, "commands.skills_file": skills_file, "llm.threads": threads},
+                           "commands.method": method, "commands.skills_file": skills_file, "llm.threads": threads,
+                           "commands.probe_file": probe_file},
         "tts_node": {"play": False, "realtime": False},
     }
     if mode == "aligned":  # the projector reads the last encoder layer (as `tinyalign run --mode aligned`)
@@ -259,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--voices", type=int, default=3, help="typical synthetic voices (0: text only)")
     parser.add_argument("--modes", default="cascade,aligned", help="graph modes to run (comma-separated)")
     parser.add_argument("--method", default="choice", choices=("choice", "generate"))
+    parser.add_argument("--probe", default="", help='skill probe file ("" = models/skill_probe.safetensors, '
+                                                     '"off" = the cue rules alone; core/skill_probe.py)')
     parser.add_argument("--n-chatter", type=int, default=50, help="chatter utterances (the first N of the split's; "
                         "heldout has 50)")
     parser.add_argument("--n-commands", type=int, default=None, help="only the first N requests (smoke runs)")
@@ -282,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     from tinyalign_ros.core.llm import ChatLLM
 
     llm = ChatLLM(threads=args.threads)
-    parser_ = CommandParser(skills, llm.model, llm.tokenizer, method=args.method)
+    probe = None if args.probe == "off" else SkillProbe.load(args.probe or shipped_model("skill_probe.safetensors"))
+    parser_ = CommandParser(skills, llm.model, llm.tokenizer, method=args.method, probe=probe)
     calls, seconds, sure, via = [], [], [], Counter()
     for it in items:
         c = parser_.parse(it.text)
@@ -311,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         per_voice, all_calls, all_sure, latencies = {}, [], [], []
         for v, path, spans in files:
             t = time.perf_counter()
-            heard = run_file(path, mode, args.fast, args.method, skills_file, args.threads)
+            heard = run_file(path, mode, args.fast, args.method, skills_file, args.threads, probe_file=args.probe)
             got = match(spans, heard)
             calls = [(c.skill, json.loads(c.arguments)) if c is not None else None for c in got]
             sure = [c is not None and c.sure for c in got]
@@ -333,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
             sub = [it.text for it in items if it.skill != NONE][:args.latency_n]
             path = WORK / f"latency-{v.name}.wav"
             speech_file(v, sub, path)
-            latencies = [c.latency_s for *_, c in run_file(path, mode, False, args.method, skills_file, args.threads)
+            latencies = [c.latency_s for *_, c in run_file(path, mode, False, args.method, skills_file, args.threads,
+                                                                probe_file=args.probe)
                          if np.isfinite(c.latency_s)]
         result["latency_p50_s"] = round(float(np.median(latencies)), 3) if latencies else None
         result["latency_p95_s"] = round(float(np.percentile(latencies, 95)), 3) if latencies else None
@@ -351,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         "method": args.method,
         "threads": args.threads,
         "skills_file": portable_path(skills_file),
+        "probe": "off" if probe is None else portable_path(args.probe or shipped_model("skill_probe.safetensors")),
         "libraries": libraries,
         "load_average": {"before": [round(x, 2) for x in load_before],
                          "after": [round(x, 2) for x in os.getloadavg()]},

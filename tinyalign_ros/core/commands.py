@@ -712,6 +712,11 @@ INFLECTED_CUE_BONUS = 6.0
 # 0.5, at 1 it flagged 15 of the 21 wrong skill calls, at 3 17 of 21 and none of the 50 right ones
 # (at 4, 0.6: 20 of 21 but 2 right ones asked back).
 CONFIDENCE_TEMPERATURE = 3.0
+# The skill probe (core/skill_probe.py; fourth round, module docstring): PROBE_WEIGHT x its log
+# probability is added to each option's score where a cue was said; where none was, its top skill
+# is taken when the probe gives it more than PROBE_THRESHOLD (else "none"). Chosen on dev..dev4.
+PROBE_WEIGHT = 1.0
+PROBE_THRESHOLD = 0.5
 
 
 def _softmax_top(scores: list[float]) -> float:
@@ -737,7 +742,10 @@ class CommandParser:
                  missing_penalty: float = MISSING_PENALTY, named_bonus: float = NAMED_BONUS,
                  inflected_cue_bonus: float = INFLECTED_CUE_BONUS,
                  max_tokens: int = 64, require_cue: bool = True,
-                 temperature: float = CONFIDENCE_TEMPERATURE) -> None:
+                 temperature: float = CONFIDENCE_TEMPERATURE, probe=None, probe_weight: float = PROBE_WEIGHT,
+                 probe_threshold: float = PROBE_THRESHOLD) -> None:
+        """`probe`: a SkillProbe (core/skill_probe.py) fit for this skill set and LLM, or None (the
+        cue rules alone); SkillProbeError when it was fit for other skills or another LLM."""
         import llguidance
         import llguidance.hf
         import torch
@@ -757,6 +765,12 @@ class CommandParser:
         # the cue gate: only when every skill declares cues (a skill without any is found by the LLM alone)
         self.require_cue = require_cue and all(s.cues for s in skills.skills.values())
         self.last_steps: list[tuple] = []  # (key, options, scores) of the last choose(): for benchmarks
+        self.probe, self.probe_weight, self.probe_threshold = probe, probe_weight, probe_threshold
+        self.last_probe: dict[str, float] = {}  # the probe's probabilities for the last request
+        if probe is not None:
+            from .skill_probe import llm_fingerprint
+
+            probe.check(list(skills.skills) + [NONE], llm_fingerprint(model))
         self._prior: dict = {}
         self.schema = skills.schema()
         self.grammar = llguidance.LLMatcher.grammar_from_json_schema(self.schema, overrides=JSON_OPTIONS)
@@ -810,11 +824,12 @@ class CommandParser:
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def _score(self, cache, shared: list[int], last_logits, candidates: list[list[int]]):
+    def _score(self, cache, shared: list[int], last_logits, candidates: list[list[int]], hidden: bool = False):
         """Log-likelihood of each candidate continuation after `shared`, in ONE forward pass: the
         candidates are packed behind the shared tokens with an attention mask that lets each see
         the cache, the shared tokens and itself only. The cache keeps the shared tokens, not the
-        candidates. Returns (scores, logits after the shared tokens)."""
+        candidates. Returns (scores, logits after the shared tokens), and the pass's hidden states
+        (embeddings, then one per layer) as a third item when `hidden`."""
         torch = self._torch
         past, n_shared = cache.get_seq_length(), len(shared)
         flat = shared + [t for c in candidates for t in c]
@@ -832,8 +847,9 @@ class CommandParser:
                 pos.append(past + n_shared + j)
             start += len(c)
         mask = torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))[None, None]
-        logits = self.model(input_ids=torch.tensor([flat]), past_key_values=cache, use_cache=True,
-                            attention_mask=mask, position_ids=torch.tensor([pos])).logits[0, :, : self.vocab]
+        out = self.model(input_ids=torch.tensor([flat]), past_key_values=cache, use_cache=True,
+                         attention_mask=mask, position_ids=torch.tensor([pos]), output_hidden_states=hidden)
+        logits = out.logits[0, :, : self.vocab]
         cache.crop(-(q - n_shared)) if q > n_shared else None
         after_shared = logits[n_shared - 1] if n_shared else last_logits
         scores, start = [], n_shared
@@ -842,7 +858,7 @@ class CommandParser:
             lp = torch.log_softmax(rows.float(), -1)
             scores.append(float(lp[torch.arange(len(c)), torch.tensor(c)].sum()))
             start += len(c)
-        return scores, after_shared
+        return (scores, after_shared, out.hidden_states) if hidden else (scores, after_shared)
 
     def _choice_scores(self, text: str, cache=None):
         """Yield (key, options, scores) at each decision of constrained choice for `text`, and
@@ -850,10 +866,18 @@ class CommandParser:
         skill without free text ((skill, argument), values)."""
         from .llm import check_user_text
 
-        request = self._suffix.format(request=" ".join(check_user_text(text).split()))
+        words = " ".join(check_user_text(text).split())
+        request = self._suffix.format(request=words)
         cache = self._fresh_cache()
         names = list(self.skills.skills) + [NONE]
-        scores, _ = self._score(cache, self._ids(request + '{"skill": "'), None, [self._ids(n + '"') for n in names])
+        shared, candidates = self._ids(request + '{"skill": "'), [self._ids(n + '"') for n in names]
+        if self.probe is not None and text != CONTENT_FREE:
+            from .skill_probe import request_features
+
+            scores, _, hidden = self._score(cache, shared, None, candidates, hidden=True)
+            self.last_probe = self.probe.probs(request_features(hidden, self.probe.layer, len(self._ids(words))))
+        else:
+            scores, _ = self._score(cache, shared, None, candidates)
         skill = names[(yield "", names, scores)]
         if skill == NONE or skill in self._skill_grammars:
             return
@@ -869,6 +893,18 @@ class CommandParser:
                 scores, _ = self._score(cache, context, None, [self._ids(v + '"') for v in values])
                 value = values[(yield (skill, arg.name), values, scores)]
             context = self._ids(value + '"')
+
+    def features(self, text: str, layer: int):
+        """The skill probe's features of `text` (core/skill_probe.py): the request's hidden states
+        after `layer` in this parser's prompt, as `choose` reads them."""
+        from .llm import check_user_text
+        from .skill_probe import request_features
+
+        words = " ".join(check_user_text(text).split())
+        with self._torch.inference_mode():
+            out = self.model(input_ids=self._torch.tensor([self._ids(self._suffix.format(request=words))]),
+                             past_key_values=self._fresh_cache(), use_cache=True, output_hidden_states=True)
+        return request_features(out.hidden_states, layer, len(self._ids(words)))
 
     def _calibrate(self) -> None:
         """Contextual calibration (Zhao et al. 2021, "Calibrate before use"): the score of each
@@ -905,12 +941,14 @@ class CommandParser:
                self.inflected_cue_bonus if skill.cued(text) else 0.0)
         return cue - self.missing_penalty * missing + self.named_bonus * named
 
-    def choose(self, text: str) -> tuple[str, dict[str, str], float]:
+    def choose(self, text: str, cued: bool = True) -> tuple[str, dict[str, str], float]:
         """Constrained choice: the skill whose name is likeliest after the request (then each
         argument's value in turn), scored by the LLM's log-likelihood of the JSON it would write,
         less the calibration prior. Every option is a declared skill or an allowed value, so the
         result is valid by construction; the confidence is the product of the softmaxes over the
-        (calibrated) options at each decision."""
+        (calibrated) options at each decision. With a probe, its log probabilities add to the
+        skill scores; `cued` False (the request says no skill's cue) lets the probe alone decide:
+        its top allowed skill when more likely than `probe_threshold`, else "none"."""
         import math
 
         confidence, skill, args = 1.0, NONE, {}
@@ -926,6 +964,14 @@ class CommandParser:
                     if key == "":
                         scores = [x + (self.none_bias if o == NONE else self._evidence(self.skills.skills[o], text))
                                   for x, o in zip(scores, options)]
+                        if self.probe is not None:
+                            scores, decided = self._with_probe(options, scores, cued)
+                            if decided is not None:  # no cue: the probe's pick, its probability as confidence
+                                self.last_steps.append((key, options, scores))
+                                confidence *= decided[1]
+                                skill = decided[0]
+                                key, options, scores = steps.send(options.index(skill))
+                                continue
                     else:
                         arg = self.skills.skills[key[0]].arguments_by_name[key[1]]
                         said = mentioned(text, arg, fuzzy=True)
@@ -947,6 +993,23 @@ class CommandParser:
             confidence *= conf
         return skill, args, float(confidence if math.isfinite(confidence) else 0.0)
 
+    def _with_probe(self, options: list[str], scores: list[float], cued: bool):
+        """(scores, None) with PROBE_WEIGHT x the probe's log probability added, where a cue was
+        said; else (scores, (pick, confidence)): the probe's likeliest allowed skill when above
+        the threshold, else none (confidence 1 - that skill's probability)."""
+        import math
+
+        probs = self.last_probe
+        if cued:
+            return [x + self.probe_weight * math.log(max(probs.get(o, 0.0), 1e-9))
+                    for x, o in zip(scores, options)], None
+        allowed = [o for o, x in zip(options, scores) if o != NONE and x > float("-inf")]
+        top = max(allowed, key=lambda o: probs.get(o, 0.0), default=NONE)
+        p_top = probs.get(top, 0.0) if top != NONE else 0.0
+        if p_top > self.probe_threshold:
+            return scores, (top, p_top)
+        return scores, (NONE, 1.0 - p_top)
+
     def parse(self, text: str) -> SkillCall:
         """The skill call `text` asks for (NONE when none), always a valid call of the skill set."""
         t0 = time.perf_counter()
@@ -955,10 +1018,15 @@ class CommandParser:
             return fast
         if not text.strip():
             return SkillCall(NONE, {}, 1.0, text, "empty", time.perf_counter() - t0)
-        if self.require_cue and not any(s.cued(text) for s in self.skills.skills.values()):
+        cued = any(s.cued(text) for s in self.skills.skills.values())
+        if self.require_cue and not cued and (self.probe is None or self.method != "choice"):
             return SkillCall(NONE, {}, 1.0, text, "no_cue", time.perf_counter() - t0)
-        skill, args, confidence = (self.choose if self.method == "choice" else self.generate)(text)
-        return SkillCall(skill, args, confidence, text, "llm", time.perf_counter() - t0)
+        if self.method == "choice":
+            skill, args, confidence = self.choose(text, cued=cued or not self.require_cue)
+            via = "llm" if cued or not self.require_cue else "probe"
+        else:
+            (skill, args, confidence), via = self.generate(text), "llm"
+        return SkillCall(skill, args, confidence, text, via, time.perf_counter() - t0)
 
     def generate(self, text: str, grammar: str | None = None) -> tuple[str, dict[str, str], float]:
         """Greedy decoding under the grammar (default: every skill): (skill, arguments, confidence)."""

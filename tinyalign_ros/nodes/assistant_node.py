@@ -123,14 +123,37 @@ class AssistantNode(Node):
         self.command_min_confidence = float(p("commands.min_confidence", 0.5).value)
         method = p("commands.method", "choice").value
         require_cue = bool(p("commands.require_cue", True).value)
+        probe_file = p("commands.probe_file", "").value
         self.skills = SkillSet.load(self.skills_file)  # SkillsError (a ValueError) says what is wrong, at start-up
-        self.command_parser = None
+        self.command_parser, self.probe_file = None, ""
         if bool(p("commands.enabled", True).value):
+            probe = self._skill_probe(probe_file)
             self.command_parser = CommandParser(self.skills, self.llm.model, self.llm.tokenizer, method=method,
-                                                require_cue=require_cue)
+                                                require_cue=require_cue, probe=probe)
         self.command_pub = self.create_publisher(Command, "command", EVENT_QOS)
         self.commands_published = 0
         self._fast_calls: OrderedDict = OrderedDict()  # utterance id -> call already published by the callback
+
+    def _skill_probe(self, probe_file: str):
+        """The skill probe (core/skill_probe.py) for the parser, or None: `commands.probe_file` "off",
+        or a probe fit for other skills or another LLM (logged: the parser then runs on its cue rules
+        alone; retrain with `tinyalign train skills`). A file named explicitly that cannot be read is
+        an error at start-up."""
+        from tinyalign_ros.core.commands import NONE
+        from tinyalign_ros.core.models import shipped_model
+        from tinyalign_ros.core.skill_probe import SkillProbe, SkillProbeError, llm_fingerprint
+
+        if probe_file == "off":
+            return None
+        path = probe_file or str(shipped_model("skill_probe.safetensors"))
+        probe = SkillProbe.load(path)  # SkillProbeError (a ValueError) at start-up
+        try:
+            probe.check(list(self.skills.skills) + [NONE], llm_fingerprint(self.llm.model))
+        except SkillProbeError as e:
+            self.get_logger().warning(f"skill probe not used: {e}")
+            return None
+        self.probe_file = path
+        return probe
 
     def _on_utterance(self, utt: Utterance) -> None:
         """The subscription callback: a stop (a skill's `phrases`) is published here, before the bounded
@@ -257,6 +280,7 @@ class AssistantNode(Node):
         if self.mode == "aligned":
             status.add("answered_from_transcript_after_early_exit", self.early_exits)
         status.add("last_latency_s", self.last_latency_s)
+        status.add("skill_probe", self.probe_file or "off")
         for speaker, version in sorted(self.adapter_versions.items()):
             status.add(f"adapter_version.{speaker}", version)
         if self.dropped:
