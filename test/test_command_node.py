@@ -58,8 +58,35 @@ def test_each_utterance_gets_one_command_and_the_answer_confirms_or_asks_back(ro
             assert answers[uid]  # a chat answer
         assert 0 <= cmd.latency_s < 120
     assert by_id["u1"].text == "Please turn on the lights in the kitchen."
-    # the request names a skill's cue: the LLM chose; the question names none: "none" without the LLM
-    assert (by_id["u1"].via, by_id["u2"].via, by_id["u2"].skill) == ("llm", "no_cue", "none")
+    # the request names a skill's cue: the LLM and the skill probe chose; the question names none:
+    # the probe alone decided it asks for no skill
+    assert (by_id["u1"].via, by_id["u2"].via, by_id["u2"].skill) == ("llm", "probe", "none")
+    assert node.probe_file.endswith("skill_probe.safetensors")  # the shipped probe fits the shipped skills
+
+
+@pytest.mark.parametrize("text", ["transcript", "aligned"])
+def test_aligned_mode_maps_the_transcript_before_the_aligned_llm_runs(ros, text):
+    """commands.text transcript (the default): in aligned mode a request's Command comes from
+    asr_node's transcript and the aligned LLM never runs for it; `aligned` waits for its transcript."""
+    node = _node(ros, **{"mode": "aligned", "commands.text": text})
+    ran = []
+    stream = node.aligned.stream
+    node.aligned.stream = lambda *a, **k: (ran.append(a), stream(*a, **k))[1]
+    pub, commands, responses = _probe(ros, node)
+    import numpy as np
+
+    cfg = node.aligned.projector.cfg
+    utt = _utt("a1", "Please turn on the lights in the kitchen.")
+    frames = 40  # noise features: the hybrid prompt's anchor keeps the transcript as the aligned one
+    utt.features = np.random.default_rng(0).standard_normal(frames * cfg.in_dim).astype(np.float32)
+    utt.feature_frames, utt.feature_dim, utt.feature_layer = frames, cfg.in_dim, cfg.encoder_layer
+    pub.publish(utt)
+    wait_for(lambda: len(commands) == 1 and len(responses) == 1, timeout=120, what="a command and an answer")
+    cmd = commands[0]
+    assert (cmd.skill, json.loads(cmd.arguments), cmd.mode) == ("lights", {"room": "kitchen", "state": "on"}, "aligned")
+    call = SkillCall(cmd.skill, json.loads(cmd.arguments))
+    assert responses[0].text == (node.skills.confirmation(call) if cmd.sure else node.skills.ask_back(call))
+    assert len(ran) == (0 if text == "transcript" else 1)
 
 
 def test_stop_is_published_at_once_while_the_llm_is_busy_and_its_queue_full(ros):

@@ -124,6 +124,9 @@ class AssistantNode(Node):
         method = p("commands.method", "choice").value
         require_cue = bool(p("commands.require_cue", True).value)
         probe_file = p("commands.probe_file", "").value
+        self.command_text = p("commands.text", "transcript").value
+        if self.command_text not in ("transcript", "aligned"):
+            raise ValueError(f"commands.text must be 'transcript' or 'aligned', got '{self.command_text}'")
         self.skills = SkillSet.load(self.skills_file)  # SkillsError (a ValueError) says what is wrong, at start-up
         self.command_parser, self.probe_file = None, ""
         if bool(p("commands.enabled", True).value):
@@ -181,9 +184,11 @@ class AssistantNode(Node):
                                f"{call.confidence:.2f}, {call.via}, {call.seconds * 1000:.0f} ms)")
         return sure
 
-    def _command_stream(self, utt: Utterance, response: Response, stream: Iterator[str] | None) -> Iterator[str] | None:
-        """The spoken answer once the text is mapped to a skill call: the skill's confirmation when
-        sure, a question back when not, the chat answer (`stream`) when it asks for no skill."""
+    def _command_stream(self, utt: Utterance, response: Response, stream: Iterator[str] | None,
+                        text: str | None = None) -> Iterator[str] | None:
+        """The spoken answer once the text (default: the response's transcript) is mapped to a skill
+        call: the skill's confirmation when sure, a question back when not, the chat answer
+        (`stream`) when it asks for no skill."""
         fast = self._fast_calls.pop(utt.id, None)
         if fast is not None:  # published by the callback already
             return iter([self.skills.confirmation(fast)])
@@ -191,7 +196,7 @@ class AssistantNode(Node):
             return stream
         if response.mode == "aligned" and self.task == "repeat":  # a transcription view: the transcript is the answer
             return stream
-        call = self.command_parser.parse(response.transcript)
+        call = self.command_parser.parse(response.transcript if text is None else text)
         sure = self._publish_command(utt, call, response.mode)
         if call.is_none:
             return stream
@@ -338,13 +343,27 @@ class AssistantNode(Node):
             return self._aligned_stream(utt, response)
         return self._cascade_stream(utt)
 
+    def _answer_stream(self, utt: Utterance, response: Response) -> Iterator[str] | None:
+        """The answer's pieces, skill call first. Aligned mode with `commands.text: transcript` maps
+        asr_node's transcript before the aligned LLM runs, which then runs only for an utterance that
+        asks for no skill (the Command does not wait for the aligned LLM to write its transcript)."""
+        early = (self.mode == "aligned" and self.command_text == "transcript" and self.task != "repeat"
+                 and utt.transcript.strip() and utt.confidence >= self.min_confidence)
+        if not early:
+            return self._command_stream(utt, response, self._stream_of(utt, response))
+
+        def later() -> Iterator[str]:
+            yield from self._stream_of(utt, response) or ()
+
+        return self._command_stream(utt, response, later(), text=utt.transcript)
+
     def _answer(self, utt: Utterance) -> None:
         end_of_speech = from_time_msg(utt.end)
         response = Response(utterance_id=utt.id, speaker=utt.speaker, transcript=utt.transcript, mode=self.mode)
         pieces: list[str] = []
         stream, first = None, None
         try:
-            stream = self._command_stream(utt, response, self._stream_of(utt, response))
+            stream = self._answer_stream(utt, response)
             for piece in stream if stream is not None else ():
                 if first is None:
                     first = self._now()
