@@ -76,7 +76,7 @@ def test_the_parser_reads_the_features_the_probe_was_fit_on(llm, skills):
     probe = SkillProbe(names, 14, torch.randn(len(names), d, generator=g), torch.zeros(len(names)),
                        torch.zeros(d), torch.ones(d) * 30, llm_fingerprint(llm.model))
     parser = CommandParser(skills, llm.model, llm.tokenizer, probe=probe)
-    for text in ("Please go to the kitchen.", "I want you in the bedroom"):
+    for text in ("Please go to the kitchen.", "I want you in the bedroom", "N/A"):  # N/A: the calibration request
         parser.parse(text)
         assert parser.last_probe == pytest.approx(probe.probs(parser.features(text, 14)), abs=1e-4)
 

@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from tinyalign_ros.core.metrics import write_result
+from tinyalign_ros.core.skill_data import DATA, data_lines
 
 from ._graph import demo_input, p50_p95, peak_rss_mb, run_graph
-from .commands import DATA, data_lines
 
 
 def encoder_rtf(samples: list[np.ndarray]) -> float:

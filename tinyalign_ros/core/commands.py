@@ -893,7 +893,7 @@ class CommandParser:
             start += len(c)
         return (scores, after_shared, out.hidden_states) if hidden else (scores, after_shared)
 
-    def _choice_scores(self, text: str, cache=None):
+    def _choice_scores(self, text: str, use_probe: bool = True):
         """Yield (key, options, scores) at each decision of constrained choice for `text`, and
         receive the chosen option index: first the skill ("", names), then each argument of a
         skill without free text ((skill, argument), values)."""
@@ -904,7 +904,8 @@ class CommandParser:
         cache = self._fresh_cache()
         names = list(self.skills.skills) + [NONE]
         shared, candidates = self._ids(request + '{"skill": "'), [self._ids(n + '"') for n in names]
-        if self.probe is not None and text != CONTENT_FREE:
+        self.last_probe = {}
+        if self.probe is not None and use_probe:
             from .skill_probe import request_features
 
             scores, _, hidden = self._score(cache, shared, None, candidates, hidden=True)
@@ -946,7 +947,7 @@ class CommandParser:
         self._prior = {}
         with self._torch.inference_mode():
             for skill in [None, *self.skills.skills]:
-                steps = self._choice_scores(CONTENT_FREE)
+                steps = self._choice_scores(CONTENT_FREE, use_probe=False)
                 try:
                     key, options, scores = next(steps)
                     while True:

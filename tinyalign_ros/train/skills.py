@@ -117,6 +117,7 @@ tinyalign train skills --splits {','.join(args.splits)} --voices {args.voices} -
 def main(argv: Sequence[str] | None = None) -> int:
     from tinyalign_ros.core.files import atomic_write_bytes
     from tinyalign_ros.core.llm import ChatLLM
+    from tinyalign_ros.core.metrics import portable_path
 
     parser = argparse.ArgumentParser(prog="tinyalign train skills", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -186,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               "voices": [v.name for v in voices], "heard": sum(len(r) for r in heard_rows.values())}
     probe = fit(everything)
     probe.meta = {"splits": args.splits, "voices": counts["voices"], "weight_decay": args.weight_decay,
-                  "n_rows": len(everything), "skills_file": str(skills.source)}
+                  "n_rows": len(everything), "skills_file": portable_path(skills.source)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     probe.save(args.out)
     seconds = time.perf_counter() - t_fit
