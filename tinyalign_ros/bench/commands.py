@@ -224,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     from tinyalign_ros.core.llm import ChatLLM
 
     llm = ChatLLM(threads=args.threads)
-    probe = None if args.probe == "off" else SkillProbe.load(args.probe or shipped_model("skill_probe.safetensors"))
+    probe_file = "off" if args.probe == "off" else args.probe or str(shipped_model("skill_probe.safetensors"))
+    probe = None if probe_file == "off" else SkillProbe.load(probe_file)
     parser_ = CommandParser(skills, llm.model, llm.tokenizer, method=args.method, probe=probe)
     calls, seconds, sure, via = [], [], [], Counter()
     for it in items:
@@ -295,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         "method": args.method,
         "threads": args.threads,
         "skills_file": portable_path(skills_file),
-        "probe": "off" if probe is None else portable_path(args.probe or shipped_model("skill_probe.safetensors")),
+        "probe": portable_path(probe_file),
         "libraries": libraries,
         "load_average": {"before": [round(x, 2) for x in load_before],
                          "after": [round(x, 2) for x in os.getloadavg()]},

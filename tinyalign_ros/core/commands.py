@@ -854,6 +854,13 @@ class CommandParser:
         return self._torch.from_numpy(bits[: self.vocab].astype(bool))
 
     # ------------------------------------------------------------------ constrained choice
+    @staticmethod
+    def _said(text: str) -> str:
+        """The operator's words as every prompt carries them (checked for length, spaces collapsed)."""
+        from .llm import check_user_text
+
+        return " ".join(check_user_text(text).split())
+
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
@@ -897,9 +904,7 @@ class CommandParser:
         """Yield (key, options, scores) at each decision of constrained choice for `text`, and
         receive the chosen option index: first the skill ("", names), then each argument of a
         skill without free text ((skill, argument), values)."""
-        from .llm import check_user_text
-
-        words = " ".join(check_user_text(text).split())
+        words = self._said(text)
         request = self._suffix.format(request=words)
         cache = self._fresh_cache()
         names = list(self.skills.skills) + [NONE]
@@ -931,10 +936,9 @@ class CommandParser:
     def features(self, text: str, layer: int):
         """The skill probe's features of `text` (core/skill_probe.py): the request's hidden states
         after `layer` in this parser's prompt, as `choose` reads them."""
-        from .llm import check_user_text
         from .skill_probe import request_features
 
-        words = " ".join(check_user_text(text).split())
+        words = self._said(text)
         with self._torch.inference_mode():
             out = self.model(input_ids=self._torch.tensor([self._ids(self._suffix.format(request=words))]),
                              past_key_values=self._fresh_cache(), use_cache=True, output_hidden_states=True)
@@ -1067,9 +1071,7 @@ class CommandParser:
         import llguidance
 
         torch = self._torch
-        from .llm import check_user_text
-
-        request = self._suffix.format(request=" ".join(check_user_text(text).split()))
+        request = self._suffix.format(request=self._said(text))
         feed = self.tokenizer(request, add_special_tokens=False)["input_ids"]
         matcher = llguidance.LLMatcher(self.lltok, grammar or self.grammar, log_level=0)
         forced = matcher.compute_ff_tokens()

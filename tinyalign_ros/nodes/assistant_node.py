@@ -31,6 +31,7 @@ fails its checksum, is refused with a logged error and the speaker keeps what it
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -116,7 +117,7 @@ class AssistantNode(Node):
         """Skill calls (core/commands.py): every answered utterance -> at most one Command on `command`."""
         from collections import OrderedDict
 
-        from tinyalign_ros.core.commands import CommandParser, SkillSet, default_skills_file
+        from tinyalign_ros.core.commands import SkillSet, default_skills_file
 
         p = self.declare_parameter
         self.skills_file = p("commands.skills_file", "").value or str(default_skills_file())
@@ -130,33 +131,31 @@ class AssistantNode(Node):
         self.skills = SkillSet.load(self.skills_file)  # SkillsError (a ValueError) says what is wrong, at start-up
         self.command_parser, self.probe_file = None, ""
         if bool(p("commands.enabled", True).value):
-            probe = self._skill_probe(probe_file)
-            self.command_parser = CommandParser(self.skills, self.llm.model, self.llm.tokenizer, method=method,
-                                                require_cue=require_cue, probe=probe)
+            self.command_parser = self._command_parser(probe_file, method=method, require_cue=require_cue)
         self.command_pub = self.create_publisher(Command, "command", EVENT_QOS)
         self.commands_published = 0
         self._fast_calls: OrderedDict = OrderedDict()  # utterance id -> call already published by the callback
 
-    def _skill_probe(self, probe_file: str):
-        """The skill probe (core/skill_probe.py) for the parser, or None: `commands.probe_file` "off",
-        or a probe fit for other skills or another LLM (logged: the parser then runs on its cue rules
-        alone; retrain with `tinyalign train skills`). A file named explicitly that cannot be read is
-        an error at start-up."""
-        from tinyalign_ros.core.commands import NONE
-        from tinyalign_ros.core.models import shipped_model
-        from tinyalign_ros.core.skill_probe import SkillProbe, SkillProbeError, llm_fingerprint
+    def _command_parser(self, probe_file: str, **options):
+        """The command parser with the skill probe (core/skill_probe.py), or without it: with
+        `commands.probe_file` "off", or when the parser refuses a probe fit for other skills or
+        another LLM (logged: it then runs on its cue rules alone; retrain with `tinyalign train
+        skills`). A probe file that cannot be read is an error at start-up."""
+        from tinyalign_ros.core.commands import CommandParser
+        from tinyalign_ros.core.skill_probe import SkillProbe, SkillProbeError
 
+        make = partial(CommandParser, self.skills, self.llm.model, self.llm.tokenizer, **options)
         if probe_file == "off":
-            return None
+            return make()
         path = probe_file or str(shipped_model("skill_probe.safetensors"))
         probe = SkillProbe.load(path)  # SkillProbeError (a ValueError) at start-up
         try:
-            probe.check(list(self.skills.skills) + [NONE], llm_fingerprint(self.llm.model))
+            parser = make(probe=probe)
         except SkillProbeError as e:
             self.get_logger().warning(f"skill probe not used: {e}")
-            return None
+            return make()
         self.probe_file = path
-        return probe
+        return parser
 
     def _on_utterance(self, utt: Utterance) -> None:
         """The subscription callback: a stop (a skill's `phrases`) is published here, before the bounded
