@@ -20,7 +20,7 @@ import numpy as np
 from .commands import NONE
 
 DATA = Path(__file__).resolve().parents[2] / "data"
-SPLITS = ("heldout", "dev", "dev2", "dev3", "dev4")
+SPLITS = ("heldout", "dev", "dev2", "dev3", "dev4", "dev5")
 DEV_SPLITS = tuple(s for s in SPLITS if s != "heldout")
 SAMPLE_RATE = 16000
 
