@@ -74,6 +74,7 @@ def test_shipped_skills_load_and_their_schema_accepts_every_allowed_call_and_not
     (lambda d: d["skills"]["go_to"]["arguments"]["place"].update(aliases={"garden": "yard"}),
      "aliases.garden: must be a non-empty list"),
     (lambda d: d["skills"]["stop"].update(imperative="yes"), "skills.stop.imperative: must be true or false"),
+    (lambda d: d["skills"]["go_to"].update(not_self=1), "skills.go_to.not_self: must be true or false"),
     (lambda d: d["skills"]["lights"].update(requires="light"), "skills.lights.requires: must be a list"),
 ])
 def test_malformed_skills_are_rejected_with_a_message_that_says_where(tmp_path, mutate, message):
@@ -122,7 +123,7 @@ def test_an_alias_names_its_value():
 
 
 @pytest.mark.parametrize("skill, text", [("follow_me", "Keep following me."), ("lights", "Switching the lamps on"),
-                                         ("stop", "stopping now"), ("go_to", "I'm going upstairs"),
+                                         ("stop", "stopping now"), ("go_to", "Get going, upstairs"),
                                          ("fetch", "she fetched it"), ("go_to", "moving to the garden")])
 def test_cues_are_heard_in_their_inflections(skill, text):
     assert SkillSet.load(default_skills_file()).skills[skill].cued(text)
@@ -148,6 +149,14 @@ def test_cue_inflections_are_regular_forms_only():
     ("follow_me", "Walk behind me.", True), ("follow_me", "I want you to follow me.", True),
     ("follow_me", "Stay close and follow me", True), ("follow_me", "come along", True),
     ("follow_me", "Did you follow the match?", False), ("follow_me", "My son follows the football league", False),
+    # a cue that ends its clause is a command unless a noun's article or another subject's verb comes right before it
+    ("stop", "I wish this headache would stop.", False), ("stop", "Work on the bridge has come to a halt.", False),
+    ("stop", "The bus went past my stop", False), ("stop", "The noise won't stop", False),
+    ("stop", "I told you to stop", True), ("stop", "Robot, you must stop.", True),
+    # not_self (go_to): not where the speaker is the one who goes
+    ("go_to", "I need to go to the bank tomorrow.", False), ("go_to", "Tag along, I'm going out to the garden.", False),
+    ("go_to", "We drove to the coast last weekend.", False), ("go_to", "I need you to go to the kitchen.", True),
+    ("go_to", "Could you head to the office, I'll meet you there", True), ("go_to", "I want you to go upstairs", True),
     # any skill: no cue counts in a question about what the speaker should do; "could I" is a request
     ("go_to", "Where should I go for lunch?", False), ("go_to", "Should we drive to the coast?", False),
     ("go_to", "Go to the garden", True), ("fetch", "Could I have the keys?", True),
@@ -164,6 +173,8 @@ def test_the_imperative_rule_is_the_skills_choice():
 
     assert Skill("pause", "Pause.", cues=("stop",)).cued("She couldn't stop smiling.")
     assert not Skill("pause", "Pause.", cues=("stop",), imperative=True).cued("She couldn't stop smiling.")
+    assert Skill("drive", "Drive.", cues=("go",)).cued("I'm going home.")
+    assert not Skill("drive", "Drive.", cues=("go",), not_self=True).cued("I'm going home.")
     lamp = Skill("lamp", "Lamp.", cues=("turn on",), requires=("lamp",))
     assert not lamp.allowed("turn on the radio") and lamp.allowed("turn on the lamps")
 
@@ -180,6 +191,10 @@ def test_a_nearly_named_value_is_heard_only_when_none_is_named():
     assert mentioned("Bring grandpa a glass of water", fetch["person"], fuzzy=True) == {"grandpa"}
     assert mentioned("Can you get the newspaper?", fetch["person"], fuzzy=True) == set()  # "you" is the robot
     assert mentioned("How do I make a cake?", fetch["object"], fuzzy=True) == set()
+    rooms = SkillSet.load(default_skills_file()).skills["lights"].arguments_by_name["room"]
+    assert mentioned("Can you kill the lights?", rooms, fuzzy=True) == set()  # "killthe" is near "kitchen": no run with "the"
+    assert mentioned("Lights off in the kitten", rooms, fuzzy=True) == {"kitchen"}
+    assert mentioned("Granddad wants the paper", fetch["person"]) == {"grandpa"}  # an alias: not grandma by spelling
 
 
 def test_normalize_phrase_folds_repetitions_and_fillers():
@@ -301,3 +316,24 @@ def test_bench_scores_what_the_confidence_is_for():
     assert (got["asked_back_right"], got["asked_back_wrong"], got["n_wrong_calls"], got["acted_wrong"]) == \
         (0.0, 0.5, 2, 0.25)
     assert "asked_back_right" not in score(items, calls)  # without the sure flags: not scored
+
+
+def test_bench_matches_what_the_robot_did_during_each_request():
+    """bench commands: a sentence the VAD cut in two at a pause is scored by the one skill call
+    among its halves; two different calls in one span are wrong; each utterance counts once."""
+    from types import SimpleNamespace
+
+    from tinyalign_ros.bench.commands import SEVERAL, match
+
+    def said(start, end, skill, **arguments):
+        return (start, end, "", SimpleNamespace(skill=skill, arguments=json.dumps(arguments)))
+
+    spans = [(0.0, 3.0), (4.0, 7.0), (8.0, 10.0), (11.0, 12.0), (13.0, 14.0)]
+    heard = [said(0.0, 1.4, "go_to", place="front door"), said(1.6, 3.0, NONE),  # "Go to the front door, | ..."
+             said(4.0, 5.0, NONE), said(5.2, 7.0, NONE),  # chatter cut in two: none
+             said(8.0, 9.0, "go_to", place="garden"), said(9.1, 10.0, "lights", room="here", state="on"),
+             said(10.9, 12.0, "stop")]  # 0.1 s in the previous span, 1.0 s in its own
+    got = match(spans, heard)
+    assert [g[0] if g else None for g in got] == [("go_to", {"place": "front door"}), (NONE, {}), (SEVERAL, {}),
+                                                  ("stop", {}), None]
+    assert got[0][1] is heard[0][3] and got[1][1] is heard[3][3]  # the call's Command, or the longest utterance's

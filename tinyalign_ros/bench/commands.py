@@ -1,17 +1,18 @@
 """`tinyalign bench commands --out DIR`: spoken requests -> skill calls (core/commands.py).
 
 Held-out requests (`--split heldout`, the default: data/skill_requests_heldout.tsv and
-data/chatter_heldout.txt, written 2026-12-06 before the fourth round of parser changes and never
+data/chatter_heldout.txt, written 2026-12-06 before the fifth round of parser changes and never
 used to tune anything) and chatter, or a dev split that cues, aliases, prompts and thresholds may
 be tuned on (`dev`: data/skill_requests_dev.tsv + the even lines of data/questions.txt; `dev2`:
 data/skill_requests_dev2.tsv + data/chatter_dev2.txt + the odd lines of questions.txt; `dev3`:
 data/skill_requests_dev3.tsv + data/chatter_dev3.txt; `dev4`: data/skill_requests_dev4.tsv +
-data/chatter_dev4.txt; dev2, dev3 and dev4 were held out until their errors were looked at), are spoken by
+data/chatter_dev4.txt; `dev5` likewise; dev2 ... dev5 were held out until their errors were looked at), are spoken by
 several typical synthetic voices (core.corpus, as `tinyalign synth`), each voice's clips in one
 file with 1.2 s gaps, and played at real time through the embedded graph exactly as `tinyalign
 run --input` does (VAD -> Whisper -> assistant_node; `--fast`: as fast as the graph takes it).
 Each Command is matched to its request by
-the time of its utterance. Per mode:
+the time of its utterance (`match`: where the VAD cut a sentence in two at a pause, the request's
+call is the one skill call among the halves; two different calls count as wrong). Per mode:
 
 - `exact_acc`: share of the commands whose published call (skill and every argument) is right;
 - `args_acc`: of the commands with the right skill and at least one argument, the share whose
@@ -105,15 +106,34 @@ def run_file(path: Path, mode: str, fast: bool, method: str, skills_file: str, t
     return out
 
 
+SEVERAL = "(several calls)"  # a span in which the robot made two different skill calls: wrong whatever was asked
+
+
 def match(spans: list[tuple[float, float]], heard) -> list:
-    """The Command of each span (the one whose utterance overlaps it most), None when none did."""
-    got: list = [None] * len(spans)
-    best = [0.0] * len(spans)
+    """What the robot did during each span: [(call, Command)] with call = (skill, arguments), or
+    None when no utterance overlapped it. Each utterance belongs to the span it overlaps most. The
+    VAD may cut one sentence into two utterances at a pause ("Go to the front door, | the delivery
+    guy is here"): the span's call is then the one skill call among them (the robot acts on it;
+    the other half asks for nothing), "none" when none asks for a skill, and SEVERAL when they ask
+    for different ones (one of them is wrong, so the span counts as wrong, chatter or request).
+    The Command reported is the call's (its latency and `sure`), or the longest utterance's."""
+    parts: list[list] = [[] for _ in spans]
     for start, end, _, cmd in heard:
-        for i, (s, e) in enumerate(spans):
-            overlap = min(e, end) - max(s, start)
-            if overlap > best[i]:
-                best[i], got[i] = overlap, cmd
+        overlaps = [min(e, end) - max(s, start) for s, e in spans]
+        if overlaps and max(overlaps) > 0:
+            parts[int(np.argmax(overlaps))].append((max(overlaps), cmd))
+    got: list = []
+    for part in parts:
+        if not part:
+            got.append(None)
+            continue
+        part = [((c.skill, json.loads(c.arguments)), c, overlap) for overlap, c in part]
+        acting = [p for p in part if p[0][0] != NONE]
+        if len({json.dumps(call, sort_keys=True) for call, _, _ in acting}) > 1:
+            got.append(((SEVERAL, {}), acting[0][1]))
+        else:
+            call, c, _ = acting[0] if acting else max(part, key=lambda p: p[2])
+            got.append((call, c))
     return got
 
 
@@ -195,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="folder for commands.json and commands.png")
     parser.add_argument("--split", choices=SPLITS, default="heldout",
-                        help="heldout: the quoted figures; dev, dev2, dev3, dev4: what the parser may be tuned on")
+                        help="heldout: the quoted figures; dev ... dev5: what the parser may be tuned on")
     parser.add_argument("--voices", type=int, default=3, help="typical synthetic voices (0: text only)")
     parser.add_argument("--modes", default="cascade,aligned", help="graph modes to run (comma-separated)")
     parser.add_argument("--method", default="choice", choices=("choice", "generate"))
@@ -256,8 +276,9 @@ def main(argv: list[str] | None = None) -> int:
         for v, path, spans in files:
             t = time.perf_counter()
             heard = run_file(path, mode, args.fast, args.method, skills_file, args.threads, probe_file=args.probe)
-            got = match(spans, heard)
-            calls = [(c.skill, json.loads(c.arguments)) if c is not None else None for c in got]
+            matched = match(spans, heard)
+            calls = [m[0] if m is not None else None for m in matched]
+            got = [m[1] if m is not None else None for m in matched]
             sure = [c is not None and c.sure for c in got]
             for it, c, h in zip(items, calls, got):
                 if c != (it.skill, it.arguments):

@@ -168,6 +168,23 @@ text and transcripts; layer 14 and weight decay 1e-3 were the best of layers 6-3
 token, on dev4 when fit on dev..dev3. The held-out figures in bench/results/commands.json are the
 ones to quote. The rules, cues and the stop fast path did not change.
 
+**Fifth round: what was tuned on what.** The fourth round's held-out set was run once (47b3ea7:
+82.1% exact pooled over 4 voices, text 94.6%, "none" 92.0%) and its errors read, so it became the
+fifth dev split (`dev5`), and a fresh held-out set was written blind before anything below changed
+(365bfe0). Chosen on dev..dev5, text and Whisper tiny's transcripts in the bench's 4 voices, with
+the fourth round's probe (fit on dev..dev4, so dev5 is out of its sample), exact / "none":
+| change | dev .. dev4 heard | dev5 text | dev5 heard |
+|---|---|---|---|
+| fourth round | dev 93.8 / 100, dev2 95.7 / 99.5, dev3 94.1 / 98.0, dev4 93.0 / 97.5 (text: 100% exact on each) | 94.6 / 90.0 | 84.2 / 91.0 |
+| a cue that ends its clause is no command after NOT_BARE_COMMAND ("this headache would stop", "come to a halt") | same | 94.6 / 94.0 | 84.2 / 93.5 |
+| a nearly named value is never a run of words with an article in it ("kill the" was near "kitchen") | same | 95.7 / 94.0 | 85.0 / 93.5 |
+| `not_self` (go_to): no cue where the speaker is the subject ("I'm going out to the garden", "I need to go to the bank") | same | 96.7 / 96.0 | 85.0 / 95.5 |
+The alias "granddad" (Whisper's spelling; fuzzy matching took it for grandma) was added too.
+Tried and dropped: "none" when a choice argument without a default is named nowhere (not even
+nearly): right for "go to the bank", but it lost requests that the LLM completed right ("go to
+bed"): dev..dev5 heard exact 91.7 -> 90.3%; go_to `imperative: true` (no "it's time for you to
+go"): dev5 heard 84.2 -> 83.7%. The probe was then refit on dev..dev5 (models/skill_probe.md).
+
 **Stop.** `SkillSet.match_phrase` maps whole utterances such as "stop", "halt!", "stop, stop"
 to an argument-less skill declared with `phrases:` without the LLM (microseconds): assistant_node
 calls it in the subscription callback, before the bounded queue, so a stop is published at once
@@ -189,7 +206,7 @@ import yaml
 NONE = "none"  # the skill of an utterance that asks for no skill
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 ARG_TYPES = ("choice", "text")
-SKILL_KEYS = {"description", "arguments", "confirm", "ask", "phrases", "cues", "imperative", "requires"}
+SKILL_KEYS = {"description", "arguments", "confirm", "ask", "phrases", "cues", "imperative", "not_self", "requires"}
 ARG_KEYS = {"choice": {"type", "values", "default", "aliases", "description"},
             "text": {"type", "max_chars", "description"}}
 EXAMPLE_KEYS = {"text", "skill", "arguments"}
@@ -284,6 +301,14 @@ NOT_ADDRESSED = {"i", "i'm", "i've", "i'd", "i'll", "we", "we're", "we've", "he"
                  "which", "did", "does", "do", "is", "are", "was", "were", "has", "have", "had"}
 # Words that may follow an imperative cue at the end of its clause ("stop it right now", "I said stop").
 CUE_TAIL = FILLERS | {"there", "here", "immediately", "it", "that", "this", "at", "once", "away", "moving", "all"}
+# A word right before a cue that ends its clause which makes the cue a noun ("come to a halt", "my
+# stop") or another subject's verb ("this headache would stop", "it won't stop"): not a command.
+NOT_BARE_COMMAND = ARTICLES | {"this", "that", "our", "its", "bus", "would", "will", "won't", "wouldn't", "to", "can't",
+                               "cannot", "couldn't", "didn't", "doesn't", "don't", "never", "might", "may", "shall"}
+# A subject before a `not_self` skill's cue that makes the speaker the one who acts ("I'm going out
+# to the garden", "I need to go to the bank"), unless the robot is named too ("I need you to go").
+SPEAKER_SUBJECTS = {"i", "i'm", "i'll", "i've", "i'd", "we", "we're", "we'll", "we'd"}
+ROBOT_WORDS = {"you", "you're", "you'll", "yourself"}
 SELF_QUESTION = re.compile(r"^(?:(?:how|where|what|when|why|which) )?(?:should|shall|do|did|must) (?:i|we)\b")
 
 
@@ -324,11 +349,19 @@ def _said_at(clause: list[str], cue: str, inflected: bool) -> list[int]:
 def _addressed(clause: list[str], start: int, end: int) -> bool:
     """Whether a cue said at clause[start:end] is a command to the robot: at most two words before
     it, none of them a subject or question word and the first not an article ("please stop moving",
-    "walk behind me", "cut the motors"), or nothing but CUE_TAIL after it ("I said stop")."""
+    "walk behind me", "cut the motors"), or nothing but CUE_TAIL after it ("I said stop") and no
+    NOT_BARE_COMMAND word right before it ("come to a halt", "this headache would stop")."""
     before = [w for w in _without_lead_in(clause[:start]) if w not in LEAD_INS]
     after = [w for w in clause[end:] if w not in CUE_TAIL]
-    return not after or (len(before) <= 2 and not set(before) & NOT_ADDRESSED
+    bare = not after and not (start > 0 and clause[start - 1] in NOT_BARE_COMMAND)
+    return bare or (len(before) <= 2 and not set(before) & NOT_ADDRESSED
                          and not (before and before[0] in ARTICLES))
+
+
+def _by_speaker(clause: list[str], start: int) -> bool:
+    """Whether a cue said at clause[start] is the speaker's own action (`not_self` skills)."""
+    before = set(clause[:start])
+    return bool(before & SPEAKER_SUBJECTS) and not before & ROBOT_WORDS
 
 
 def _words(text: str) -> list[str]:
@@ -378,7 +411,7 @@ def nearly_mentioned(heard: list[str], arg: "Argument") -> set[str]:
         for n in {len(words), len(words) + 1, max(len(words) - 1, 1)}:
             for i in range(len(heard) - n + 1):
                 run = "".join(heard[i:i + n])
-                if run[:1] != target[:1] or run in ARTICLES:
+                if run[:1] != target[:1] or set(heard[i:i + n]) & ARTICLES:
                     continue
                 ratio = SequenceMatcher(None, run, target).ratio()
                 if ratio >= best and (pick is None or ratio > best):
@@ -424,13 +457,16 @@ class Skill:
     cues: tuple[str, ...] = ()  # words that signal this skill (evidence added to the LLM's score)
     imperative: bool = False  # its cues count only said as a command to the robot (`cued`)
     requires: tuple[str, ...] = ()  # words one of which must be said for the skill to be chosen
+    not_self: bool = False  # its cues do not count where the speaker is the one who acts (`cued`)
 
     def cued(self, text: str, inflected: bool = True) -> bool:
         """Whether `text` says one of the cues as whole words, as written or (`inflected`) in any
         regular inflection of each word ("following", "lights", "switched" say "follow", "light",
         "switch"), where it counts: not in a clause that asks what the speaker should do ("should
         I take the train or drive?", "how do I turn off ..."), for an `imperative` skill only as a
-        command to the robot (`_addressed`: "please stop", not "I can't stop thinking"), and for a
+        command to the robot (`_addressed`: "please stop", not "I can't stop thinking"), for a
+        `not_self` skill not where the speaker is the subject (`_by_speaker`: "I'm going out", not
+        "I need you to go"), and for a
         skill that `requires` words only when one of them is said too ("turn off the lights", not
         "turn off notifications")."""
         if not self.allowed(text):
@@ -440,7 +476,8 @@ class Skill:
                 continue
             for cue in self.cues:
                 n = len(cue.split())
-                if any(not self.imperative or _addressed(clause, i, i + n) for i in _said_at(clause, cue, inflected)):
+                if any((not self.imperative or _addressed(clause, i, i + n)) and not (self.not_self and _by_speaker(clause, i))
+                       for i in _said_at(clause, cue, inflected)):
                     return True
         return False
 
@@ -610,16 +647,17 @@ class SkillSet:
             if not isinstance(cues, list):
                 raise fail(f"{where}.cues", "must be a list of words or phrases")
             cues = tuple(" ".join(_tokens(text(c, f"{where}.cues"))) for c in cues)
-            imperative = raw.get("imperative", False)
-            if not isinstance(imperative, bool):
-                raise fail(f"{where}.imperative", f"must be true or false, got {imperative!r}")
+            imperative, not_self = raw.get("imperative", False), raw.get("not_self", False)
+            for key, flag in (("imperative", imperative), ("not_self", not_self)):
+                if not isinstance(flag, bool):
+                    raise fail(f"{where}.{key}", f"must be true or false, got {flag!r}")
             requires = raw.get("requires") or []
             if not isinstance(requires, list):
                 raise fail(f"{where}.requires", "must be a list of words or phrases")
             requires = tuple(" ".join(_tokens(text(r, f"{where}.requires"))) for r in requires)
             skills.append(Skill(name, text(raw["description"], f"{where}.description"), tuple(args),
                                 templates.get("confirm", ""), templates.get("ask", ""), tuple(normalized), cues,
-                                imperative, requires))
+                                imperative, requires, not_self))
         seen: dict[str, str] = {}
         for s in skills:
             for p in s.phrases:
