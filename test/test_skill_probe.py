@@ -109,6 +109,10 @@ def test_the_shipped_probe_fits_the_shipped_skills_and_llm(llm, skills):
     call = parser.parse("Pop out to the garden for me.")
     assert (call.skill, call.arguments, call.via) == ("go_to", {"place": "garden"}, "probe")
     assert parser.parse("Who painted the Mona Lisa?").skill == NONE
+    # the robot's name alone, or a filler, asks for nothing (the probe alone made them stop: short like "stop!")
+    for said in ("Tiny.", "Hey Tiny.", "Okay.", "Please."):
+        call = parser.parse(said)
+        assert (call.skill, call.via) == (NONE, "empty"), said
 
 
 def test_train_skills_fits_a_probe_the_parser_takes_and_never_on_the_held_out_split(tmp_path, llm, skills):

@@ -344,7 +344,7 @@ def plot(modes: dict, labels: list[str], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cols = labels + ["(missed)"]
+    cols = labels + ["(missed)", SEVERAL]
     fig, axes = plt.subplots(1, len(modes), figsize=(5.2 * len(modes), 4.8), squeeze=False)
     for ax, (mode, res) in zip(axes[0], modes.items()):
         m = np.zeros((len(labels), len(cols)))

@@ -355,7 +355,7 @@ def _addressed(clause: list[str], start: int, end: int) -> bool:
     after = [w for w in clause[end:] if w not in CUE_TAIL]
     bare = not after and not (start > 0 and clause[start - 1] in NOT_BARE_COMMAND)
     return bare or (len(before) <= 2 and not set(before) & NOT_ADDRESSED
-                         and not (before and before[0] in ARTICLES))
+                    and not (before and before[0] in ARTICLES))
 
 
 def _by_speaker(clause: list[str], start: int) -> bool:
@@ -466,9 +466,8 @@ class Skill:
         I take the train or drive?", "how do I turn off ..."), for an `imperative` skill only as a
         command to the robot (`_addressed`: "please stop", not "I can't stop thinking"), for a
         `not_self` skill not where the speaker is the subject (`_by_speaker`: "I'm going out", not
-        "I need you to go"), and for a
-        skill that `requires` words only when one of them is said too ("turn off the lights", not
-        "turn off notifications")."""
+        "I need you to go"), and for a skill that `requires` words only when one of them is said
+        too ("turn off the lights", not "turn off notifications")."""
         if not self.allowed(text):
             return False
         for clause in _clauses(text):
@@ -476,8 +475,8 @@ class Skill:
                 continue
             for cue in self.cues:
                 n = len(cue.split())
-                if any((not self.imperative or _addressed(clause, i, i + n)) and not (self.not_self and _by_speaker(clause, i))
-                       for i in _said_at(clause, cue, inflected)):
+                if any((not self.imperative or _addressed(clause, i, i + n))
+                       and not (self.not_self and _by_speaker(clause, i)) for i in _said_at(clause, cue, inflected)):
                     return True
         return False
 
@@ -512,7 +511,8 @@ class SkillCall:
     arguments: dict[str, str] = field(default_factory=dict)
     confidence: float = 1.0
     text: str = ""  # what it was made from
-    via: str = "llm"  # "llm", "phrase" (the fast path), "no_cue" (no skill's cue word said) or "empty"
+    via: str = "llm"  # "llm", "phrase" (the fast path), "no_cue" (no skill's cue word said), "probe" (no
+    # cue said: the skill probe alone) or "empty" (nothing but fillers: "", "Tiny.", "okay")
     seconds: float = 0.0  # time spent making it
 
     @property
@@ -1092,7 +1092,7 @@ class CommandParser:
         fast = self.skills.match_phrase(text)
         if fast is not None:
             return fast
-        if not text.strip():
+        if not set(_tokens(text)) - FILLERS:  # "", "Tiny.", "Okay.": asks for nothing (the probe said stop)
             return SkillCall(NONE, {}, 1.0, text, "empty", time.perf_counter() - t0)
         cued = any(s.cued(text) for s in self.skills.skills.values())
         if self.require_cue and not cued and (self.probe is None or self.method != "choice"):
