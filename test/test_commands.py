@@ -162,7 +162,9 @@ def test_cue_inflections_are_regular_forms_only():
     ("go_to", "Go to the garden", True), ("fetch", "Could I have the keys?", True),
     # requires: lights only with light or lamp said
     ("lights", "Turn off the radio.", False), ("lights", "It's bright outside", False),
-    ("lights", "Turn off the lamp.", True), ("lights", "switch the lights on", True)])
+    ("lights", "Turn off the lamp.", True), ("lights", "switch the lights on", True),
+    ("lights", "It's too dark to read in here.", True), ("lights", "Make it brighter in the kitchen.", True),
+    ("stop", "Stay still for a second.", True)])
 def test_where_a_cue_is_said_decides_whether_it_counts(skill, text, cued):
     assert SkillSet.load(default_skills_file()).skills[skill].cued(text) is cued
 
@@ -195,6 +197,8 @@ def test_a_nearly_named_value_is_heard_only_when_none_is_named():
     assert mentioned("Can you kill the lights?", rooms, fuzzy=True) == set()  # "killthe" is near "kitchen": no run with "the"
     assert mentioned("Lights off in the kitten", rooms, fuzzy=True) == {"kitchen"}
     assert mentioned("Granddad wants the paper", fetch["person"]) == {"grandpa"}  # an alias: not grandma by spelling
+    assert mentioned("Bring the children some water", fetch["person"]) == {"the kids"}
+    assert mentioned("Get me my spectacles", fetch["object"]) == {"glasses"}
 
 
 def test_normalize_phrase_folds_repetitions_and_fillers():
