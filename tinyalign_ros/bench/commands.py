@@ -5,14 +5,14 @@ data/chatter_heldout.txt, written 2026-12-06 before the sixth round of parser ch
 used to tune anything) and chatter, or a dev split that cues, aliases, prompts and thresholds may
 be tuned on (`dev`: data/skill_requests_dev.tsv + the even lines of data/questions.txt; `dev2`:
 data/skill_requests_dev2.tsv + data/chatter_dev2.txt + the odd lines of questions.txt; `dev3`:
-data/skill_requests_dev3.tsv + data/chatter_dev3.txt; `dev4`: data/skill_requests_dev4.tsv +
-data/chatter_dev4.txt; `dev5`, `dev6` likewise; dev2 ... dev6 were held out until their errors were looked at), are spoken by
-several typical synthetic voices (core.corpus, as `tinyalign synth`), each voice's clips in one
-file with 1.2 s gaps, and played at real time through the embedded graph exactly as `tinyalign
-run --input` does (VAD -> Whisper -> assistant_node; `--fast`: as fast as the graph takes it).
-Each Command is matched to its request by
-the time of its utterance (`match`: where the VAD cut a sentence in two at a pause, the request's
-call is the one skill call among the halves; two different calls count as wrong). Per mode:
+data/skill_requests_dev3.tsv + data/chatter_dev3.txt; `dev4` ... `dev6` likewise; dev2 ... dev6
+were held out until their errors were looked at), are spoken by several typical synthetic voices
+(core.corpus, as `tinyalign synth`), each voice's clips in one file with 1.2 s gaps, and played at
+real time through the embedded graph exactly as `tinyalign run --input` does (VAD -> Whisper ->
+assistant_node; `--fast`: as fast as the graph takes it). Each Command is matched to its request
+by the time of its utterance (`match`: where the VAD cut a sentence in two at a pause, the
+request's call is the one skill call among the halves; two different calls count as wrong). Per
+mode:
 
 - `exact_acc`: share of the commands whose published call (skill and every argument) is right;
 - `args_acc`: of the commands with the right skill and at least one argument, the share whose
