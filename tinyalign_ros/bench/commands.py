@@ -127,13 +127,14 @@ def match(spans: list[tuple[float, float]], heard) -> list:
         if not part:
             got.append(None)
             continue
-        part = [((c.skill, json.loads(c.arguments)), c, overlap) for overlap, c in part]
-        acting = [p for p in part if p[0][0] != NONE]
-        if len({json.dumps(call, sort_keys=True) for call, _, _ in acting}) > 1:
+        said = [((c.skill, json.loads(c.arguments)), c) for _, c in part]  # (call, Command), as `part`
+        acting = [(call, c) for call, c in said if call[0] != NONE]
+        if len({json.dumps(call, sort_keys=True) for call, _ in acting}) > 1:
             got.append(((SEVERAL, {}), acting[0][1]))
+        elif acting:
+            got.append(acting[0])
         else:
-            call, c, _ = acting[0] if acting else max(part, key=lambda p: p[2])
-            got.append((call, c))
+            got.append(said[max(range(len(part)), key=lambda i: part[i][0])])
     return got
 
 
