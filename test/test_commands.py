@@ -164,7 +164,10 @@ def test_cue_inflections_are_regular_forms_only():
     ("lights", "Turn off the radio.", False), ("lights", "It's bright outside", False),
     ("lights", "Turn off the lamp.", True), ("lights", "switch the lights on", True),
     ("lights", "It's too dark to read in here.", True), ("lights", "Make it brighter in the kitchen.", True),
-    ("stop", "Stay still for a second.", True)])
+    ("stop", "Stay still for a second.", True),
+    # requires: follow_me only with me, us, along, behind or after said (seventh round)
+    ("follow_me", "Follow the recipe exactly and it comes out fine.", False), ("follow_me", "Follow your heart.", False),
+    ("follow_me", "Tiny, trail after me while I tidy up.", True), ("follow_me", "Follow us to the car.", True)])
 def test_where_a_cue_is_said_decides_whether_it_counts(skill, text, cued):
     assert SkillSet.load(default_skills_file()).skills[skill].cued(text) is cued
 
@@ -199,6 +202,11 @@ def test_a_nearly_named_value_is_heard_only_when_none_is_named():
     assert mentioned("Granddad wants the paper", fetch["person"]) == {"grandpa"}  # an alias: not grandma by spelling
     assert mentioned("Bring the children some water", fetch["person"]) == {"the kids"}
     assert mentioned("Get me my spectacles", fetch["object"]) == {"glasses"}
+    assert mentioned("Bring the telephone to nana", fetch["person"]) == {"grandma"}  # seventh round's aliases
+    assert mentioned("Bring me today's paper", fetch["object"]) == {"newspaper"}
+    assert mentioned("turn off the lights in the lounge", rooms) == {"living room"}
+    places = SkillSet.load(default_skills_file()).skills["go_to"].arguments_by_name["place"]
+    assert mentioned("Could you drive over to the study?", places) == {"office"}
 
 
 def test_normalize_phrase_folds_repetitions_and_fillers():

@@ -203,6 +203,24 @@ Tried and dropped: in the probe-only path, each skill's probability times e^(lam
 arguments it has named) ("Tiny, kitchen please." was stop): lambda 1-3 gained 1.8-2.4 points of
 dev6 heard exact but cost 2.4-4.3 of its "none". The probe was then refit on dev..dev6.
 
+**Seventh round.** The sixth round's held-out set was run once (b9d598c: 83.7% exact pooled, text
+92.6%, "none" 91.3%) and its errors read, so it became `dev7`, and a fresh held-out set was
+written blind before anything below changed. Chosen on dev..dev7 with the sixth round's probe (fit
+on dev..dev6, so dev7 is out of its sample), exact / "none" on dev7:
+| change | dev7 text | dev7 heard |
+|---|---|---|
+| sixth round | 92.6 / 92.3 | 84.7 / 90.4 |
+| aliases: living room "lounge", office "study" (go_to and lights), grandma "nana", newspaper "paper" | 97.9 / 92.3 | 89.7 / 90.4 |
+| follow_me cue "trail" ("trail after me") | 93.7 / 92.3 | 85.5 / 90.4 |
+| follow_me `requires` me, us, along, behind or after ("Follow the recipe exactly ...") | 92.6 / 94.2 | 84.7 / 92.3 |
+| PLEASANTRIES: nothing but thanks, praise and fillers is "none" (`via` "empty"; the probe took "Great, cheers.", "Nice, well done." for stop) | 92.6 / 98.1 | 84.7 / 93.8 |
+| all four (chosen) | 99.0 / 100 | 90.5 / 95.7 |
+dev..dev6 as heard moved by one request each way: dev5 93.8 (was 94.3: Whisper's "Take a long, I'm
+going out" for "tag along" says none of follow_me's required words), dev6 91.6 (was 91.0); their
+text and "none" did not change. Tried and dropped: waiving `requires` when the probe gives the
+skill >= 0.8-0.98 and its arguments are named (Whisper's "slides", "life" for "lights"): +0.2-0.3
+points of all splits heard, nothing on dev7. The probe was then refit on dev..dev7.
+
 **Stop.** `SkillSet.match_phrase` maps whole utterances such as "stop", "halt!", "stop, stop"
 to an argument-less skill declared with `phrases:` without the LLM (microseconds): assistant_node
 calls it in the subscription callback, before the bounded queue, so a stop is published at once
@@ -230,6 +248,10 @@ ARG_KEYS = {"choice": {"type", "values", "default", "aliases", "description"},
 EXAMPLE_KEYS = {"text", "skill", "arguments"}
 TOP_KEYS = {"skills", "examples"}
 FILLERS = {"please", "robot", "tiny", "hey", "now", "ok", "okay", "right", "just"}
+# Words of thanks and praise: an utterance of nothing but these and FILLERS ("Great, cheers.",
+# "Thanks, that's perfect.", "Nice, well done.") asks for nothing (seventh round).
+PLEASANTRIES = {"thanks", "thank", "you", "cheers", "great", "perfect", "nice", "well", "done", "good", "brilliant",
+                "job", "awesome", "cool", "excellent", "wonderful", "that's", "very", "much", "so"}
 MAX_PHRASE_WORDS = 12
 # A short utterance this similar to a phrase (difflib ratio of the two without spaces) takes the
 # fast path too: Whisper tiny splits and bends short commands ("Emergencies top.", "Stomp." for
@@ -530,7 +552,8 @@ class SkillCall:
     confidence: float = 1.0
     text: str = ""  # what it was made from
     via: str = "llm"  # "llm", "phrase" (the fast path), "no_cue" (no skill's cue word said), "probe" (no
-    # cue said: the skill probe alone) or "empty" (nothing but fillers: "", "Tiny.", "okay")
+    # cue said: the skill probe alone) or "empty" (nothing but fillers and thanks: "", "Tiny.", "okay",
+    # "great, cheers")
     seconds: float = 0.0  # time spent making it
 
     @property
@@ -1110,7 +1133,7 @@ class CommandParser:
         fast = self.skills.match_phrase(text)
         if fast is not None:
             return fast
-        if not set(_tokens(text)) - FILLERS:  # "", "Tiny.", "Okay.": asks for nothing (the probe said stop)
+        if not set(_tokens(text)) - FILLERS - PLEASANTRIES:  # "Tiny.", "Great, cheers.": asks for nothing
             return SkillCall(NONE, {}, 1.0, text, "empty", time.perf_counter() - t0)
         cued = any(s.cued(text) for s in self.skills.skills.values())
         if self.require_cue and not cued and (self.probe is None or self.method != "choice"):
