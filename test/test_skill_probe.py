@@ -110,9 +110,11 @@ def test_the_shipped_probe_fits_the_shipped_skills_and_llm(llm, skills):
     assert (call.skill, call.arguments, call.via) == ("go_to", {"place": "garden"}, "probe")
     assert parser.parse("Who painted the Mona Lisa?").skill == NONE
     # the robot's name alone, or a filler, asks for nothing (the probe alone made them stop: short like "stop!")
-    for said in ("Tiny.", "Hey Tiny.", "Okay.", "Please."):
+    # and so do thanks and praise (the probe took "Great, cheers." for stop), unless a skill is asked for too
+    for said in ("Tiny.", "Hey Tiny.", "Okay.", "Please.", "Great, cheers.", "Thanks, that's perfect.", "Nice, well done."):
         call = parser.parse(said)
         assert (call.skill, call.via) == (NONE, "empty"), said
+    assert parser.parse("Thanks, now stop.").skill == "stop"
 
 
 def test_train_skills_fits_a_probe_the_parser_takes_and_never_on_the_held_out_split(tmp_path, llm, skills):
