@@ -128,3 +128,10 @@ def test_train_skills_fits_a_probe_the_parser_takes_and_never_on_the_held_out_sp
     assert probe.meta["splits"] == '["dev"]'
     CommandParser(skills, llm.model, llm.tokenizer, probe=probe)
     assert (tmp_path / "probe.metrics.json").is_file()
+
+
+def test_the_probe_setting_names_the_shipped_file_by_default():
+    from tinyalign_ros.core.skill_probe import probe_path
+
+    assert probe_path("") == str(shipped_model("skill_probe.safetensors"))
+    assert probe_path("off") == "off" and probe_path("/robot/probe.safetensors") == "/robot/probe.safetensors"

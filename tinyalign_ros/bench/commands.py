@@ -40,8 +40,7 @@ import numpy as np
 
 from tinyalign_ros.core.commands import NONE, CommandParser, SkillSet, default_skills_file
 from tinyalign_ros.core.metrics import portable_path, write_result
-from tinyalign_ros.core.models import shipped_model
-from tinyalign_ros.core.skill_probe import SkillProbe
+from tinyalign_ros.core.skill_probe import SkillProbe, probe_path
 from tinyalign_ros.core.skill_data import SAMPLE_RATE, SPLITS, Item, load_items, spoken_clip, typical_voices
 
 WORK = Path(__file__).resolve().parents[2] / "build" / "bench_commands"  # the speech files (not results)
@@ -245,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     from tinyalign_ros.core.llm import ChatLLM
 
     llm = ChatLLM(threads=args.threads)
-    probe_file = "off" if args.probe == "off" else args.probe or str(shipped_model("skill_probe.safetensors"))
+    probe_file = probe_path(args.probe)
     probe = None if probe_file == "off" else SkillProbe.load(probe_file)
     parser_ = CommandParser(skills, llm.model, llm.tokenizer, method=args.method, probe=probe)
     calls, seconds, sure, via = [], [], [], Counter()

@@ -57,6 +57,14 @@ def request_features(hidden_states, layer: int, n_request: int) -> torch.Tensor:
     return h[:n].float().mean(0)
 
 
+def probe_path(setting: str) -> str:
+    """The skill probe file a `commands.probe_file` parameter or `--probe` option names: "" is the
+    shipped models/skill_probe.safetensors, "off" (no probe) and any other path stay as they are."""
+    from .models import shipped_model
+
+    return setting or str(shipped_model("skill_probe.safetensors"))
+
+
 class SkillProbe:
     def __init__(self, labels: list[str], layer: int, weight: torch.Tensor, bias: torch.Tensor,
                  mean: torch.Tensor, scale: torch.Tensor, llm: str, meta: dict | None = None) -> None:

@@ -142,12 +142,12 @@ class AssistantNode(Node):
         another LLM (logged: it then runs on its cue rules alone; retrain with `tinyalign train
         skills`). A probe file that cannot be read is an error at start-up."""
         from tinyalign_ros.core.commands import CommandParser
-        from tinyalign_ros.core.skill_probe import SkillProbe, SkillProbeError
+        from tinyalign_ros.core.skill_probe import SkillProbe, SkillProbeError, probe_path
 
         make = partial(CommandParser, self.skills, self.llm.model, self.llm.tokenizer, **options)
-        if probe_file == "off":
+        path = probe_path(probe_file)
+        if path == "off":
             return make()
-        path = probe_file or str(shipped_model("skill_probe.safetensors"))
         probe = SkillProbe.load(path)  # SkillProbeError (a ValueError) at start-up
         try:
             parser = make(probe=probe)
