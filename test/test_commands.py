@@ -76,6 +76,8 @@ def test_shipped_skills_load_and_their_schema_accepts_every_allowed_call_and_not
     (lambda d: d["skills"]["stop"].update(imperative="yes"), "skills.stop.imperative: must be true or false"),
     (lambda d: d["skills"]["go_to"].update(not_self=1), "skills.go_to.not_self: must be true or false"),
     (lambda d: d["skills"]["lights"].update(requires="light"), "skills.lights.requires: must be a list"),
+    (lambda d: d["skills"]["lights"]["arguments"]["state"].update(last_named="yes"),
+     "skills.lights.arguments.state.last_named: must be true or false"),
 ])
 def test_malformed_skills_are_rejected_with_a_message_that_says_where(tmp_path, mutate, message):
     data = _shipped()
@@ -207,6 +209,25 @@ def test_a_nearly_named_value_is_heard_only_when_none_is_named():
     assert mentioned("turn off the lights in the lounge", rooms) == {"living room"}
     places = SkillSet.load(default_skills_file()).skills["go_to"].arguments_by_name["place"]
     assert mentioned("Could you drive over to the study?", places) == {"office"}
+    assert mentioned("Can you pop into the loo for a sec?", places) == {"bathroom"}  # eighth round's aliases
+    assert mentioned("The little ones want the remote", fetch["person"]) == {"the kids"}
+    assert mentioned("The little ones want the remote", fetch["object"]) == {"remote control"}
+
+
+def test_which_of_several_named_values_count():
+    """A value said right after "not" does not count where another is said; for a `last_named`
+    argument (lights' state) only the last clause's value counts; elsewhere all of them do."""
+    from tinyalign_ros.core.commands import mentioned
+
+    skills = SkillSet.load(default_skills_file()).skills
+    places, lights = skills["go_to"].arguments_by_name["place"], skills["lights"].arguments_by_name
+    fetch = skills["fetch"].arguments_by_name
+    assert mentioned("Not the kitchen, the bedroom, Tiny.", places) == {"bedroom"}
+    assert mentioned("Not my keys, Tiny, my phone.", fetch["object"]) == {"phone"}
+    assert mentioned("Do not go to the kitchen.", places) == {"kitchen"}  # the only one named: it counts
+    assert mentioned("Somebody left the bathroom light on again, turn it off would you.", lights["state"]) == {"off"}
+    assert mentioned("Is the light on or off in here?", lights["state"]) == {"on", "off"}  # one clause: the LLM decides
+    assert mentioned("Wait in the corridor, I need the living room clear", places) == {"hallway", "living room"}
 
 
 def test_normalize_phrase_folds_repetitions_and_fillers():

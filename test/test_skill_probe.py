@@ -111,7 +111,8 @@ def test_the_shipped_probe_fits_the_shipped_skills_and_llm(llm, skills):
     assert parser.parse("Who painted the Mona Lisa?").skill == NONE
     # the robot's name alone, or a filler, asks for nothing (the probe alone made them stop: short like "stop!")
     # and so do thanks and praise (the probe took "Great, cheers." for stop), unless a skill is asked for too
-    for said in ("Tiny.", "Hey Tiny.", "Okay.", "Please.", "Great, cheers.", "Thanks, that's perfect.", "Nice, well done."):
+    for said in ("Tiny.", "Hey Tiny.", "Okay.", "Please.", "Great, cheers.", "Thanks, that's perfect.", "Nice, well done.",
+                 "No worries.", "Never mind."):
         call = parser.parse(said)
         assert (call.skill, call.via) == (NONE, "empty"), said
     assert parser.parse("Thanks, now stop.").skill == "stop"

@@ -221,6 +221,27 @@ text and "none" did not change. Tried and dropped: waiving `requires` when the p
 skill >= 0.8-0.98 and its arguments are named (Whisper's "slides", "life" for "lights"): +0.2-0.3
 points of all splits heard, nothing on dev7. The probe was then refit on dev..dev7.
 
+**Eighth round.** The seventh round's held-out set was run once (f2116ac: 74.7% exact pooled, text
+84.4%, "none" 86.1%) and its errors read, so it became `dev8`, and a fresh held-out set was
+written blind before anything below changed (its writer's prompt no longer gave example words;
+the aliases below were chosen before the writer's report named any of its words, and none was
+added after). Chosen on dev..dev8 with the seventh round's probe (fit on dev..dev7, so dev8 is out
+of its sample), exact / "none" on dev8:
+| change | dev8 text | dev8 heard |
+|---|---|---|
+| seventh round | 84.4 / 84.6 | 76.8 / 86.5 |
+| common synonyms as aliases (loo, toilet, sitting room, hall, corridor, yard; remote, clicker, mobile, pills, tablets, throw, storybook; nan, gran, gramps, little ones) | 94.8 / 84.6 | 82.8 / 86.5 |
+| a value said right after "not" does not count where another is said (`_among_several`) | 86.5 / 84.6 | 78.4 / 86.5 |
+| and `last_named` (lights' state): the last clause's value ("left the light on, turn it off") | 87.5 / 84.6 | 78.6 / 86.5 |
+| PLEASANTRIES "worries", "problem", "sure", "fine", "lovely", "mate", "okey", "dokey" ... | 84.4 / 86.5 | 76.8 / 86.5 |
+| all, and "no worries", "no problem", "never mind" as pleasantries (chosen) | 97.9 / 90.4 | 84.6 / 89.9 |
+dev..dev7 did not lose (dev4 heard 93.0 -> 93.3, dev6 text 97.9 -> 99.0, heard 91.6 -> 92.4).
+Tried and dropped: the last clause's value for every argument: +0.8 dev8 heard, but -1 text ("Go
+and wait in the corridor, I need the living room floor clear": the reason names another room).
+Left on dev8: chatter addressed to someone else ("Honey, have you seen the car keys?", "Mum, can
+I have a biscuit?"), "Turn left at the lights ...", "I could really do with my specs". The probe
+was then refit on dev..dev8.
+
 **Stop.** `SkillSet.match_phrase` maps whole utterances such as "stop", "halt!", "stop, stop"
 to an argument-less skill declared with `phrases:` without the LLM (microseconds): assistant_node
 calls it in the subscription callback, before the bounded queue, so a stop is published at once
@@ -243,7 +264,7 @@ NONE = "none"  # the skill of an utterance that asks for no skill
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 ARG_TYPES = ("choice", "text")
 SKILL_KEYS = {"description", "arguments", "confirm", "ask", "phrases", "cues", "imperative", "not_self", "requires"}
-ARG_KEYS = {"choice": {"type", "values", "default", "aliases", "description"},
+ARG_KEYS = {"choice": {"type", "values", "default", "aliases", "last_named", "description"},
             "text": {"type", "max_chars", "description"}}
 EXAMPLE_KEYS = {"text", "skill", "arguments"}
 TOP_KEYS = {"skills", "examples"}
@@ -251,7 +272,9 @@ FILLERS = {"please", "robot", "tiny", "hey", "now", "ok", "okay", "right", "just
 # Words of thanks and praise: an utterance of nothing but these and FILLERS ("Great, cheers.",
 # "Thanks, that's perfect.", "Nice, well done.") asks for nothing (seventh round).
 PLEASANTRIES = {"thanks", "thank", "you", "cheers", "great", "perfect", "nice", "well", "done", "good", "brilliant",
-                "job", "awesome", "cool", "excellent", "wonderful", "that's", "very", "much", "so"}
+                "job", "awesome", "cool", "excellent", "wonderful", "that's", "very", "much", "so",
+                "worries", "problem", "sure", "alright", "fine", "okey", "dokey", "lovely", "mate"}
+PLEASANT_PHRASES = re.compile(r"\b(?:no worries|no problem|never mind)\b")  # eighth round: "No worries." is no stop
 MAX_PHRASE_WORDS = 12
 # A short utterance this similar to a phrase (difflib ratio of the two without spaces) takes the
 # fast path too: Whisper tiny splits and bends short commands ("Emergencies top.", "Stomp." for
@@ -404,10 +427,10 @@ def _by_speaker(clause: list[str], start: int) -> bool:
     return bool(before & SPEAKER_SUBJECTS) and not before & ROBOT_WORDS
 
 
-def _words(text: str) -> list[str]:
-    """`_tokens` with a possessive 's and a plural -s dropped ("grandpa's", "keys"): how values are
-    compared."""
-    words = [w[:-2] if w.endswith("'s") else w for w in _tokens(text)]
+def _words(text: str | list[str]) -> list[str]:
+    """`_tokens` (of `text`, or the tokens given) with a possessive 's and a plural -s dropped
+    ("grandpa's", "keys"): how values are compared."""
+    words = [w[:-2] if w.endswith("'s") else w for w in (_tokens(text) if isinstance(text, str) else text)]
     return [w[:-1] if len(w) > 3 and w.endswith("s") and not w.endswith("ss") else w for w in words]
 
 
@@ -434,7 +457,30 @@ def mentioned(text: str, arg: "Argument", fuzzy: bool = False) -> set[str]:
     heard = _words(text)
     said = f" {' '.join(heard)} "
     out = {value for value, words in _forms(arg) if f" {' '.join(words)} " in said}
+    if len(out) > 1:
+        out = _among_several(text, arg, out)
     return out if out or not fuzzy else nearly_mentioned(heard, arg)
+
+
+def _among_several(text: str, arg: "Argument", named: set[str]) -> set[str]:
+    """Which of several `named` values count (eighth round): not one said right after "not" ("Not
+    the kitchen, the bedroom"), and for an argument declared `last_named`, only those of the last
+    clause that names one ("Somebody left the light on, turn it off")."""
+    where = []  # (clause index, value, negated)
+    for ci, clause in enumerate(_clauses(text)):
+        heard = _words(clause)
+        for value, words in _forms(arg):
+            for i in range(len(heard) - len(words) + 1):
+                if heard[i:i + len(words)] == words:
+                    j = i - 1
+                    while j >= 0 and heard[j] in ARTICLES:
+                        j -= 1
+                    where.append((ci, value, j >= 0 and heard[j] == "not"))
+    out = {v for ci, v, negated in where if v in named and not negated} or named
+    if arg.last_named and len(out) > 1:
+        last = max(ci for ci, v, _ in where if v in out)
+        out = {v for ci, v, negated in where if ci == last and v in out and not negated} or out
+    return out
 
 
 def nearly_mentioned(heard: list[str], arg: "Argument") -> set[str]:
@@ -467,6 +513,7 @@ class Argument:
     max_chars: int = 60  # text
     default: str = ""  # choice: the value when the text names none of them ("" = the LLM chooses)
     aliases: dict[str, tuple[str, ...]] = field(default_factory=dict)  # choice: value -> other words naming it
+    last_named: bool = False  # choice: of values named in different clauses, the last clause's count
 
     def schema(self) -> dict[str, Any]:
         if self.type == "choice":
@@ -655,7 +702,11 @@ class SkillSet:
                         if not isinstance(forms, list) or not forms:
                             raise fail(f"{aw}.aliases.{value}", "must be a non-empty list of words or phrases")
                         aliases[value] = tuple(text(f, f"{aw}.aliases.{value}") for f in forms)
-                    args.append(Argument(arg_name, kind, values, default=default, aliases=aliases))
+                    last_named = raw_arg.get("last_named", False)
+                    if not isinstance(last_named, bool):
+                        raise fail(f"{aw}.last_named", f"must be true or false, got {last_named!r}")
+                    args.append(Argument(arg_name, kind, values, default=default, aliases=aliases,
+                                         last_named=last_named))
                 else:
                     max_chars = raw_arg.get("max_chars", 60)
                     if not isinstance(max_chars, int) or isinstance(max_chars, bool) or not 1 <= max_chars <= 200:
@@ -1133,7 +1184,7 @@ class CommandParser:
         fast = self.skills.match_phrase(text)
         if fast is not None:
             return fast
-        if not set(_tokens(text)) - FILLERS - PLEASANTRIES:  # "Tiny.", "Great, cheers.": asks for nothing
+        if not set(_tokens(PLEASANT_PHRASES.sub(" ", text.lower()))) - FILLERS - PLEASANTRIES:  # "Tiny.", "Great, cheers."
             return SkillCall(NONE, {}, 1.0, text, "empty", time.perf_counter() - t0)
         cued = any(s.cued(text) for s in self.skills.skills.values())
         if self.require_cue and not cued and (self.probe is None or self.method != "choice"):
