@@ -228,6 +228,10 @@ def test_which_of_several_named_values_count():
     assert mentioned("Somebody left the bathroom light on again, turn it off would you.", lights["state"]) == {"off"}
     assert mentioned("Is the light on or off in here?", lights["state"]) == {"on", "off"}  # one clause: the LLM decides
     assert mentioned("Wait in the corridor, I need the living room clear", places) == {"hallway", "living room"}
+    from tinyalign_ros.core.commands import Argument
+    rooms = Argument("room", "choice", {"front door": "the front door", "living room": "the living room"},
+                     last_named=True)
+    assert mentioned("Front, door, living, room", rooms) == {"front door", "living room"}  # each split by a clause break
 
 
 def test_normalize_phrase_folds_repetitions_and_fillers():

@@ -477,9 +477,9 @@ def _among_several(text: str, arg: "Argument", named: set[str]) -> set[str]:
                         j -= 1
                     where.append((ci, value, j >= 0 and heard[j] == "not"))
     out = {v for ci, v, negated in where if v in named and not negated} or named
-    if arg.last_named and len(out) > 1:
-        last = max(ci for ci, v, _ in where if v in out)
-        out = {v for ci, v, negated in where if ci == last and v in out and not negated} or out
+    clauses = [ci for ci, v, _ in where if v in out]  # none where each value spans a clause break
+    if arg.last_named and len(out) > 1 and clauses:
+        out = {v for ci, v, negated in where if ci == max(clauses) and v in out and not negated} or out
     return out
 
 
