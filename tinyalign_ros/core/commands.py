@@ -470,12 +470,11 @@ def _among_several(text: str, arg: "Argument", named: set[str]) -> set[str]:
     for ci, clause in enumerate(_clauses(text)):
         heard = _words(clause)
         for value, words in _forms(arg):
-            for i in range(len(heard) - len(words) + 1):
-                if heard[i:i + len(words)] == words:
-                    j = i - 1
-                    while j >= 0 and heard[j] in ARTICLES:
-                        j -= 1
-                    where.append((ci, value, j >= 0 and heard[j] == "not"))
+            for i in _said_at(heard, " ".join(words), False):
+                j = i - 1
+                while j >= 0 and heard[j] in ARTICLES:
+                    j -= 1
+                where.append((ci, value, j >= 0 and heard[j] == "not"))
     out = {v for ci, v, negated in where if v in named and not negated} or named
     clauses = [ci for ci, v, _ in where if v in out]  # none where each value spans a clause break
     if arg.last_named and len(out) > 1 and clauses:

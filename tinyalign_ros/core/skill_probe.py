@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from .files import atomic_write_bytes, read_safetensors
+from .models import shipped_model
 
 FILE_FORMAT = "tinyalign-skill-probe-1"
 DEFAULT_LAYER = 14
@@ -60,8 +61,6 @@ def request_features(hidden_states, layer: int, n_request: int) -> torch.Tensor:
 def probe_path(setting: str) -> str:
     """The skill probe file a `commands.probe_file` parameter or `--probe` option names: "" is the
     shipped models/skill_probe.safetensors, "off" (no probe) and any other path stay as they are."""
-    from .models import shipped_model
-
     return setting or str(shipped_model("skill_probe.safetensors"))
 
 
