@@ -78,6 +78,7 @@ def test_shipped_skills_load_and_their_schema_accepts_every_allowed_call_and_not
     (lambda d: d["skills"]["lights"].update(requires="light"), "skills.lights.requires: must be a list"),
     (lambda d: d["skills"]["lights"]["arguments"]["state"].update(last_named="yes"),
      "skills.lights.arguments.state.last_named: must be true or false"),
+    (lambda d: d.update(other_people="honey"), "other_people: must be a list"),
 ])
 def test_malformed_skills_are_rejected_with_a_message_that_says_where(tmp_path, mutate, message):
     data = _shipped()
@@ -122,6 +123,30 @@ def test_an_alias_names_its_value():
     skills = SkillSet.load(default_skills_file())
     assert mentioned("return to your dock", skills.skills["go_to"].arguments_by_name["place"]) == {"charging station"}
     assert mentioned("kill the lights", skills.skills["lights"].arguments_by_name["state"]) == {"off"}
+    # ninth round: darken / make it dark turn lights off, brighten turns them on; "it's dark" is no state
+    state = skills.skills["lights"].arguments_by_name["state"]
+    assert mentioned("Make it dark in here, I want to watch a film.", state) == {"off"}
+    assert mentioned("Tiny, darken the office.", state) == {"off"}
+    assert mentioned("Brighten up the office.", state) == {"on"}
+    assert mentioned("It's dark in the kitchen, put the light on.", state) == {"on"}
+    assert mentioned("It's too dark to read in here.", state) == set()
+    assert skills.skills["lights"].cued("Brighten up the office.") and skills.skills["lights"].cued("darken the hall")
+    assert skills.skills["what_can_you_do"].cued("What jobs can I give you?")
+    assert not skills.skills["what_can_you_do"].cued("She switched jobs last spring.")
+
+
+@pytest.mark.parametrize("text, elsewhere", [
+    ("Honey, have you seen the car keys?", True), ("Your phone is ringing, love.", True),
+    ("Turn the page, honey, let's see what happens next.", True), ("Mum, can I have a biscuit?", True),
+    ("Tiny, honey, bring me my phone.", False),  # the robot is named: it is asked
+    ("Oh dear, I spilled it.", False),  # an exclamation, not a term of address
+    ("I love the sound of rain.", False), ("How do bees make honey?", False), ("Bring me my phone.", False)])
+def test_a_term_of_address_of_its_own_means_someone_else_is_spoken_to(text, elsewhere):
+    skills = SkillSet.load(default_skills_file())
+    assert skills.to_someone_else(text) is elsewhere
+    assert skills.select(["go_to", "stop"]).to_someone_else(text) is elsewhere  # a subset keeps the terms
+    bare = SkillSet.from_dict({"skills": {"wave": {"description": "Wave a hand."}}})
+    assert not bare.to_someone_else(text)  # a skills file without other_people: no one else
 
 
 @pytest.mark.parametrize("skill, text", [("follow_me", "Keep following me."), ("lights", "Switching the lamps on"),

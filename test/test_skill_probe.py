@@ -116,6 +116,11 @@ def test_the_shipped_probe_fits_the_shipped_skills_and_llm(llm, skills):
         call = parser.parse(said)
         assert (call.skill, call.via) == (NONE, "empty"), said
     assert parser.parse("Thanks, now stop.").skill == "stop"
+    # said to someone else (the probe took "Your phone is ringing, love." for fetch), except a stop
+    for said in ("Your phone is ringing, love.", "Honey.", "Honey, bring me the remote."):
+        call = parser.parse(said)
+        assert (call.skill, call.via) == (NONE, "others"), said
+    assert parser.parse("Honey, stop!").skill == "stop"
 
 
 def test_train_skills_fits_a_probe_the_parser_takes_and_never_on_the_held_out_split(tmp_path, llm, skills):

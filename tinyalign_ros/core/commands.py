@@ -242,6 +242,35 @@ Left on dev8: chatter addressed to someone else ("Honey, have you seen the car k
 I have a biscuit?"), "Turn left at the lights ...", "I could really do with my specs". The probe
 was then refit on dev..dev8.
 
+**Ninth round.** The eighth round's held-out set was run once (18de63c: 80.8% exact pooled, text
+96.0%, "none" 87.5%) and its errors read, so it became `dev9`, and a fresh held-out set was
+written blind before anything below changed (f1be112). Chosen on the text of dev..dev9 with the
+eighth round's probe (fit on dev..dev8, so dev9 is out of its sample; it was not refit this round),
+changes (the text of each split run once before and once after all three; every item that changed
+is named, none changed for the worse):
+- lights: "darken", "make it dark", "make it darker" name off and "brighten" names on (aliases of
+  `state`; "darken" and "brighten" are cues and `requires` words too): fixed dev9's "Brighten up
+  the office", "Make it dark in here, I want to watch a film", "Tiny, darken the office" and dev7's
+  "Make it dark in here, please" ("It's dark in the kitchen, put the light on" still names on);
+- what_can_you_do cues "what jobs", "which jobs", "what tasks", "which tasks", "of jobs", "of
+  tasks": fixed "What kinds of jobs could I give you, Tiny?" (dev9), "What jobs can I give you?"
+  (dev6); "She switched jobs last spring." says none of them;
+- `other_people` (top level of the skills file): a term of address as a clause of its own ("Your
+  phone is ringing, love.", "Honey, ...") is said to someone else, "none" without the parser (`via`
+  "others"), unless the robot is named or a stop cue is said ("Honey, stop!" stops): fixed "Your
+  phone is ringing, love." (the probe alone had made it fetch, 0.86); the VAD's fragment "Honey."
+  is "none" too.
+Text exact / "none": dev9 96.0 / 88.5 -> 100 / 90.4, dev6 98.9 -> 100 exact, dev7 98.9 -> 100;
+the other splits did not change (100% exact; "none" 98.0-100).
+Tried and dropped: a vocabulary prompt for Whisper tiny (`initial_prompt`: "Tiny, the kitchen, the
+living room, ..., grandma, grandpa, the kids."), on dev9 in two voices (piper, slt): word error
+5.0% -> 5.4% of the words (difflib; "Grandad" was heard, "Nana" became "none"), parsed exact 91.0 -> 92.0%, "none" 90.4
+both: not clearly better, and a prompt can make Whisper write its words into noise. Left on dev9:
+"Jamie, lock the front door ..." (a name: a robot builder lists the household's names in
+`other_people`), "Coffee's on me next time." and "Oh no, I spilled it." (the probe alone: fetch
+0.98, stop 0.52), "Stay there, I'll get the door." (stop), "what can you do when the Wi-Fi keeps
+dropping?".
+
 **Stop.** `SkillSet.match_phrase` maps whole utterances such as "stop", "halt!", "stop, stop"
 to an argument-less skill declared with `phrases:` without the LLM (microseconds): assistant_node
 calls it in the subscription callback, before the bounded queue, so a stop is published at once
@@ -267,8 +296,9 @@ SKILL_KEYS = {"description", "arguments", "confirm", "ask", "phrases", "cues", "
 ARG_KEYS = {"choice": {"type", "values", "default", "aliases", "last_named", "description"},
             "text": {"type", "max_chars", "description"}}
 EXAMPLE_KEYS = {"text", "skill", "arguments"}
-TOP_KEYS = {"skills", "examples"}
-FILLERS = {"please", "robot", "tiny", "hey", "now", "ok", "okay", "right", "just"}
+TOP_KEYS = {"skills", "examples", "other_people"}
+ROBOT_NAMES = {"robot", "tiny"}  # what the operator calls the robot
+FILLERS = ROBOT_NAMES | {"please", "hey", "now", "ok", "okay", "right", "just"}
 # Words of thanks and praise: an utterance of nothing but these and FILLERS ("Great, cheers.",
 # "Thanks, that's perfect.", "Nice, well done.") asks for nothing (seventh round).
 PLEASANTRIES = {"thanks", "thank", "you", "cheers", "great", "perfect", "nice", "well", "done", "good", "brilliant",
@@ -598,8 +628,8 @@ class SkillCall:
     confidence: float = 1.0
     text: str = ""  # what it was made from
     via: str = "llm"  # "llm", "phrase" (the fast path), "no_cue" (no skill's cue word said), "probe" (no
-    # cue said: the skill probe alone) or "empty" (nothing but fillers and thanks: "", "Tiny.", "okay",
-    # "great, cheers")
+    # cue said: the skill probe alone), "empty" (nothing but fillers and thanks: "", "Tiny.", "okay",
+    # "great, cheers") or "others" (said to another person: "Honey, ...", `SkillSet.to_someone_else`)
     seconds: float = 0.0  # time spent making it
 
     @property
@@ -621,10 +651,12 @@ class Example:
 
 
 class SkillSet:
-    def __init__(self, skills: list[Skill], examples: list[Example] = (), source: str = "skills") -> None:
+    def __init__(self, skills: list[Skill], examples: list[Example] = (), source: str = "skills",
+                 other_people: tuple[str, ...] = ()) -> None:
         self.skills = {s.name: s for s in skills}
         self.examples = list(examples)
         self.source = source
+        self.other_people = tuple(other_people)  # terms of address for people, as `_tokens` joined by spaces
         self._phrases = {p: s.name for s in skills for p in s.phrases}
 
     # ------------------------------------------------------------------ loading and checking
@@ -754,7 +786,11 @@ class SkillSet:
             for p in s.phrases:
                 if seen.setdefault(p, s.name) != s.name:
                     raise fail(f"skills.{s.name}.phrases", f"{p!r} is also a phrase of {seen[p]}")
-        skill_set = cls(skills, source=source)
+        others = data.get("other_people") or []
+        if not isinstance(others, list):
+            raise fail("other_people", "must be a list of words or names")
+        skill_set = cls(skills, source=source,
+                        other_people=tuple(" ".join(_tokens(text(o, "other_people"))) for o in others))
         raw_examples = data.get("examples") or []
         if not isinstance(raw_examples, list):
             raise fail("examples", "must be a list")
@@ -776,7 +812,16 @@ class SkillSet:
         if unknown:
             raise SkillsError(f"{self.source}: unknown skill(s) {unknown}; declared: {sorted(self.skills)}")
         kept = [s for n, s in self.skills.items() if n in names]
-        return SkillSet(kept, [e for e in self.examples if e.skill in names or e.skill == NONE], self.source)
+        return SkillSet(kept, [e for e in self.examples if e.skill in names or e.skill == NONE], self.source,
+                        self.other_people)
+
+    def to_someone_else(self, text: str) -> bool:
+        """Whether `text` addresses another person (ninth round): one of `other_people` is a clause
+        of its own ("Honey, have you seen the keys?", "Your phone is ringing, love.") and the robot
+        is not named ("Tiny, ...")."""
+        clauses = [" ".join(c) for c in _clauses(text)]
+        return (any(c in self.other_people for c in clauses)
+                and not any(w in ROBOT_NAMES for c in clauses for w in c.split()))
 
     def check(self, call: Any) -> tuple[str, dict[str, str]]:
         """(skill, arguments) of a call dict, or ValueError saying what is wrong with it."""
@@ -1185,6 +1230,8 @@ class CommandParser:
             return fast
         if not set(_tokens(PLEASANT_PHRASES.sub(" ", text.lower()))) - FILLERS - PLEASANTRIES:  # "Tiny.", "Great, cheers."
             return SkillCall(NONE, {}, 1.0, text, "empty", time.perf_counter() - t0)
+        if self.skills.to_someone_else(text) and not any(s.phrases and s.cued(text) for s in self.skills.skills.values()):
+            return SkillCall(NONE, {}, 1.0, text, "others", time.perf_counter() - t0)  # "Honey, stop!" still stops
         cued = any(s.cued(text) for s in self.skills.skills.values())
         if self.require_cue and not cued and (self.probe is None or self.method != "choice"):
             return SkillCall(NONE, {}, 1.0, text, "no_cue", time.perf_counter() - t0)
