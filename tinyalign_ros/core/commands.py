@@ -263,9 +263,10 @@ is named, none changed for the worse):
 Text exact / "none": dev9 96.0 / 88.5 -> 100 / 90.4, dev6 98.9 -> 100 exact, dev7 98.9 -> 100;
 the other splits did not change (100% exact; "none" 98.0-100).
 Tried and dropped: a vocabulary prompt for Whisper tiny (`initial_prompt`: "Tiny, the kitchen, the
-living room, ..., grandma, grandpa, the kids."), on dev9 in two voices (piper, slt): word error
-5.0% -> 5.4% of the words (difflib; "Grandad" was heard, "Nana" became "none"), parsed exact 91.0 -> 92.0%, "none" 90.4
-both: not clearly better, and a prompt can make Whisper write its words into noise. Left on dev9:
+living room, ..., grandma, grandpa, the kids."), on dev9 in two voices (piper, slt): words wrong
+(difflib) 5.0% -> 5.4% ("Grandad" was heard, "Nana" became "none"), parsed exact 91.0 -> 92.0%,
+"none" 90.4 both: not clearly better, and a prompt can make Whisper write its words into noise.
+Left on dev9:
 "Jamie, lock the front door ..." (a name: a robot builder lists the household's names in
 `other_people`), "Coffee's on me next time." and "Oh no, I spilled it." (the probe alone: fetch
 0.98, stop 0.52), "Stay there, I'll get the door." (stop), "what can you do when the Wi-Fi keeps
