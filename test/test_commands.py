@@ -79,6 +79,7 @@ def test_shipped_skills_load_and_their_schema_accepts_every_allowed_call_and_not
     (lambda d: d["skills"]["lights"]["arguments"]["state"].update(last_named="yes"),
      "skills.lights.arguments.state.last_named: must be true or false"),
     (lambda d: d.update(other_people="honey"), "other_people: must be a list"),
+    (lambda d: d.update(pleasantries={"thanks": 1}), "pleasantries: must be a list"),
 ])
 def test_malformed_skills_are_rejected_with_a_message_that_says_where(tmp_path, mutate, message):
     data = _shipped()
@@ -133,6 +134,17 @@ def test_an_alias_names_its_value():
     assert skills.skills["lights"].cued("Brighten up the office.") and skills.skills["lights"].cued("darken the hall")
     assert skills.skills["what_can_you_do"].cued("What jobs can I give you?")
     assert not skills.skills["what_can_you_do"].cued("She switched jobs last spring.")
+
+
+def test_thanks_and_fillers_alone_ask_for_nothing():
+    skills = SkillSet.load(default_skills_file())
+    for said in ("", "Tiny.", "Great, cheers.", "Thanks, that's perfect.", "No worries, no worries!", "Never mind."):
+        assert skills.asks_nothing(said), said
+    for said in ("No.", "Thanks, now stop.", "Great, bring me a coffee.", "Never go there."):
+        assert not skills.asks_nothing(said), said
+    assert skills.select(["stop"]).asks_nothing("Great, cheers.")  # a subset keeps the words
+    bare = SkillSet.from_dict({"skills": {"wave": {"description": "Wave a hand."}}})
+    assert bare.asks_nothing("Tiny.") and not bare.asks_nothing("Great, cheers.")  # fillers only
 
 
 @pytest.mark.parametrize("text, elsewhere", [

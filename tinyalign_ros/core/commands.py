@@ -213,7 +213,7 @@ on dev..dev6, so dev7 is out of its sample), exact / "none" on dev7:
 | aliases: living room "lounge", office "study" (go_to and lights), grandma "nana", newspaper "paper" | 97.9 / 92.3 | 89.7 / 90.4 |
 | follow_me cue "trail" ("trail after me") | 93.7 / 92.3 | 85.5 / 90.4 |
 | follow_me `requires` me, us, along, behind or after ("Follow the recipe exactly ...") | 92.6 / 94.2 | 84.7 / 92.3 |
-| PLEASANTRIES: nothing but thanks, praise and fillers is "none" (`via` "empty"; the probe took "Great, cheers.", "Nice, well done." for stop) | 92.6 / 98.1 | 84.7 / 93.8 |
+| pleasantries (since the ninth round `pleasantries:` in the skills file): nothing but thanks, praise and fillers is "none" (`via` "empty"; the probe took "Great, cheers.", "Nice, well done." for stop) | 92.6 / 98.1 | 84.7 / 93.8 |
 | all four (chosen) | 99.0 / 100 | 90.5 / 95.7 |
 dev..dev6 as heard moved by one request each way: dev5 93.8 (was 94.3: Whisper's "Take a long, I'm
 going out" for "tag along" says none of follow_me's required words), dev6 91.6 (was 91.0); their
@@ -233,7 +233,7 @@ of its sample), exact / "none" on dev8:
 | common synonyms as aliases (loo, toilet, sitting room, hall, corridor, yard; remote, clicker, mobile, pills, tablets, throw, storybook; nan, gran, gramps, little ones) | 94.8 / 84.6 | 82.8 / 86.5 |
 | a value said right after "not" does not count where another is said (`_among_several`) | 86.5 / 84.6 | 78.4 / 86.5 |
 | and `last_named` (lights' state): the last clause's value ("left the light on, turn it off") | 87.5 / 84.6 | 78.6 / 86.5 |
-| PLEASANTRIES "worries", "problem", "sure", "fine", "lovely", "mate", "okey", "dokey" ... | 84.4 / 86.5 | 76.8 / 86.5 |
+| pleasantries "worries", "problem", "sure", "fine", "lovely", "mate", "okey", "dokey" ... | 84.4 / 86.5 | 76.8 / 86.5 |
 | all, and "no worries", "no problem", "never mind" as pleasantries (chosen) | 97.9 / 90.4 | 84.6 / 89.9 |
 dev..dev7 did not lose (dev4 heard 93.0 -> 93.3, dev6 text 97.9 -> 99.0, heard 91.6 -> 92.4).
 Tried and dropped: the last clause's value for every argument: +0.8 dev8 heard, but -1 text ("Go
@@ -260,6 +260,9 @@ is named, none changed for the worse):
   "others"), unless the robot is named or a stop cue is said ("Honey, stop!" stops): fixed "Your
   phone is ringing, love." (the probe alone had made it fetch, 0.86); the VAD's fragment "Honey."
   is "none" too.
+The words of thanks (seventh and eighth rounds) moved from code into the skills file
+(`pleasantries:`), where a robot builder can extend them: the same verdict on every dev split's
+text as before (1532 utterances).
 Text exact / "none": dev9 96.0 / 88.5 -> 100 / 90.4, dev6 98.9 -> 100 exact, dev7 98.9 -> 100;
 the other splits did not change (100% exact; "none" 98.0-100).
 Tried and dropped: a vocabulary prompt for Whisper tiny (`initial_prompt`: "Tiny, the kitchen, the
@@ -297,15 +300,9 @@ SKILL_KEYS = {"description", "arguments", "confirm", "ask", "phrases", "cues", "
 ARG_KEYS = {"choice": {"type", "values", "default", "aliases", "last_named", "description"},
             "text": {"type", "max_chars", "description"}}
 EXAMPLE_KEYS = {"text", "skill", "arguments"}
-TOP_KEYS = {"skills", "examples", "other_people"}
+TOP_KEYS = {"skills", "examples", "other_people", "pleasantries"}
 ROBOT_NAMES = {"robot", "tiny"}  # what the operator calls the robot
 FILLERS = ROBOT_NAMES | {"please", "hey", "now", "ok", "okay", "right", "just"}
-# Words of thanks and praise: an utterance of nothing but these and FILLERS ("Great, cheers.",
-# "Thanks, that's perfect.", "Nice, well done.") asks for nothing (seventh round).
-PLEASANTRIES = {"thanks", "thank", "you", "cheers", "great", "perfect", "nice", "well", "done", "good", "brilliant",
-                "job", "awesome", "cool", "excellent", "wonderful", "that's", "very", "much", "so",
-                "worries", "problem", "sure", "alright", "fine", "okey", "dokey", "lovely", "mate"}
-PLEASANT_PHRASES = re.compile(r"\b(?:no worries|no problem|never mind)\b")  # eighth round: "No worries." is no stop
 MAX_PHRASE_WORDS = 12
 # A short utterance this similar to a phrase (difflib ratio of the two without spaces) takes the
 # fast path too: Whisper tiny splits and bends short commands ("Emergencies top.", "Stomp." for
@@ -653,11 +650,13 @@ class Example:
 
 class SkillSet:
     def __init__(self, skills: list[Skill], examples: list[Example] = (), source: str = "skills",
-                 other_people: tuple[str, ...] = ()) -> None:
+                 other_people: tuple[str, ...] = (), pleasantries: tuple[str, ...] = ()) -> None:
         self.skills = {s.name: s for s in skills}
         self.examples = list(examples)
         self.source = source
-        self.other_people = tuple(other_people)  # terms of address for people, as `_tokens` joined by spaces
+        # terms of address for people and words of thanks, each as `_tokens` joined by spaces
+        self.other_people = tuple(other_people)
+        self.pleasantries = tuple(pleasantries)
         self._phrases = {p: s.name for s in skills for p in s.phrases}
 
     # ------------------------------------------------------------------ loading and checking
@@ -787,11 +786,13 @@ class SkillSet:
             for p in s.phrases:
                 if seen.setdefault(p, s.name) != s.name:
                     raise fail(f"skills.{s.name}.phrases", f"{p!r} is also a phrase of {seen[p]}")
-        others = data.get("other_people") or []
-        if not isinstance(others, list):
-            raise fail("other_people", "must be a list of words or names")
-        skill_set = cls(skills, source=source,
-                        other_people=tuple(" ".join(_tokens(text(o, "other_people"))) for o in others))
+        lists = {}
+        for key in ("other_people", "pleasantries"):
+            words = data.get(key) or []
+            if not isinstance(words, list):
+                raise fail(key, "must be a list of words or phrases")
+            lists[key] = tuple(" ".join(_tokens(text(w, key))) for w in words)
+        skill_set = cls(skills, source=source, **lists)
         raw_examples = data.get("examples") or []
         if not isinstance(raw_examples, list):
             raise fail("examples", "must be a list")
@@ -814,7 +815,17 @@ class SkillSet:
             raise SkillsError(f"{self.source}: unknown skill(s) {unknown}; declared: {sorted(self.skills)}")
         kept = [s for n, s in self.skills.items() if n in names]
         return SkillSet(kept, [e for e in self.examples if e.skill in names or e.skill == NONE], self.source,
-                        self.other_people)
+                        self.other_people, self.pleasantries)
+
+    def asks_nothing(self, text: str) -> bool:
+        """Whether `text` is nothing but FILLERS and `pleasantries` ("", "Tiny.", "Great, cheers.",
+        "No worries."; seventh and eighth rounds: the probe alone took such short ones for stop). A
+        pleasantry of several words counts only as a whole ("no worries"; "no" alone is none)."""
+        said = f" {' '.join(_tokens(text))} "
+        for phrase in (p for p in self.pleasantries if " " in p):
+            while f" {phrase} " in said:
+                said = said.replace(f" {phrase} ", " ")
+        return not set(said.split()) - FILLERS - set(self.pleasantries)
 
     def to_someone_else(self, text: str) -> bool:
         """Whether `text` addresses another person (ninth round): one of `other_people` is a clause
@@ -1229,7 +1240,7 @@ class CommandParser:
         fast = self.skills.match_phrase(text)
         if fast is not None:
             return fast
-        if not set(_tokens(PLEASANT_PHRASES.sub(" ", text.lower()))) - FILLERS - PLEASANTRIES:  # "Tiny.", "Great, cheers."
+        if self.skills.asks_nothing(text):  # "Tiny.", "Great, cheers."
             return SkillCall(NONE, {}, 1.0, text, "empty", time.perf_counter() - t0)
         if self.skills.to_someone_else(text) and not any(s.phrases and s.cued(text) for s in self.skills.skills.values()):
             return SkillCall(NONE, {}, 1.0, text, "others", time.perf_counter() - t0)  # "Honey, stop!" still stops
