@@ -131,6 +131,11 @@ def test_an_alias_names_its_value():
     assert mentioned("Brighten up the office.", state) == {"on"}
     assert mentioned("It's dark in the kitchen, put the light on.", state) == {"on"}
     assert mentioned("It's too dark to read in here.", state) == set()
+    assert mentioned("Please illuminate the bedroom.", state) == {"on"} and skills.skills["lights"].cued("illuminate it")
+    assert mentioned("Cut the lights.", state) == {"off"}  # tenth round
+    assert mentioned("Time to go recharge, little guy.", skills.skills["go_to"].arguments_by_name["place"]) == {
+        "charging station"}
+    assert skills.skills["what_can_you_do"].cued("Give me a rundown of your features.")
     assert skills.skills["lights"].cued("Brighten up the office.") and skills.skills["lights"].cued("darken the hall")
     assert skills.skills["what_can_you_do"].cued("What jobs can I give you?")
     assert not skills.skills["what_can_you_do"].cued("She switched jobs last spring.")
@@ -145,6 +150,15 @@ def test_thanks_and_fillers_alone_ask_for_nothing():
     assert skills.select(["stop"]).asks_nothing("Great, cheers.")  # a subset keeps the words
     bare = SkillSet.from_dict({"skills": {"wave": {"description": "Wave a hand."}}})
     assert bare.asks_nothing("Tiny.") and not bare.asks_nothing("Great, cheers.")  # fillers only
+
+
+@pytest.mark.parametrize("text, stopping", [
+    ("Please stop driving toward the kitchen.", "stop"), ("Stop following me, Tiny.", "stop"),
+    ("Whoa whoa, stop moving.", "stop"), ("Don't stop believing.", None), ("I can't stop thinking about it.", None),
+    ("Stop the music.", None), ("Go to the kitchen.", None)])
+def test_a_stop_cue_before_what_the_robot_is_doing_is_a_stop(text, stopping):
+    assert SkillSet.load(default_skills_file()).stop_doing(text) == stopping
+    assert SkillSet.load(default_skills_file()).select(["go_to", "follow_me"]).stop_doing(text) is None  # no stop skill
 
 
 @pytest.mark.parametrize("text, elsewhere", [
@@ -265,6 +279,13 @@ def test_which_of_several_named_values_count():
     assert mentioned("Somebody left the bathroom light on again, turn it off would you.", lights["state"]) == {"off"}
     assert mentioned("Is the light on or off in here?", lights["state"]) == {"on", "off"}  # one clause: the LLM decides
     assert mentioned("Wait in the corridor, I need the living room clear", places) == {"hallway", "living room"}
+    # a correction takes back the values said before it (tenth round)
+    assert mentioned("Tiny, um, go to the bathroom, no wait, the bedroom.", places) == {"bedroom"}
+    assert mentioned("Fetch my phone, sorry, I mean my glasses.", fetch["object"]) == {"glasses"}
+    assert mentioned("Bring me a coffee, no, make that a glass of water.", fetch["object"]) == {"water"}
+    assert mentioned("Turn the kitchen light on, no wait, the living room one.", lights["room"]) == {"living room"}
+    assert mentioned("No, not the kitchen, the bedroom.", places) == {"bedroom"}  # nothing said before the "no"
+    assert mentioned("Bring grandma her book, no rush.", fetch["object"]) == {"book"}  # nothing said after it
     from tinyalign_ros.core.commands import Argument
     rooms = Argument("room", "choice", {"front door": "the front door", "living room": "the living room"},
                      last_named=True)

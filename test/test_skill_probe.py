@@ -121,6 +121,9 @@ def test_the_shipped_probe_fits_the_shipped_skills_and_llm(llm, skills):
         call = parser.parse(said)
         assert (call.skill, call.via) == (NONE, "others"), said
     assert parser.parse("Honey, stop!").skill == "stop"
+    # a stop cue before what the robot does: the stop, not the drive (tenth round: this was go_to)
+    call = parser.parse("Please stop driving toward the kitchen.")
+    assert (call.skill, call.via) == ("stop", "stop_doing")
 
 
 def test_train_skills_fits_a_probe_the_parser_takes_and_never_on_the_held_out_split(tmp_path, llm, skills):

@@ -275,6 +275,28 @@ Left on dev9:
 0.98, stop 0.52), "Stay there, I'll get the door." (stop), "what can you do when the Wi-Fi keeps
 dropping?".
 
+**Tenth round.** The ninth round's held-out set was run once (d3dd23c: 75.8% exact pooled, text
+92.8%, "none" 88.9%) and its errors read, so it became `dev10`, and a fresh held-out set was
+written blind before anything below changed. Chosen on the text of dev..dev10 (the probe, fit on
+dev..dev8, was not refit):
+- a correction takes back the values said before it (`CORRECTIONS`, `_among_several`): a clause
+  that starts with "no", "sorry", "wait", "I mean", "make that" or "or rather" ("Turn the kitchen
+  light on, no wait, the living room one"; dev9's "Go to the bathroom, no wait, the bedroom" and
+  "Fetch my phone, sorry, I mean my glasses" were already right: the LLM chose the later value);
+- `SkillSet.stop_doing`: a stop cue said as a command right before a verb's -ing form is a stop
+  (`via` "stop_doing"), whatever other skill's cue follows ("Please stop driving toward the
+  kitchen" was go_to: the robot would have driven on); on the dev splits it fires on 10 requests,
+  all stops, and on no chatter;
+- aliases "illuminate" (lights on; also a cue and `requires` word), "cut" (off), "recharge" (the
+  charging station); what_can_you_do cue "your features".
+Text exact / "none": dev10 92.8 / 92.3 -> 97.9 / 92.5 (53 chatter lines; the bench ran 52); no
+other split changed. Left on dev10: "what do you do exactly", "lend me a hand" (what_can_you_do
+said without a cue; the probe says none), "Stop by the bakery ..., honey." (stop: the safe
+mistake), "Take it easy" (stop, the probe alone), "Bring your own bottle" (fetch water), "Oh well,
+what can you do, the weather's ..." (what_can_you_do). As heard, most of dev10's misses were
+Whisper's words or the VAD cutting a sentence at a comma ("Tiny, fetch my glasses. No, sorry." |
+"my phone"), which no rule on one utterance's text can mend.
+
 **Stop.** `SkillSet.match_phrase` maps whole utterances such as "stop", "halt!", "stop, stop"
 to an argument-less skill declared with `phrases:` without the LLM (microseconds): assistant_node
 calls it in the subscription callback, before the bounded queue, so a stop is published at once
@@ -490,12 +512,21 @@ def mentioned(text: str, arg: "Argument", fuzzy: bool = False) -> set[str]:
     return out if out or not fuzzy else nearly_mentioned(heard, arg)
 
 
+# A clause that starts with one of these takes back what was said before it ("Go to the bathroom,
+# no wait, the bedroom", "Fetch my phone, sorry, I mean my glasses"; tenth round).
+CORRECTIONS = (("no",), ("sorry",), ("wait",), ("i", "mean"), ("make", "that"), ("or", "rather"))
+
+
 def _among_several(text: str, arg: "Argument", named: set[str]) -> set[str]:
-    """Which of several `named` values count (eighth round): not one said right after "not" ("Not
-    the kitchen, the bedroom"), and for an argument declared `last_named`, only those of the last
-    clause that names one ("Somebody left the light on, turn it off")."""
+    """Which of several `named` values count: those said from the last correction on where one
+    names a value (tenth round: "Go to the bathroom, no wait, the bedroom"), not one said right
+    after "not" ("Not the kitchen, the bedroom"; eighth round), and for an argument declared
+    `last_named`, only those of the last clause that names one ("Somebody left the light on, turn
+    it off")."""
+    parts = _clauses(text)
+    corrected = [ci for ci, c in enumerate(parts) if ci and any(tuple(c[:len(w)]) == w for w in CORRECTIONS)]
     where = []  # (clause index, value, negated)
-    for ci, clause in enumerate(_clauses(text)):
+    for ci, clause in enumerate(parts):
         heard = _words(clause)
         for value, words in _forms(arg):
             for i in _said_at(heard, " ".join(words), False):
@@ -503,6 +534,10 @@ def _among_several(text: str, arg: "Argument", named: set[str]) -> set[str]:
                 while j >= 0 and heard[j] in ARTICLES:
                     j -= 1
                 where.append((ci, value, j >= 0 and heard[j] == "not"))
+    for k in reversed(corrected):  # the last correction after which a value is said, and one before it
+        if any(ci >= k for ci, v, _ in where if v in named) and any(ci < k for ci, v, _ in where if v in named):
+            named = {v for ci, v, _ in where if ci >= k and v in named}
+            break
     out = {v for ci, v, negated in where if v in named and not negated} or named
     clauses = [ci for ci, v, _ in where if v in out]  # none where each value spans a clause break
     if arg.last_named and len(out) > 1 and clauses:
@@ -627,7 +662,8 @@ class SkillCall:
     text: str = ""  # what it was made from
     via: str = "llm"  # "llm", "phrase" (the fast path), "no_cue" (no skill's cue word said), "probe" (no
     # cue said: the skill probe alone), "empty" (nothing but fillers and thanks: "", "Tiny.", "okay",
-    # "great, cheers") or "others" (said to another person: "Honey, ...", `SkillSet.to_someone_else`)
+    # "great, cheers"), "others" (said to another person: "Honey, ...", `SkillSet.to_someone_else`) or
+    # "stop_doing" ("stop driving ...": `SkillSet.stop_doing`)
     seconds: float = 0.0  # time spent making it
 
     @property
@@ -816,6 +852,21 @@ class SkillSet:
         kept = [s for n, s in self.skills.items() if n in names]
         return SkillSet(kept, [e for e in self.examples if e.skill in names or e.skill == NONE], self.source,
                         self.other_people, self.pleasantries)
+
+    def stop_doing(self, text: str) -> str | None:
+        """The safety skill (one with `phrases`: stop) when one of its cues is said as a command with
+        a verb's -ing form right after it ("Please stop driving toward the kitchen", "quit following
+        me"; tenth round): the robot stops whatever other skill's cue follows. Not after a word that
+        makes the cue no command ("don't stop believing", "I can't stop thinking": `_addressed`)."""
+        for skill in (s for s in self.skills.values() if s.phrases):
+            for clause in _clauses(text):
+                for cue in skill.cues:
+                    n = len(cue.split())
+                    for i in _said_at(clause, cue, False):
+                        if (i + n < len(clause) and clause[i + n].endswith("ing") and len(clause[i + n]) > 4
+                                and not (i and clause[i - 1] in NOT_BARE_COMMAND) and _addressed(clause, i, i + n)):
+                            return skill.name
+        return None
 
     def asks_nothing(self, text: str) -> bool:
         """Whether `text` is nothing but FILLERS and `pleasantries` ("", "Tiny.", "Great, cheers.",
@@ -1242,6 +1293,9 @@ class CommandParser:
             return fast
         if self.skills.asks_nothing(text):  # "Tiny.", "Great, cheers."
             return SkillCall(NONE, {}, 1.0, text, "empty", time.perf_counter() - t0)
+        stopping = self.skills.stop_doing(text)
+        if stopping is not None:  # "Please stop driving toward the kitchen": the stop, not the drive
+            return SkillCall(stopping, {}, 1.0, text, "stop_doing", time.perf_counter() - t0)
         if self.skills.to_someone_else(text) and not any(s.phrases and s.cued(text) for s in self.skills.skills.values()):
             return SkillCall(NONE, {}, 1.0, text, "others", time.perf_counter() - t0)  # "Honey, stop!" still stops
         cued = any(s.cued(text) for s in self.skills.skills.values())
