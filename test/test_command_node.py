@@ -107,9 +107,10 @@ def test_stop_is_published_at_once_while_the_llm_is_busy_and_its_queue_full(ros)
         for i in range(4):  # more than the queue holds: the oldest are dropped
             pub.publish(_utt(f"chat{i}", f"What is {i} plus {i}?"))
         pub.publish(_utt("stop", "Stop, stop!"))
+        pub.publish(_utt("stop2", "Please stop driving toward the kitchen."))  # a stop cue before a go_to cue
         for i in range(3):  # and then the queue overflows past the stop itself
             pub.publish(_utt(f"late{i}", f"Is {i} a prime number?"))
-        wait_for(lambda: any(c.utterance_id == "stop" for c in commands), timeout=30,
+        wait_for(lambda: {"stop", "stop2"} <= {c.utterance_id for c in commands}, timeout=30,
                  what="the stop Command while the worker is still busy",
                  state=lambda: [c.utterance_id for c in commands])
         assert not gate.is_set() and not responses  # nothing else got through meanwhile
@@ -118,9 +119,12 @@ def test_stop_is_published_at_once_while_the_llm_is_busy_and_its_queue_full(ros)
         gate.set()
     stop = next(c for c in commands if c.utterance_id == "stop")
     assert (stop.skill, stop.arguments, stop.via, stop.confidence, stop.sure) == ("stop", "{}", "phrase", 1.0, True)
-    wait_for(lambda: node.worker.idle and node.handled == 9, timeout=180, what="all utterances handled",
+    stop2 = next(c for c in commands if c.utterance_id == "stop2")
+    assert (stop2.skill, stop2.arguments, stop2.via, stop2.sure) == ("stop", "{}", "stop_doing", True)
+    wait_for(lambda: node.worker.idle and node.handled == 10, timeout=180, what="all utterances handled",
              state=lambda: (node.handled, node.dropped))
-    assert [c.utterance_id for c in commands].count("stop") == 1  # published once, dropped from the queue or not
+    ids = [c.utterance_id for c in commands]
+    assert ids.count("stop") == 1 and ids.count("stop2") == 1  # published once, dropped from the queue or not
 
 
 def test_unknown_skill_in_the_skills_file_stops_the_node_at_start_up(ros, tmp_path):

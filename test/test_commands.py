@@ -155,10 +155,16 @@ def test_thanks_and_fillers_alone_ask_for_nothing():
 @pytest.mark.parametrize("text, stopping", [
     ("Please stop driving toward the kitchen.", "stop"), ("Stop following me, Tiny.", "stop"),
     ("Whoa whoa, stop moving.", "stop"), ("Don't stop believing.", None), ("I can't stop thinking about it.", None),
-    ("Stop the music.", None), ("Go to the kitchen.", None)])
+    ("Stop the music.", None), ("Go to the kitchen.", None), ("Stop worrying so much, love.", None),
+    ("Don't stop moving.", None)])
 def test_a_stop_cue_before_what_the_robot_is_doing_is_a_stop(text, stopping):
-    assert SkillSet.load(default_skills_file()).stop_doing(text) == stopping
-    assert SkillSet.load(default_skills_file()).select(["go_to", "follow_me"]).stop_doing(text) is None  # no stop skill
+    """...and is decided without the LLM or the queue, as the stop phrases (`fast_call`)."""
+    skills = SkillSet.load(default_skills_file())
+    assert skills.stop_doing(text) == stopping
+    fast = skills.fast_call(text)
+    assert (fast.skill, fast.via, fast.arguments) == (stopping, "stop_doing", {}) if stopping else fast is None
+    assert skills.select(["go_to", "follow_me"]).stop_doing(text) is None  # no stop skill
+    assert skills.fast_call("Stop, stop!").via == "phrase"
 
 
 @pytest.mark.parametrize("text, elsewhere", [

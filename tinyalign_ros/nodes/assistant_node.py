@@ -163,7 +163,7 @@ class AssistantNode(Node):
         from .common import remember
 
         if self.command_parser is not None:
-            call = self.skills.match_phrase(utt.transcript)
+            call = self.skills.fast_call(utt.transcript)  # stop: never behind the queue
             if call is not None:
                 self._publish_command(utt, call, self.mode)
                 remember(self._fast_calls, utt.id, call, 64)
