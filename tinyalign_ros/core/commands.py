@@ -289,7 +289,8 @@ dev..dev8, was not refit):
   stop phrases, in assistant_node's subscription callback, without the LLM and never behind the
   queue (`SkillSet.fast_call`). On the dev splits it fires on 9 requests, all stops, and on no
   chatter. (As first written it took any -ing word, and the tenth held-out run's text had "Stop
-  worrying so much, love." -> stop; read after that run, so the tenth set is a dev split now.);
+  worrying so much, love." -> stop; read after that run, so the tenth set is a dev split now. The
+  LLM still makes it a stop: the safe mistake.);
 - aliases "illuminate" (lights on; also a cue and `requires` word), "cut" (off), "recharge" (the
   charging station); what_can_you_do cue "your features".
 Text exact / "none": dev10 92.8 / 92.3 -> 97.9 / 92.5 (53 chatter lines; the bench ran 52); no
