@@ -292,6 +292,10 @@ def test_which_of_several_named_values_count():
     assert mentioned("Turn the kitchen light on, no wait, the living room one.", lights["room"]) == {"living room"}
     assert mentioned("No, not the kitchen, the bedroom.", places) == {"bedroom"}  # nothing said before the "no"
     assert mentioned("Bring grandma her book, no rush.", fetch["object"]) == {"book"}  # nothing said after it
+    # a `last_named` value after "left", "still", "is" ... reports the state, it is not asked for (twelfth round)
+    assert mentioned("Turn off the bathroom light, somebody left it on again.", lights["state"]) == {"off"}
+    assert mentioned("The light is on in the kitchen, turn it off.", lights["state"]) == {"off"}
+    assert skills["lights"].allowed("The hallway light's still on, switch it off would you.")  # possessive 's
     from tinyalign_ros.core.commands import Argument
     rooms = Argument("room", "choice", {"front door": "the front door", "living room": "the living room"},
                      last_named=True)

@@ -301,6 +301,15 @@ what can you do, the weather's ..." (what_can_you_do). As heard, most of dev10's
 Whisper's words or the VAD cutting a sentence at a comma ("Tiny, fetch my glasses. No, sorry." |
 "my phone"), which no rule on one utterance's text can mend.
 
+**Twelfth round (begun).** The eleventh held-out set was run once (f9394e8: 82.6% exact pooled,
+text 94.2%, "none" 86.6%) and became `dev12`; a twelfth set was written blind (a1c2b3a). Chosen on
+the text of dev..dev12 so far: for a `last_named` argument, a value said after "left", "still",
+"is", "are", "was", "were" or "been" in its clause (`REPORTS`) says how things are, not what is
+asked, and does not count where another value is said ("Turn off the bathroom light, somebody left
+it on again": the last clause's "on" had won); a `requires` word with a possessive 's counts ("The
+hallway light's still on, ..." was none). dev12 text 94.2 -> 96.5% exact, "none" unchanged; no
+other split changed.
+
 **Stop.** `SkillSet.match_phrase` maps whole utterances such as "stop", "halt!", "stop, stop"
 to an argument-less skill declared with `phrases:` without the LLM (microseconds): assistant_node
 calls it in the subscription callback, before the bounded queue, so a stop is published at once
@@ -517,6 +526,9 @@ def mentioned(text: str, arg: "Argument", fuzzy: bool = False) -> set[str]:
     return out if out or not fuzzy else nearly_mentioned(heard, arg)
 
 
+# Said before a `last_named` value in its clause, these make it a report of how things are ("Somebody
+# left it on again", "The light is still on"), not the value asked for (twelfth round).
+REPORTS = {"left", "still", "is", "are", "was", "were", "been"}
 # A clause that starts with one of these takes back what was said before it ("Go to the bathroom,
 # no wait, the bedroom", "Fetch my phone, sorry, I mean my glasses"; tenth round).
 CORRECTIONS = (("no",), ("sorry",), ("wait",), ("i", "mean"), ("make", "that"), ("or", "rather"))
@@ -530,7 +542,7 @@ def _among_several(text: str, arg: "Argument", named: set[str]) -> set[str]:
     it off")."""
     parts = _clauses(text)
     corrected = [ci for ci, c in enumerate(parts) if ci and any(tuple(c[:len(w)]) == w for w in CORRECTIONS)]
-    where = []  # (clause index, value, negated)
+    where, said = [], []  # (clause index, value, negated), (clause index, value, word index)
     for ci, clause in enumerate(parts):
         heard = _words(clause)
         for value, words in _forms(arg):
@@ -539,11 +551,14 @@ def _among_several(text: str, arg: "Argument", named: set[str]) -> set[str]:
                 while j >= 0 and heard[j] in ARTICLES:
                     j -= 1
                 where.append((ci, value, j >= 0 and heard[j] == "not"))
+                said.append((ci, value, i))
     for k in reversed(corrected):  # the last correction after which a value is said, and one before it
         if any(ci >= k for ci, v, _ in where if v in named) and any(ci < k for ci, v, _ in where if v in named):
             named = {v for ci, v, _ in where if ci >= k and v in named}
             break
     out = {v for ci, v, negated in where if v in named and not negated} or named
+    if arg.last_named and len(out) > 1:  # "left it on", "is still on": the state now, not the one asked for
+        out = {v for ci, v, at in said if v in out and not set(_words(parts[ci])[:at]) & REPORTS} or out
     clauses = [ci for ci, v, _ in where if v in out]  # none where each value spans a clause break
     if arg.last_named and len(out) > 1 and clauses:
         out = {v for ci, v, negated in where if ci == max(clauses) and v in out and not negated} or out
@@ -636,7 +651,8 @@ class Skill:
 
     def allowed(self, text: str) -> bool:
         """False when the skill `requires` words and `text` says none of them: it cannot be chosen."""
-        return not self.requires or any(_said_at(c, r, True) for c in _clauses(text) for r in self.requires)
+        return not self.requires or any(_said_at([w[:-2] if w.endswith("'s") else w for w in c], r, True)
+                                        for c in _clauses(text) for r in self.requires)  # "the light's on"
 
     @property
     def arguments_by_name(self) -> dict[str, Argument]:
