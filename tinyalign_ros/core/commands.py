@@ -491,10 +491,15 @@ def _by_speaker(clause: list[str], start: int) -> bool:
     return bool(before & SPEAKER_SUBJECTS) and not before & ROBOT_WORDS
 
 
+def _unpossessed(words: list[str]) -> list[str]:
+    """`words` with a possessive 's dropped ("grandpa's", "the light's on")."""
+    return [w[:-2] if w.endswith("'s") else w for w in words]
+
+
 def _words(text: str | list[str]) -> list[str]:
     """`_tokens` (of `text`, or the tokens given) with a possessive 's and a plural -s dropped
     ("grandpa's", "keys"): how values are compared."""
-    words = [w[:-2] if w.endswith("'s") else w for w in (_tokens(text) if isinstance(text, str) else text)]
+    words = _unpossessed(_tokens(text) if isinstance(text, str) else text)
     return [w[:-1] if len(w) > 3 and w.endswith("s") and not w.endswith("ss") else w for w in words]
 
 
@@ -542,7 +547,7 @@ def _among_several(text: str, arg: "Argument", named: set[str]) -> set[str]:
     it off")."""
     parts = _clauses(text)
     corrected = [ci for ci, c in enumerate(parts) if ci and any(tuple(c[:len(w)]) == w for w in CORRECTIONS)]
-    where, said = [], []  # (clause index, value, negated), (clause index, value, word index)
+    where = []  # (clause index, value, negated, reported: said after one of REPORTS)
     for ci, clause in enumerate(parts):
         heard = _words(clause)
         for value, words in _forms(arg):
@@ -550,18 +555,17 @@ def _among_several(text: str, arg: "Argument", named: set[str]) -> set[str]:
                 j = i - 1
                 while j >= 0 and heard[j] in ARTICLES:
                     j -= 1
-                where.append((ci, value, j >= 0 and heard[j] == "not"))
-                said.append((ci, value, i))
+                where.append((ci, value, j >= 0 and heard[j] == "not", bool(set(heard[:i]) & REPORTS)))
     for k in reversed(corrected):  # the last correction after which a value is said, and one before it
-        if any(ci >= k for ci, v, _ in where if v in named) and any(ci < k for ci, v, _ in where if v in named):
-            named = {v for ci, v, _ in where if ci >= k and v in named}
+        if any(ci >= k for ci, v, *_ in where if v in named) and any(ci < k for ci, v, *_ in where if v in named):
+            named = {v for ci, v, *_ in where if ci >= k and v in named}
             break
-    out = {v for ci, v, negated in where if v in named and not negated} or named
+    out = {v for ci, v, negated, _ in where if v in named and not negated} or named
     if arg.last_named and len(out) > 1:  # "left it on", "is still on": the state now, not the one asked for
-        out = {v for ci, v, at in said if v in out and not set(_words(parts[ci])[:at]) & REPORTS} or out
-    clauses = [ci for ci, v, _ in where if v in out]  # none where each value spans a clause break
+        out = {v for ci, v, _, reported in where if v in out and not reported} or out
+    clauses = [ci for ci, v, *_ in where if v in out]  # none where each value spans a clause break
     if arg.last_named and len(out) > 1 and clauses:
-        out = {v for ci, v, negated in where if ci == max(clauses) and v in out and not negated} or out
+        out = {v for ci, v, negated, _ in where if ci == max(clauses) and v in out and not negated} or out
     return out
 
 
@@ -651,8 +655,8 @@ class Skill:
 
     def allowed(self, text: str) -> bool:
         """False when the skill `requires` words and `text` says none of them: it cannot be chosen."""
-        return not self.requires or any(_said_at([w[:-2] if w.endswith("'s") else w for w in c], r, True)
-                                        for c in _clauses(text) for r in self.requires)  # "the light's on"
+        return not self.requires or any(_said_at(_unpossessed(c), r, True)  # "the light's on"
+                                        for c in _clauses(text) for r in self.requires)
 
     @property
     def arguments_by_name(self) -> dict[str, Argument]:
@@ -885,8 +889,9 @@ class SkillSet:
         can't stop following the news": `_addressed`), nor before other verbs ("stop worrying")."""
         if len(text) > MAX_FAST_CHARS:
             return None
+        clauses = _clauses(text)
         for skill in (s for s in self.skills.values() if s.phrases):
-            for clause in _clauses(text):
+            for clause in clauses:
                 for cue in skill.cues:
                     n = len(cue.split())
                     for i in _said_at(clause, cue, False):
