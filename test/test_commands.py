@@ -76,6 +76,7 @@ def test_shipped_skills_load_and_their_schema_accepts_every_allowed_call_and_not
     (lambda d: d["skills"]["stop"].update(imperative="yes"), "skills.stop.imperative: must be true or false"),
     (lambda d: d["skills"]["go_to"].update(not_self=1), "skills.go_to.not_self: must be true or false"),
     (lambda d: d["skills"]["lights"].update(requires="light"), "skills.lights.requires: must be a list"),
+    (lambda d: d["skills"]["go_to"].update(unless="are you going"), "skills.go_to.unless: must be a list"),
     (lambda d: d["skills"]["lights"]["arguments"]["state"].update(last_named="yes"),
      "skills.lights.arguments.state.last_named: must be true or false"),
     (lambda d: d.update(other_people="honey"), "other_people: must be a list"),
@@ -143,9 +144,10 @@ def test_an_alias_names_its_value():
 
 def test_thanks_and_fillers_alone_ask_for_nothing():
     skills = SkillSet.load(default_skills_file())
-    for said in ("", "Tiny.", "Great, cheers.", "Thanks, that's perfect.", "No worries, no worries!", "Never mind."):
+    for said in ("", "Tiny.", "Great, cheers.", "Thanks, that's perfect.", "No worries, no worries!", "Never mind.",
+                 "Tiny, you're doing a great job.", "You are such a star."):
         assert skills.asks_nothing(said), said
-    for said in ("No.", "Thanks, now stop.", "Great, bring me a coffee.", "Never go there."):
+    for said in ("No.", "Thanks, now stop.", "Great, bring me a coffee.", "Never go there.", "You're doing a great job, now stop."):
         assert not skills.asks_nothing(said), said
     assert skills.select(["stop"]).asks_nothing("Great, cheers.")  # a subset keeps the words
     bare = SkillSet.from_dict({"skills": {"wave": {"description": "Wave a hand."}}})
@@ -172,6 +174,7 @@ def test_a_stop_cue_before_what_the_robot_is_doing_is_a_stop(text, stopping):
     ("Turn the page, honey, let's see what happens next.", True), ("Mum, can I have a biscuit?", True),
     ("Tiny, honey, bring me my phone.", False),  # the robot is named: it is asked
     ("Oh dear, I spilled it.", False),  # an exclamation, not a term of address
+    ("Grandma, do you want sugar in your coffee?", True), ("Bring grandma her glasses.", False),  # twelfth round
     ("I love the sound of rain.", False), ("How do bees make honey?", False), ("Bring me my phone.", False)])
 def test_a_term_of_address_of_its_own_means_someone_else_is_spoken_to(text, elsewhere):
     skills = SkillSet.load(default_skills_file())
@@ -231,6 +234,33 @@ def test_where_a_cue_is_said_decides_whether_it_counts(skill, text, cued):
     assert SkillSet.load(default_skills_file()).skills[skill].cued(text) is cued
 
 
+def test_stop_said_among_other_people_counts_only_as_a_stop_phrase_of_its_own():
+    skills = SkillSet.load(default_skills_file())
+    for said in ("Honey, stop!", "Love, stop moving.", "Stop it, honey."):
+        assert skills.stops_anyway(said), said
+    for said in ("Stop worrying so much, love.", "Stop by the bakery on your way home, honey.", "Hold on, love.",
+                 "Honey, have you seen the keys?"):
+        assert not skills.stops_anyway(said), said
+
+
+@pytest.mark.parametrize("skill, text, allowed", [
+    ("what_can_you_do", "Oh well, it's raining again, what can you do.", False),
+    ("what_can_you_do", "Honestly, what can you do with a neighbour like that.", False),
+    ("what_can_you_do", "What can you do about it, really?", False),
+    ("what_can_you_do", "Tiny, what can you do?", True), ("what_can_you_do", "Well, what can you do for me?", True),
+    ("go_to", "Are you going into the office tomorrow?", False), ("go_to", "Can you go into the office?", True)])
+def test_an_unless_phrase_rules_the_skill_out(skill, text, allowed):
+    assert SkillSet.load(default_skills_file()).skills[skill].allowed(text) is allowed
+
+
+def test_a_cue_the_speaker_acts_on_is_by_the_speaker():
+    go = SkillSet.load(default_skills_file()).skills["go_to"]
+    assert go.by_speaker("I'll go to the kitchen myself, don't worry about it.")
+    assert go.by_speaker("I'm heading to the garden.")
+    assert not go.by_speaker("Go to the kitchen.") and not go.by_speaker("I need you to go to the kitchen.")
+    assert not SkillSet.load(default_skills_file()).skills["fetch"].by_speaker("I'll get it.")  # not a not_self skill
+
+
 def test_the_imperative_rule_is_the_skills_choice():
     """The same cue anywhere in the clause when the skill is not declared imperative."""
     from tinyalign_ros.core.commands import Skill
@@ -241,6 +271,8 @@ def test_the_imperative_rule_is_the_skills_choice():
     assert not Skill("drive", "Drive.", cues=("go",), not_self=True).cued("I'm going home.")
     lamp = Skill("lamp", "Lamp.", cues=("turn on",), requires=("lamp",))
     assert not lamp.allowed("turn on the radio") and lamp.allowed("turn on the lamps")
+    lamp = Skill("lamp", "Lamp.", cues=("turn on",), requires=("lamp",), unless=("oh well",))
+    assert not lamp.allowed("oh well, turn on the lamp") and lamp.allowed("well, turn on the lamp")
 
 
 def test_a_nearly_named_value_is_heard_only_when_none_is_named():

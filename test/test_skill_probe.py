@@ -117,10 +117,16 @@ def test_the_shipped_probe_fits_the_shipped_skills_and_llm(llm, skills):
         assert (call.skill, call.via) == (NONE, "empty"), said
     assert parser.parse("Thanks, now stop.").skill == "stop"
     # said to someone else (the probe took "Your phone is ringing, love." for fetch), except a stop
-    for said in ("Your phone is ringing, love.", "Honey.", "Honey, bring me the remote."):
+    for said in ("Your phone is ringing, love.", "Honey.", "Honey, bring me the remote.",
+                 "Stop worrying so much, love.", "Grandpa, come and sit with us for a bit."):
         call = parser.parse(said)
         assert (call.skill, call.via) == (NONE, "others"), said
     assert parser.parse("Honey, stop!").skill == "stop"
+    # twelfth round: the probe may not pick what the speaker does (it took this for go_to), nor a
+    # skill an `unless` phrase rules out (a sigh is not a question to the robot)
+    for said in ("I'll go to the kitchen myself, don't worry about it.", "Oh well, it's raining again, what can you do."):
+        assert parser.parse(said).skill == NONE, said
+    assert parser.parse("Tiny, what can you do?").skill == "what_can_you_do"
     # a stop cue before what the robot does: the stop, not the drive (tenth round: this was go_to)
     call = parser.parse("Please stop driving toward the kitchen.")
     assert (call.skill, call.via) == ("stop", "stop_doing")
