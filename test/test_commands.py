@@ -137,6 +137,7 @@ def test_an_alias_names_its_value():
     assert mentioned("Time to go recharge, little guy.", skills.skills["go_to"].arguments_by_name["place"]) == {
         "charging station"}
     assert skills.skills["what_can_you_do"].cued("Give me a rundown of your features.")
+    assert skills.skills["fetch"].cued("I could do with a blanket.") and skills.skills["fetch"].cued("I'm dying for a coffee.")
     assert skills.skills["lights"].cued("Brighten up the office.") and skills.skills["lights"].cued("darken the hall")
     assert skills.skills["what_can_you_do"].cued("What jobs can I give you?")
     assert not skills.skills["what_can_you_do"].cued("She switched jobs last spring.")
@@ -145,9 +146,10 @@ def test_an_alias_names_its_value():
 def test_thanks_and_fillers_alone_ask_for_nothing():
     skills = SkillSet.load(default_skills_file())
     for said in ("", "Tiny.", "Great, cheers.", "Thanks, that's perfect.", "No worries, no worries!", "Never mind.",
-                 "Tiny, you're doing a great job.", "You are such a star."):
+                 "Tiny, you're doing a great job.", "You are such a star.", "Thanks, Tiny, that's all for now."):
         assert skills.asks_nothing(said), said
-    for said in ("No.", "Thanks, now stop.", "Great, bring me a coffee.", "Never go there.", "You're doing a great job, now stop."):
+    for said in ("No.", "Thanks, now stop.", "Great, bring me a coffee.", "Never go there.", "You're doing a great job, now stop.",
+                 "That's all, bring me water."):
         assert not skills.asks_nothing(said), said
     assert skills.select(["stop"]).asks_nothing("Great, cheers.")  # a subset keeps the words
     bare = SkillSet.from_dict({"skills": {"wave": {"description": "Wave a hand."}}})
@@ -234,13 +236,18 @@ def test_where_a_cue_is_said_decides_whether_it_counts(skill, text, cued):
     assert SkillSet.load(default_skills_file()).skills[skill].cued(text) is cued
 
 
-def test_stop_said_among_other_people_counts_only_as_a_stop_phrase_of_its_own():
+def test_a_stop_phrase_as_a_clause_of_its_own_stops_on_the_fast_path():
+    """...whatever else is said and whoever else is spoken to (twelfth and thirteenth rounds)."""
     skills = SkillSet.load(default_skills_file())
-    for said in ("Honey, stop!", "Love, stop moving.", "Stop it, honey."):
-        assert skills.stops_anyway(said), said
+    for said in ("Honey, stop!", "Love, stand still.", "Stop it, honey.", "Stop, do not drive into the garden.",
+                 "Stop, there is a step ahead."):
+        assert skills.stop_clause(said) == "stop", said
+        assert (skills.fast_call(said).skill, skills.fast_call(said).via) == ("stop", "stop_clause"), said
     for said in ("Stop worrying so much, love.", "Stop by the bakery on your way home, honey.", "Hold on, love.",
-                 "Honey, have you seen the keys?"):
-        assert not skills.stops_anyway(said), said
+                 "Honey, have you seen the keys?", "Stop go to the kitchen", "Don't stop, keep going.",
+                 "Halt and Catch Fire was a great show."):
+        assert skills.stop_clause(said) is None and skills.fast_call(said) is None, said
+    assert skills.select(["go_to"]).stop_clause("Honey, stop!") is None  # no stop skill
 
 
 @pytest.mark.parametrize("skill, text, allowed", [
@@ -316,7 +323,18 @@ def test_which_of_several_named_values_count():
     assert mentioned("Do not go to the kitchen.", places) == {"kitchen"}  # the only one named: it counts
     assert mentioned("Somebody left the bathroom light on again, turn it off would you.", lights["state"]) == {"off"}
     assert mentioned("Is the light on or off in here?", lights["state"]) == {"on", "off"}  # one clause: the LLM decides
-    assert mentioned("Wait in the corridor, I need the living room clear", places) == {"hallway", "living room"}
+    # thirteenth round: a value in the speaker's own clause, or said as the subject of "is", is a
+    # reason where another is said; a correction may start with "scratch that" or "actually", or after a dash
+    assert mentioned("Wait in the corridor, I need the living room clear", places) == {"hallway"}
+    assert mentioned("Go to the office, the hallway's too cluttered.", places) == {"office"}
+    assert mentioned("Go to the garden, the kitchen is being cleaned.", places) == {"garden"}
+    assert mentioned("Fetch my glasses, I want to read the newspaper.", fetch["object"]) == {"glasses"}
+    assert mentioned("I'm in the kitchen, go to the bedroom.", places) == {"bedroom"}
+    assert mentioned("I want the kitchen or the garden.", places) == {"kitchen", "garden"}  # one clause: the LLM decides
+    assert mentioned("Go to the kitchen, I mean the bedroom.", places) == {"bedroom"}  # a correction, not an aside
+    assert mentioned("Fetch the remote - actually, the newspaper.", fetch["object"]) == {"newspaper"}
+    assert mentioned("Go to the bathroom, scratch that, the garden.", places) == {"garden"}
+    assert mentioned("Go to the bathroom \u2013 no \u2013 the garden.", places) == {"garden"}
     # a correction takes back the values said before it (tenth round)
     assert mentioned("Tiny, um, go to the bathroom, no wait, the bedroom.", places) == {"bedroom"}
     assert mentioned("Fetch my phone, sorry, I mean my glasses.", fetch["object"]) == {"glasses"}

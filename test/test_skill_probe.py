@@ -121,7 +121,7 @@ def test_the_shipped_probe_fits_the_shipped_skills_and_llm(llm, skills):
                  "Stop worrying so much, love.", "Grandpa, come and sit with us for a bit."):
         call = parser.parse(said)
         assert (call.skill, call.via) == (NONE, "others"), said
-    assert parser.parse("Honey, stop!").skill == "stop"
+    assert (parser.parse("Honey, stop!").skill, parser.parse("Honey, stop!").via) == ("stop", "stop_clause")
     # twelfth round: the probe may not pick what the speaker does (it took this for go_to), nor a
     # skill an `unless` phrase rules out (a sigh is not a question to the robot)
     for said in ("I'll go to the kitchen myself, don't worry about it.", "Oh well, it's raining again, what can you do."):
