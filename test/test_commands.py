@@ -177,6 +177,7 @@ def test_a_stop_cue_before_what_the_robot_is_doing_is_a_stop(text, stopping):
     ("Tiny, honey, bring me my phone.", False),  # the robot is named: it is asked
     ("Oh dear, I spilled it.", False),  # an exclamation, not a term of address
     ("Grandma, do you want sugar in your coffee?", True), ("Bring grandma her glasses.", False),  # twelfth round
+    ("Good girl, Bella, fetch the stick!", True), ("Good boy, Tiny.", False),  # fourteenth round: a pet
     ("I love the sound of rain.", False), ("How do bees make honey?", False), ("Bring me my phone.", False)])
 def test_a_term_of_address_of_its_own_means_someone_else_is_spoken_to(text, elsewhere):
     skills = SkillSet.load(default_skills_file())
@@ -255,7 +256,9 @@ def test_a_stop_phrase_as_a_clause_of_its_own_stops_on_the_fast_path():
     ("what_can_you_do", "Honestly, what can you do with a neighbour like that.", False),
     ("what_can_you_do", "What can you do about it, really?", False),
     ("what_can_you_do", "Tiny, what can you do?", True), ("what_can_you_do", "Well, what can you do for me?", True),
-    ("go_to", "Are you going into the office tomorrow?", False), ("go_to", "Can you go into the office?", True)])
+    ("go_to", "Are you going into the office tomorrow?", False), ("go_to", "Can you go into the office?", True),
+    ("what_can_you_do", "What can you do, such is life.", False),  # fourteenth round
+    ("lights", "Go straight on at the lights, then left.", False), ("lights", "Turn on the lights.", True)])
 def test_an_unless_phrase_rules_the_skill_out(skill, text, allowed):
     assert SkillSet.load(default_skills_file()).skills[skill].allowed(text) is allowed
 

@@ -342,6 +342,16 @@ Text exact / "none": dev13 91.8 / 95.7 -> 97.6 / 97.9, dev12 97.7 -> 98.8 exact;
 split. Left on dev13: "Get me my specs, would you, love." (love: said to someone else), "I can't see a
 thing, Tiny, lights!" (none), "Stop being silly, Jake, ..." (stop, the safe mistake).
 
+**Fourteenth round (begun).** The thirteenth held-out set was run once (44a4bc9: 86.5% exact
+pooled, text 98.7%; "none" 88.6%, text 87.0%) and became `dev14`. Chosen on the text of dev..dev14
+so far: lights `unless` "at the lights", "traffic light(s)" ("Turn left at the lights, then ..."
+was lights, in dev8 and dev14); what_can_you_do `unless` "that's life", "such is life"; "good boy",
+"good girl" in `other_people` (said to a pet: "Good boy, Rex, go fetch the ball!" was fetch). dev14
+text "none" 87.0 -> 93.5%, dev8 98.1 -> 100%; nothing worse on any split. Left on dev14: statements
+that name an object ("My glasses need a new prescription.", "Grandpa's medicine is on the top
+shelf, just so you know." -> fetch), "I'd kill for a decent cup of tea." (fetch coffee: tea is no
+object), "Come on Tiny, this way, keep up." (none).
+
 **Stop.** `SkillSet.match_phrase` maps whole utterances such as "stop", "halt!", "stop, stop"
 to an argument-less skill declared with `phrases:` without the LLM (microseconds): assistant_node
 calls it in the subscription callback, before the bounded queue, so a stop is published at once
