@@ -315,7 +315,8 @@ other split changed. Then, for "none" (every fresh set's chatter had been 88-92%
 - where no cue counts, the probe may not pick a `not_self` skill whose cue the speaker says of
   themselves (`Skill.by_speaker`: "I'll go to the kitchen myself, don't worry about it" was go_to);
 - a stop cue exempts an utterance from `other_people` only as a stop phrase of a clause of its own
-  (`SkillSet.stops_anyway`: "Honey, stop!" stops; "Stop worrying so much, love." no longer does);
+  ("Honey, stop!" stops; "Stop worrying so much, love." no longer does; since the thirteenth round
+  `SkillSet.stop_clause` on the fast path);
 - grandma, grandpa and their aliases are in `other_people` ("Grandpa, come and sit with us" was
   follow_me); praise words in `pleasantries` ("Tiny, you're doing a great job." was stop); go_to
   cues "wheel", "scoot" ("Wheel yourself into the bedroom" was none).
@@ -598,7 +599,7 @@ def _among_several(text: str, arg: "Argument", named: set[str]) -> set[str]:
     where = []  # (clause index, value, negated, reported: said after one of REPORTS, aside)
     for ci, clause in enumerate(parts):
         heard = _words(clause)
-        speaker = ci not in corrected and _without_lead_in(clause)[:1] in ([w] for w in SPEAKER_SUBJECTS)
+        speaker = ci not in corrected and bool(set(_without_lead_in(clause)[:1]) & SPEAKER_SUBJECTS)
         for value, words in _forms(arg):
             for i in _said_at(heard, " ".join(words), False):
                 j, end = i - 1, i + len(words)
@@ -710,6 +711,8 @@ class Skill:
     def allowed(self, text: str) -> bool:
         """False when the skill `requires` words and `text` says none of them, or `text` says one of
         its `unless` phrases as written ("Oh well, what can you do."): it cannot be chosen."""
+        if not self.unless and not self.requires:
+            return True
         clauses = _clauses(text)
         if any(_said_at(c, u, False) for c in clauses for u in self.unless):
             return False
