@@ -7,7 +7,7 @@ import torch
 
 from tinyalign_ros.core.audio import load_audio
 from tinyalign_ros.core.decoder import (EOT, NO_TIMESTAMPS, SOT, decode_text, encode_text, load_whisper_decoder,
-                                        looks_looped, max_tokens_for)
+                                        looks_looped, max_tokens_for, repeats_itself)
 from tinyalign_ros.core.encoder import WeightLoadError, load_whisper_encoder, log_mel
 
 REAL = ["/usr/share/pocketsphinx/test/data/cards/001.wav",
@@ -74,6 +74,19 @@ def test_length_guard_and_loop_detector():
     assert looks_looped("the " * 60)
     assert not looks_looped("Bring me the red cup from the kitchen, please.")
     assert decode_text(encode_text("Turn on the lights.")) == "Turn on the lights."
+
+
+@pytest.mark.parametrize("text, looped", [
+    ("Go up to the bedroom and wait there. Go up to the bedroom and wait", True),  # a short-window loop
+    ("10 of clubs 10 of clubs 10 of", True),
+    ("5 5 5 5 5 5", True),
+    ("Bring me the red cup from the kitchen, please.", False),
+    ("Go to the kitchen, then go to the hallway.", False),  # "go to the" once each with different words after
+    ("No, no, stop.", False),
+    ("", False),
+])
+def test_repetition_detector(text, looped):
+    assert repeats_itself(text) is looped
 
 
 def test_a_model_without_a_decoder_is_a_clear_error(tmp_path):

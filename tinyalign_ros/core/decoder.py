@@ -201,6 +201,15 @@ def looks_looped(text: str, threshold: float = 2.4) -> bool:
     return len(data) > 0 and len(data) / len(zlib.compress(data)) > threshold
 
 
+def repeats_itself(text: str, n: int = 4) -> bool:
+    """A decode that says the same `n` words twice or one word three times running: the loop of a
+    short encoder window ("Go up to the bedroom and wait there. Go up to the bedroom and wait"),
+    which stops at the length guard and, on a short text, passes the compression-ratio test."""
+    words = re.findall(r"[\w']+", text.lower())
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    return len(set(grams)) < len(grams) or any(a == b == c for a, b, c in zip(words, words[1:], words[2:]))
+
+
 def max_tokens_for(seconds: float) -> int:
     return int(MAX_TOKENS_PER_S * seconds) + 8
 

@@ -15,7 +15,7 @@ from std_msgs.msg import Bool, Float32, String
 from std_srvs.srv import Trigger
 from visualization_msgs.msg import Marker
 
-from tinyalign_ros.core.asr import WhisperTranscriber
+from tinyalign_ros.core.asr import SPEECH_MARGIN_S, WhisperTranscriber
 from tinyalign_ros.core.audio import SAMPLE_RATE, AudioError, normalize
 from tinyalign_ros.core.asr_adapt import AUDIO_KINDS
 from tinyalign_ros.core.early_exit import DEFAULT_THRESHOLD, FULL_DEPTH, ExitHeads, ExitPolicy, load_heads
@@ -87,6 +87,8 @@ class AsrNode(Node):
             compute_type=p("whisper.compute_type", "int8").value,
             threads=int(p("whisper.threads", 2).value),
             beam_size=int(p("whisper.beam_size", 1).value),
+            window=p("whisper.window", "speech").value,
+            margin_s=float(p("whisper.window_margin_s", SPEECH_MARGIN_S).value),
         )
         self.transcriber_name = p("transcriber", "whisper").value
         self.pad_to_30s = bool(p("encoder.pad_to_30s", False).value)
@@ -492,6 +494,9 @@ class AsrNode(Node):
         status.add("exit_policy", f"{self.policy.mode} threshold={self.policy.threshold} max_layer={self.policy.max_layer} "
                                   f"full_depth_for_known_speakers={self.policy.full_depth_for_known_speakers}")
         status.add("transcriber", self.transcriber_name)
+        status.add("whisper_window", self.transcriber.window)
+        status.add("whisper_speech_windows", self.transcriber.speech_windows)
+        status.add("whisper_window_fallbacks", self.transcriber.window_fallbacks)
         status.add("asr_adapters", ", ".join(f"{s} v{v}" for s, v in sorted(self.recognizer.adapted_speakers.items()))
                    or "none")
         status.add("asr_adapter_errors", self.adapter_errors)

@@ -98,8 +98,11 @@ class BoosterNode(Node):
                 raise ValueError(f"hint_dim {hint_dim} is for encoder hints; this booster sends text hints "
                                  "(set hints:=encoder or both)")
             teacher_dir = model_dir or whisper_base_dir()
+            # the full 30 s window: the teacher's hints were measured with it (bench boost); the speech
+            # window (core/asr.py) is for the robot's latency
             self.text_teacher = TextTeacher(WhisperTranscriber(teacher_dir, compute_type=compute_type,
-                                                               threads=threads or 2, temperature=0.0), vad, every)
+                                                               threads=threads or 2, temperature=0.0, window="full"),
+                                            vad, every)
             self.get_logger().info(f"text teacher: faster-whisper {teacher_dir} ({compute_type}), a transcript "
                                    f"every {every} chunk(s) of speech")
         if self.mode in ("encoder", "both"):
