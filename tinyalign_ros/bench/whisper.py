@@ -10,7 +10,7 @@ and does a decode that fails a check again on the full window. This measures, pe
 - the commands bench's typical synthetic voices saying every request and chatter line of a split
   of the skill data (`--split`, `--voices`), with the bench's 0.2 s of silence around each,
 
-the WER (core/metrics.wer: lower-cased, punctuation removed; numbers as Whisper writes them), the
+the WER (core/metrics.wer: lower case, numbers spelled out, no punctuation), the
 wall time per utterance (p50, p95; the transcription only, one utterance at a time, `--threads`),
 and for the speech window the share of utterances done again on the full window. Greedy
 (`temperature` 0.0) in both, so the figures repeat; the robot keeps faster-whisper's temperature
