@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tinyalign_ros.core.asr import SAMPLE_RATE, WhisperTranscriber
+from tinyalign_ros.core.asr import WhisperTranscriber
+from tinyalign_ros.core.audio import SAMPLE_RATE
 from tinyalign_ros.core.metrics import normalize_text
 
 REAL = "/usr/share/pocketsphinx/test/data/librivox/sense_and_sensibility_01_austen_64kb-0870.wav"

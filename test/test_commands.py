@@ -232,7 +232,10 @@ def test_cue_inflections_are_regular_forms_only():
     ("stop", "Stay still for a second.", True),
     # requires: follow_me only with me, us, along, behind or after said (seventh round)
     ("follow_me", "Follow the recipe exactly and it comes out fine.", False), ("follow_me", "Follow your heart.", False),
-    ("follow_me", "Tiny, trail after me while I tidy up.", True), ("follow_me", "Follow us to the car.", True)])
+    ("follow_me", "Tiny, trail after me while I tidy up.", True), ("follow_me", "Follow us to the car.", True),
+    # fifteenth round: "myself" makes the speaker the one who acts for every skill; Whisper's "Tagalong"
+    ("fetch", "I'll get the coffee myself, don't worry about it.", False), ("fetch", "Get me the coffee.", True),
+    ("lights", "We'll switch the lights off ourselves.", False), ("follow_me", "Tagalong, Tiny.", True)])
 def test_where_a_cue_is_said_decides_whether_it_counts(skill, text, cued):
     assert SkillSet.load(default_skills_file()).skills[skill].cued(text) is cued
 
@@ -258,7 +261,11 @@ def test_a_stop_phrase_as_a_clause_of_its_own_stops_on_the_fast_path():
     ("what_can_you_do", "Tiny, what can you do?", True), ("what_can_you_do", "Well, what can you do for me?", True),
     ("go_to", "Are you going into the office tomorrow?", False), ("go_to", "Can you go into the office?", True),
     ("what_can_you_do", "What can you do, such is life.", False),  # fourteenth round
-    ("lights", "Go straight on at the lights, then left.", False), ("lights", "Turn on the lights.", True)])
+    ("lights", "Go straight on at the lights, then left.", False), ("lights", "Turn on the lights.", True),
+    # fifteenth round: a complaint, a thing that needs replacing, an offer to anybody
+    ("lights", "Who left the hallway light on again?", False), ("lights", "Leave the hallway light on.", True),
+    ("fetch", "My phone needs a new battery.", False), ("fetch", "Grandma needs her medicine.", True),
+    ("go_to", "The bathroom's free if anyone needs it.", False), ("follow_me", "Be my shadow for a bit.", True)])
 def test_an_unless_phrase_rules_the_skill_out(skill, text, allowed):
     assert SkillSet.load(default_skills_file()).skills[skill].allowed(text) is allowed
 
@@ -268,7 +275,9 @@ def test_a_cue_the_speaker_acts_on_is_by_the_speaker():
     assert go.by_speaker("I'll go to the kitchen myself, don't worry about it.")
     assert go.by_speaker("I'm heading to the garden.")
     assert not go.by_speaker("Go to the kitchen.") and not go.by_speaker("I need you to go to the kitchen.")
-    assert not SkillSet.load(default_skills_file()).skills["fetch"].by_speaker("I'll get it.")  # not a not_self skill
+    fetch = SkillSet.load(default_skills_file()).skills["fetch"]
+    assert not fetch.by_speaker("I'll get it.")  # not a not_self skill ...
+    assert fetch.by_speaker("I'll get it myself.") and not fetch.by_speaker("Get it yourself.")  # ... but "myself"
 
 
 def test_the_imperative_rule_is_the_skills_choice():
@@ -426,7 +435,8 @@ def test_a_skill_loses_evidence_for_an_argument_nobody_named(llm):
     assert parser._evidence(go_to, "go to the garden") == CUE_BONUS + NAMED_BONUS
     assert parser._evidence(go_to, "go out for a walk") == CUE_BONUS - MISSING_PENALTY
     assert parser._evidence(go_to, "should I go out today") == -MISSING_PENALTY  # a question about the speaker
-    assert parser._evidence(fetch, "I need a new winter coat") == CUE_BONUS - MISSING_PENALTY  # "winter": only nearly water
+    assert parser._evidence(fetch, "I need a winter coat") == CUE_BONUS - MISSING_PENALTY  # "winter": only nearly water
+    assert parser._evidence(fetch, "I need a new winter coat") == float("-inf")  # unless "need a new": a statement
     assert parser._evidence(go_to, "I need you in the office") == NAMED_BONUS  # no cue of go_to, its place named
     assert parser._evidence(fetch, "I need you in the office") == CUE_BONUS - MISSING_PENALTY  # person has a default
     assert parser._evidence(stop, "without stopping") == INFLECTED_CUE_BONUS < CUE_BONUS == parser._evidence(stop, "stop")

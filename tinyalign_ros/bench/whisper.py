@@ -25,7 +25,8 @@ from typing import Sequence
 
 import numpy as np
 
-from tinyalign_ros.core.asr import SAMPLE_RATE, SPEECH_MARGIN_S, WINDOWS, WhisperTranscriber
+from tinyalign_ros.core.asr import SPEECH_MARGIN_S, WINDOWS, WhisperTranscriber
+from tinyalign_ros.core.audio import SAMPLE_RATE
 from tinyalign_ros.core.metrics import wer, write_result
 
 EDGE_S = 0.2  # silence before and after each synthetic request, as the VAD's speech pad leaves it

@@ -31,9 +31,9 @@ from pathlib import Path
 import numpy as np
 from faster_whisper import WhisperModel
 
+from .audio import SAMPLE_RATE
 from .models import whisper_tiny_dir
 
-SAMPLE_RATE = 16000
 FRAMES_PER_S = 100  # Whisper's log-mel hop: 10 ms
 WINDOWS = ("speech", "full")  # the encoder's window: the utterance + a margin of silence, or Whisper's 30 s
 FULL_WINDOW_S = 30
@@ -113,7 +113,7 @@ class WhisperTranscriber:
         result = model.model.generate(model.encode(features), [prompt], beam_size=self.beam_size, max_length=limit,
                                       return_scores=True, suppress_blank=True, suppress_tokens=self._suppress)[0]
         tokens = result.sequences_ids[0]  # the forced words (prefix) included, as faster-whisper's
-        written = len(prompt) + len(tokens) - (len(prompt) - len(self._tokenizer.sot_sequence) - 1)
+        written = len(self._tokenizer.sot_sequence) + 1 + len(tokens)  # + <|notimestamps|>; max_length counts them
         text = self._tokenizer.decode(tokens).strip()
         mean_logprob = float(result.scores[0]) * len(tokens) / (len(tokens) + 1)  # faster-whisper's avg_logprob
         if (not text or written >= limit or mean_logprob < LOG_PROB_THRESHOLD

@@ -480,6 +480,9 @@ NOT_BARE_COMMAND = ARTICLES | {"this", "that", "our", "its", "bus", "would", "wi
 # to the garden", "I need to go to the bank"), unless the robot is named too ("I need you to go").
 SPEAKER_SUBJECTS = {"i", "i'm", "i'll", "i've", "i'd", "we", "we're", "we'll", "we'd"}
 ROBOT_WORDS = {"you", "you're", "you'll", "yourself"}
+# Words that make the speaker the one who acts for every skill, `not_self` or not, said with a
+# SPEAKER_SUBJECTS subject before the cue ("I'll get the coffee myself, don't worry about it").
+SPEAKER_DOES_IT = {"myself", "ourselves"}
 SELF_QUESTION = re.compile(r"^(?:(?:how|where|what|when|why|which) )?(?:should|shall|do|did|must) (?:i|we)\b")
 
 
@@ -704,9 +707,14 @@ class Skill:
             for cue in self.cues:
                 n = len(cue.split())
                 if any((not self.imperative or _addressed(clause, i, i + n))
-                       and not (self.not_self and _by_speaker(clause, i)) for i in _said_at(clause, cue, inflected)):
+                       and not self._speaker_acts(clause, i) for i in _said_at(clause, cue, inflected)):
                     return True
         return False
+
+    def _speaker_acts(self, clause: list[str], start: int) -> bool:
+        """Whether the cue said at clause[start] is the speaker's own action (`_by_speaker`): for a
+        `not_self` skill, or for any skill in a clause that says "myself" ("I'll get it myself")."""
+        return (self.not_self or bool(SPEAKER_DOES_IT.intersection(clause))) and _by_speaker(clause, start)
 
     def allowed(self, text: str) -> bool:
         """False when the skill `requires` words and `text` says none of them, or `text` says one of
@@ -720,10 +728,9 @@ class Skill:
                                         for c in clauses for r in self.requires)
 
     def by_speaker(self, text: str) -> bool:
-        """Whether a `not_self` skill's cue is said with the speaker as the one who acts ("I'll go
-        to the kitchen myself"; `_by_speaker`): then the skill probe may not pick it (`choose`)."""
-        return self.not_self and any(_by_speaker(c, i) for c in _clauses(text) for cue in self.cues
-                                     for i in _said_at(c, cue, True))
+        """Whether one of the skill's cues is said with the speaker as the one who acts (`_speaker_acts`:
+        "I'll go to the kitchen myself"): then the skill probe may not pick it (`choose`)."""
+        return any(self._speaker_acts(c, i) for c in _clauses(text) for cue in self.cues for i in _said_at(c, cue, True))
 
     @property
     def arguments_by_name(self) -> dict[str, Argument]:
