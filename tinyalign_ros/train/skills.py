@@ -77,6 +77,21 @@ def write_card(path: Path, args, counts: dict, metrics: dict, seconds: float) ->
         f"| {s} | {m['text']['skill_acc']} | {m['heard']['skill_acc']} | {m['text']['none_acc']} | "
         f"{m['heard']['none_acc']} | {m['text']['n_requests']} / {m['text']['n_chatter']} |"
         for s, m in metrics["leave_one_split_out"].items())
+    baseline = ""
+    if "baseline" in metrics:
+        old = metrics["baseline"]["scores"]
+        base_rows = "\n".join(
+            f"| {s} | {m['text']['skill_acc']} | {m['heard']['skill_acc']} | {m['text']['none_acc']} | "
+            f"{m['heard']['none_acc']} |" for s, m in old.items())
+        baseline = f"""
+## The probe it replaces (`--baseline {metrics['baseline']['file']}`, fit on {metrics['baseline']['splits']})
+
+Scored on the same rows; on the splits it was not fit on, compare with the leave-one-split-out table.
+
+| split | skill acc, text | skill acc, heard | "none" acc, text | "none" acc, heard |
+|---|---|---|---|---|
+{base_rows}
+"""
     path.write_text(f"""# skill_probe.safetensors — which skill a request asks for, read off the frozen LLM
 
 A multinomial logistic regression (core/skill_probe.py) on the mean hidden state after layer
@@ -105,7 +120,7 @@ command below after changing the skills.
 
 Skill accuracy here is the probe alone, without the cue rules and without arguments; the parser's
 figures on held-out spoken requests are in bench/results/commands.json (`tinyalign bench commands`).
-
+{baseline}
 ## Reproduce
 
 ```
@@ -129,6 +144,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "models" / "skill_probe.safetensors")
     parser.add_argument("--no-card", action="store_true", help="do not write the model card")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="also score this probe file on every split (e.g. the shipped probe on the splits it "
+                             "was not fit on: compare with the leave-one-split-out figures)")
     args = parser.parse_args(argv)
     args.splits = [s for s in args.splits.split(",") if s]
     bad = [s for s in args.splits if s not in DEV_SPLITS]
@@ -173,6 +191,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                               weight_decay=args.weight_decay)
 
     metrics = {"leave_one_split_out": {}}
+    if args.baseline is not None:
+        baseline = SkillProbe.load(args.baseline)  # SkillProbeError: a clear message
+        baseline.check(names, llm_id)
+        if baseline.layer != args.layer:
+            raise SystemExit(f"--baseline {args.baseline} reads layer {baseline.layer}, not --layer {args.layer}")
+        metrics["baseline"] = {"file": portable_path(args.baseline), "splits": baseline.meta.get("splits"),
+                               "scores": {s: {"text": accuracy(baseline, text_rows[s]),
+                                              "heard": accuracy(baseline, heard_rows[s]) if voices else None}
+                                          for s in args.splits}}
+        for s, m in metrics["baseline"]["scores"].items():
+            print(f"baseline {s}: {m}", flush=True)
     if len(args.splits) > 1:
         for s in args.splits:
             rest = [r for o in args.splits if o != s for r in text_rows[o] + heard_rows[o]] + ex_rows
