@@ -3,6 +3,8 @@ same features it was fit on and follows it where no cue was said (real SmolLM2);
 and `tinyalign train skills`."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -143,6 +145,13 @@ def test_train_skills_fits_a_probe_the_parser_takes_and_never_on_the_held_out_sp
     assert probe.meta["splits"] == '["dev"]'
     CommandParser(skills, llm.model, llm.tokenizer, probe=probe)
     assert (tmp_path / "probe.metrics.json").is_file()
+    # --baseline: the probe it would replace, scored on the same rows (its own data here: all right)
+    with pytest.raises(SystemExit, match="reads layer"):
+        main(["--splits", "dev", "--voices", "0", "--layer", str(probe.layer - 1), "--baseline", str(out),
+              "--out", str(tmp_path / "x.safetensors")])
+    assert main(["--splits", "dev", "--voices", "0", "--baseline", str(out), "--out", str(tmp_path / "new.safetensors")]) == 0
+    scores = json.loads((tmp_path / "new.metrics.json").read_text())["baseline"]["scores"]["dev"]["text"]
+    assert scores["n_requests"] == 40 and scores["skill_acc"] > 0.9
 
 
 def test_the_probe_setting_names_the_shipped_file_by_default():

@@ -153,6 +153,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if bad or not args.splits:
         raise SystemExit(f"--splits: {bad or 'none given'}; choose among the dev splits {DEV_SPLITS} "
                          "(the held-out split is never fit on)")
+    baseline = SkillProbe.load(args.baseline) if args.baseline is not None else None  # SkillProbeError: says why
+    if baseline is not None and baseline.layer != args.layer:
+        raise SystemExit(f"--baseline {args.baseline} reads layer {baseline.layer}, not --layer {args.layer}")
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     skills = SkillSet.load(args.skills or default_skills_file())
@@ -168,6 +171,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     said = heard(texts, voices, args.threads)
     llm = ChatLLM(threads=args.threads)
     command_parser = CommandParser(skills, llm.model, llm.tokenizer)
+    llm_id = llm_fingerprint(llm.model)
+    if baseline is not None:
+        baseline.check(names, llm_id)  # fit for these skills and this LLM, before the long part
     t_fit = time.perf_counter()
     feats: dict[str, torch.Tensor] = {}
 
@@ -184,18 +190,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     heard_rows = {s: rows_of([(said[(v.name, t)], k) for v in voices for t, k in rows])
                   for s, rows in by_split.items()}
     ex_rows = rows_of(examples)
-    llm_id = llm_fingerprint(llm.model)
 
     def fit(rows):
         return SkillProbe.fit(torch.stack([x for x, _ in rows]), [y for _, y in rows], names, args.layer, llm_id,
                               weight_decay=args.weight_decay)
 
     metrics = {"leave_one_split_out": {}}
-    if args.baseline is not None:
-        baseline = SkillProbe.load(args.baseline)  # SkillProbeError: a clear message
-        baseline.check(names, llm_id)
-        if baseline.layer != args.layer:
-            raise SystemExit(f"--baseline {args.baseline} reads layer {baseline.layer}, not --layer {args.layer}")
+    if baseline is not None:
         metrics["baseline"] = {"file": portable_path(args.baseline), "splits": baseline.meta.get("splits"),
                                "scores": {s: {"text": accuracy(baseline, text_rows[s]),
                                               "heard": accuracy(baseline, heard_rows[s]) if voices else None}
