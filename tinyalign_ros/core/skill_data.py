@@ -5,8 +5,8 @@ that speak them, and their cached clips: what `tinyalign bench commands` measure
 Splits: `heldout` (data/skill_requests_heldout.tsv + data/chatter_heldout.txt: the quoted figures,
 never used to tune or fit anything); `dev` (skill_requests_dev.tsv + the even lines of
 questions.txt), `dev2` (skill_requests_dev2.tsv + chatter_dev2.txt + the odd lines of
-questions.txt), `dev3` ... `dev15` (skill_requests_devN.tsv + chatter_devN.txt): what the parser's
-rules may be tuned on and the probe fit on. dev2-dev15 were each the held-out set once, until
+questions.txt), `dev3` ... `dev16` (skill_requests_devN.tsv + chatter_devN.txt): what the parser's
+rules may be tuned on and the probe fit on. dev2-dev16 were each the held-out set once, until
 their errors were read.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from .commands import NONE
 
 DATA = Path(__file__).resolve().parents[2] / "data"
 SPLITS = ("heldout", "dev", "dev2", "dev3", "dev4", "dev5", "dev6", "dev7", "dev8", "dev9", "dev10", "dev11", "dev12",
-          "dev13", "dev14", "dev15")
+          "dev13", "dev14", "dev15", "dev16")
 DEV_SPLITS = tuple(s for s in SPLITS if s != "heldout")
 SAMPLE_RATE = 16000
 
