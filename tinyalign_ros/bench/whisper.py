@@ -84,16 +84,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("nothing to measure: --voices 0 with --no-real")
     figures: dict = {"split": args.split, "margin_s": args.margin, "threads": args.threads,
                      "sets": {name: {"n": len(clips)} for name, clips in sets.items()}, "windows": {}}
+    hyps: dict[tuple[str, str], list[str]] = {}  # (set, window) -> transcripts
     for window in WINDOWS:
         transcriber = WhisperTranscriber(threads=args.threads, temperature=0.0, window=window, margin_s=args.margin)
         transcriber.transcribe(next(iter(sets.values()))[0][1])  # warm-up
         for name, clips in sets.items():
-            figures["sets"][name][window], hyps = measure(transcriber, clips)
-            figures["sets"][name].setdefault("hypotheses", {})[window] = hyps
+            figures["sets"][name][window], hyps[name, window] = measure(transcriber, clips)
             print(window, name, figures["sets"][name][window], flush=True)
     for name, entry in figures["sets"].items():
-        hyps = entry.pop("hypotheses")
-        entry["transcripts_differ"] = sum(a != b for a, b in zip(hyps["full"], hyps["speech"]))
+        entry["transcripts_differ"] = sum(a != b for a, b in zip(hyps[name, "full"], hyps[name, "speech"]))
     for window in WINDOWS:
         every = [entry[window] for entry in figures["sets"].values()]
         figures["windows"][window] = {"wer_mean": round(float(np.mean([e["wer"] for e in every])), 4),

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 from faster_whisper import WhisperModel
+from faster_whisper.tokenizer import Tokenizer
+from faster_whisper.transcribe import get_suppressed_tokens
 
 from .audio import SAMPLE_RATE
 from .models import whisper_tiny_dir
@@ -91,9 +93,6 @@ class WhisperTranscriber:
     def _speech_window(self, samples: np.ndarray, prefix: str) -> Transcript | None:
         """Greedy decode on the utterance + `margin_s` of silence; None when it fails a check (or the
         window would be no shorter than 30 s): the caller decodes on the full window."""
-        from faster_whisper.tokenizer import Tokenizer
-        from faster_whisper.transcribe import get_suppressed_tokens
-
         from .decoder import looks_looped, max_tokens_for, repeats_itself
 
         seconds = math.ceil(samples.size / SAMPLE_RATE + self.margin_s)
