@@ -6,7 +6,8 @@ used to tune anything) and chatter, or a dev split that cues, aliases, prompts a
 be tuned on (`dev`: data/skill_requests_dev.tsv + the even lines of data/questions.txt; `dev2`:
 data/skill_requests_dev2.tsv + data/chatter_dev2.txt + the odd lines of questions.txt; `dev3`:
 data/skill_requests_dev3.tsv + data/chatter_dev3.txt; `dev4` ... `dev16` likewise; dev2 ... dev16
-were held out until their errors were looked at), are spoken by several typical synthetic voices
+were held out until their errors were looked at; `extra1`, `extra2`: written as training data for
+the skill probe, never held out), are spoken by several typical synthetic voices
 (core.corpus, as `tinyalign synth`), each voice's clips in one file with 1.2 s gaps, and played at
 real time through the embedded graph exactly as `tinyalign run --input` does (VAD -> Whisper ->
 assistant_node; `--fast`: as fast as the graph takes it). Each Command is matched to its request
@@ -215,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="folder for commands.json and commands.png")
     parser.add_argument("--split", choices=SPLITS, default="heldout",
-                        help="heldout: the quoted figures; dev ... dev16: what the parser may be tuned on")
+                        help="heldout: the quoted figures; dev ... dev16: what the parser may be tuned on; "
+                             "extra1, extra2: written as training data for the skill probe")
     parser.add_argument("--voices", type=int, default=3, help="typical synthetic voices (0: text only)")
     parser.add_argument("--modes", default="cascade,aligned", help="graph modes to run (comma-separated)")
     parser.add_argument("--method", default="choice", choices=("choice", "generate"))
