@@ -119,11 +119,16 @@ def test_the_shipped_probe_fits_the_shipped_skills_and_llm(llm, skills):
         assert (call.skill, call.via) == (NONE, "empty"), said
     assert parser.parse("Thanks, now stop.").skill == "stop"
     # said to someone else (the probe took "Your phone is ringing, love." for fetch), except a stop
-    for said in ("Your phone is ringing, love.", "Honey.", "Honey, bring me the remote.",
-                 "Stop worrying so much, love.", "Grandpa, come and sit with us for a bit."):
+    for said in ("Your phone is ringing, Dad.", "Mum.", "Mum, bring me the remote.", "Grandpa, come and sit with us for a bit."):
         call = parser.parse(said)
         assert (call.skill, call.via) == (NONE, "others"), said
     assert (parser.parse("Honey, stop!").skill, parser.parse("Honey, stop!").via) == ("stop", "stop_clause")
+    # sixteenth round: a term of endearment is said to the robot too, but its stop comes only from the fast path
+    call = parser.parse("Could you bring me a mug of coffee, love?")
+    assert (call.skill, call.arguments) == ("fetch", {"object": "coffee", "person": "me"})
+    for said in ("Stop worrying so much, love.", "Stop by the bakery on your way home, honey.", "Honey."):
+        assert parser.parse(said).skill == NONE, said
+    assert parser.parse("Don't stop now, you're nearly done.").skill == NONE  # a negated cue is no command
     # twelfth round: the probe may not pick what the speaker does (it took this for go_to), nor a
     # skill an `unless` phrase rules out (a sigh is not a question to the robot)
     for said in ("I'll go to the kitchen myself, don't worry about it.", "Oh well, it's raining again, what can you do."):
@@ -140,6 +145,10 @@ def test_train_skills_fits_a_probe_the_parser_takes_and_never_on_the_held_out_sp
     with pytest.raises(SystemExit, match="held-out split is never fit on"):
         main(["--splits", "dev,heldout", "--voices", "0", "--out", str(tmp_path / "x.safetensors")])
     out = tmp_path / "probe.safetensors"
+    assert main(["--splits", "dev,dev2", "--voices", "0", "--out", str(out), "--loo-probes", str(tmp_path / "loo")]) == 0
+    left_out = SkillProbe.load(tmp_path / "loo" / "without_dev2.safetensors")  # fit on dev alone
+    assert left_out.meta["left_out"] == "dev2" and sorted(p.name for p in (tmp_path / "loo").iterdir()) == [
+        "without_dev.safetensors", "without_dev2.safetensors"]
     assert main(["--splits", "dev", "--voices", "0", "--out", str(out)]) == 0
     probe = SkillProbe.load(out)
     assert probe.meta["splits"] == '["dev"]'

@@ -11,7 +11,7 @@ heard, misheard words included). Clips and transcripts are cached under the data
 
 Before the fit on everything, each dev split is predicted by a probe fit on the others (text and
 heard): those leave-one-split-out figures, on requests and phrasings the probe never saw, go to the
-model card and `<out>.metrics.json`. Fitting takes seconds; the first run's transcripts take about
+model card and `<out>.metrics.json` (`--loo-probes DIR` keeps those probes too). Fitting takes seconds; the first run's transcripts take about
 0.35 s per clip and voice on 2 cores.
 """
 from __future__ import annotations
@@ -147,6 +147,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--baseline", type=Path, default=None,
                         help="also score this probe file on every split (e.g. the shipped probe on the splits it "
                              "was not fit on: compare with the leave-one-split-out figures)")
+    parser.add_argument("--loo-probes", type=Path, default=None,
+                        help="also save each leave-one-split-out probe there, as without_<split>.safetensors: the "
+                             "parser's thresholds can then be chosen on predictions no fit saw")
     args = parser.parse_args(argv)
     args.splits = [s for s in args.splits.split(",") if s]
     bad = [s for s in args.splits if s not in DEV_SPLITS]
@@ -207,6 +210,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         for s in args.splits:
             rest = [r for o in args.splits if o != s for r in text_rows[o] + heard_rows[o]] + ex_rows
             probe = fit(rest)
+            if args.loo_probes is not None:
+                probe.meta = {"splits": [o for o in args.splits if o != s], "left_out": s,
+                              "voices": [v.name for v in voices], "weight_decay": args.weight_decay}
+                args.loo_probes.mkdir(parents=True, exist_ok=True)
+                probe.save(args.loo_probes / f"without_{s}.safetensors")
             metrics["leave_one_split_out"][s] = {"text": accuracy(probe, text_rows[s]),
                                                  "heard": accuracy(probe, heard_rows[s]) if voices else None}
             print(f"{s}: {metrics['leave_one_split_out'][s]}", flush=True)
