@@ -172,9 +172,11 @@ def test_a_stop_cue_before_what_the_robot_is_doing_is_a_stop(text, stopping):
 
 
 @pytest.mark.parametrize("text, elsewhere", [
-    ("Honey, have you seen the car keys?", True), ("Your phone is ringing, love.", True),
-    ("Turn the page, honey, let's see what happens next.", True), ("Mum, can I have a biscuit?", True),
-    ("Tiny, honey, bring me my phone.", False),  # the robot is named: it is asked
+    ("Mum, have you seen the car keys?", True), ("Your phone is ringing, Dad.", True),
+    ("Turn the page, son, let's see what happens next.", True), ("Mum, can I have a biscuit?", True),
+    ("Tiny, son, bring me my phone.", False),  # the robot is named: it is asked
+    # sixteenth round: a term of endearment is said to the robot too (`endearments`: parsed as usual)
+    ("Honey, have you seen the car keys?", False), ("Could you bring me a mug of coffee, love?", False),
     ("Oh dear, I spilled it.", False),  # an exclamation, not a term of address
     ("Grandma, do you want sugar in your coffee?", True), ("Bring grandma her glasses.", False),  # twelfth round
     ("Good girl, Bella, fetch the stick!", True), ("Good boy, Tiny.", False),  # fourteenth round: a pet
@@ -238,6 +240,18 @@ def test_cue_inflections_are_regular_forms_only():
     ("lights", "We'll switch the lights off ourselves.", False), ("follow_me", "Tagalong, Tiny.", True)])
 def test_where_a_cue_is_said_decides_whether_it_counts(skill, text, cued):
     assert SkillSet.load(default_skills_file()).skills[skill].cued(text) is cued
+
+
+def test_with_a_term_of_endearment_the_stop_skill_comes_only_from_the_fast_path():
+    """Sixteenth round: "Stop worrying so much, love." says a stop cue to a person; "Honey, stop!" stops."""
+    skills = SkillSet.load(default_skills_file())
+    for said in ("Stop worrying so much, love.", "Could you bring me a mug of coffee, love?", "Sweetie, go to bed."):
+        assert skills.fast_only(said) == {"stop"}, said
+    for said in ("Stop worrying so much.", "I love the sound of rain.", "How do bees make honey?", "Mum, stop."):
+        assert skills.fast_only(said) == set(), said
+    assert skills.select(["go_to", "fetch"]).fast_only("Stop worrying so much, love.") == set()  # no stop skill
+    assert skills.fast_call("Honey, stop!").skill == "stop"
+    assert skills.asks_nothing("Cheers, love.") and not skills.asks_nothing("Coffee, love.")
 
 
 def test_a_stop_phrase_as_a_clause_of_its_own_stops_on_the_fast_path():

@@ -368,6 +368,27 @@ probe's final fit saw, "none" 87.2 -> 94.0% on the text, 85.5 -> 92.8% heard). L
 off to the office, see you all tonight." (go_to, the probe), terms of address taken as someone
 else in requests ("..., sweetheart?", "..., would you, love?"), stops said to others.
 
+**Sixteenth round.** The fifteenth held-out set was run once (845a622: 87.7% exact pooled, text
+97.4%; "none" 91.1%, text 93.3%) and became `dev16`; two training splits written blind for the
+probe, `extra1` and `extra2` (core/skill_data.py), were read too. Chosen on the text of dev..dev16,
+extra1, extra2 with the fifteenth round's probe:
+- terms of endearment ("love", "honey", "sweetheart", ...) moved from `other_people` to
+  `endearments` (`SkillSet.fast_only`): people call the robot so too. 16 requests on the text were
+  "none" for it ("Could you bring me a mug of coffee, love?"; dev13, dev15, extra1, extra2); the
+  chatter said so to people is "none" on the parser's own evidence (the probe, no cue), except
+  stops: with an endearment the stop skill comes only from the fast path ("Honey, stop!"; not
+  "Stop worrying so much, love.", "Can't stop, love, I'm late"). Endearments alone ask nothing
+  ("Cheers, love.": `asks_nothing`);
+- an imperative cue right after a NEGATIONS word is no command ("Don't stop now, sweetie, you're
+  nearly done"; `_addressed`); more subjects in NOT_ADDRESSED ("they're freezing": "freeze" was a
+  stop cue, and "Take a blanket to the kids, they're freezing in the living room." went to go_to);
+- where no cue counts, the probe may not pick any skill when the speaker says they do it
+  themselves (`does_it_myself`: "I'll answer the front door myself." was go_to); "myself" with a
+  negation does not count (`_says_myself`: "I can't reach it myself");
+- stop cues and phrases "quit it", "knock it off", "pack it in", phrases "cut it out", "that's
+  enough", "enough" ("Pack it in, Tiny." was go_to); fetch `unless` "who wants", "anybody want",
+  "anyone want", ... (an offer to all: "Who wants coffee? I'm making a pot.").
+
 **Stop.** `SkillSet.match_phrase` maps whole utterances such as "stop", "halt!", "stop, stop"
 to an argument-less skill declared with `phrases:` without the LLM (microseconds): assistant_node
 calls it in the subscription callback, before the bounded queue, so a stop is published at once
@@ -394,7 +415,7 @@ SKILL_KEYS = {"description", "arguments", "confirm", "ask", "phrases", "cues", "
 ARG_KEYS = {"choice": {"type", "values", "default", "aliases", "last_named", "description"},
             "text": {"type", "max_chars", "description"}}
 EXAMPLE_KEYS = {"text", "skill", "arguments"}
-TOP_KEYS = {"skills", "examples", "other_people", "pleasantries"}
+TOP_KEYS = {"skills", "examples", "other_people", "endearments", "pleasantries"}
 ROBOT_NAMES = {"robot", "tiny"}  # what the operator calls the robot
 FILLERS = ROBOT_NAMES | {"please", "hey", "now", "ok", "okay", "right", "just"}
 MAX_PHRASE_WORDS = 12
@@ -482,7 +503,8 @@ LEAD_IN_PHRASES = (("i", "want", "you", "to"), ("i", "need", "you", "to"), ("i'd
                    ("i", "told", "you", "to"))
 # A word before an imperative cue that makes the clause about someone or something else, or a
 # question ("I can't stop thinking", "did you follow the news", "how do I stop my dog").
-NOT_ADDRESSED = {"i", "i'm", "i've", "i'd", "i'll", "we", "we're", "we've", "he", "she", "they", "it", "it's",
+NOT_ADDRESSED = {"i", "i'm", "i've", "i'd", "i'll", "we", "we're", "we've", "we'll", "we'd", "he", "he's", "he'll",
+                 "she", "she's", "she'll", "they", "they're", "they've", "they'll", "they'd", "it", "it's",
                  "there", "my", "our", "his", "her", "their", "its", "how", "what", "when", "where", "why", "who",
                  "which", "did", "does", "do", "is", "are", "was", "were", "has", "have", "had"}
 # Words that may follow an imperative cue at the end of its clause ("stop it right now", "I said stop").
@@ -498,6 +520,9 @@ ROBOT_WORDS = {"you", "you're", "you'll", "yourself"}
 # Words that make the speaker the one who acts for every skill, `not_self` or not, said with a
 # SPEAKER_SUBJECTS subject before the cue ("I'll get the coffee myself, don't worry about it").
 SPEAKER_DOES_IT = {"myself", "ourselves"}
+# Words that negate what follows: a cue right after one is no command ("don't stop now", "can't
+# stop, I'm late"), "myself" in a clause with one no action of the speaker's ("I can't reach it myself").
+NEGATIONS = {"not", "never", "don't", "can't", "cannot", "couldn't", "won't", "wouldn't", "didn't", "doesn't"}
 SELF_QUESTION = re.compile(r"^(?:(?:how|where|what|when|why|which) )?(?:should|shall|do|did|must) (?:i|we)\b")
 
 
@@ -540,7 +565,10 @@ def _addressed(clause: list[str], start: int, end: int) -> bool:
     """Whether a cue said at clause[start:end] is a command to the robot: at most two words before
     it, none of them a subject or question word and the first not an article ("please stop moving",
     "walk behind me", "cut the motors"), or nothing but CUE_TAIL after it ("I said stop") and no
-    NOT_BARE_COMMAND word right before it ("come to a halt", "this headache would stop")."""
+    NOT_BARE_COMMAND word right before it ("come to a halt", "this headache would stop"); never right
+    after a NEGATIONS word ("don't stop now, you're nearly done")."""
+    if start and clause[start - 1] in NEGATIONS:
+        return False
     before = [w for w in _without_lead_in(clause[:start]) if w not in LEAD_INS]
     after = [w for w in clause[end:] if w not in CUE_TAIL]
     bare = not after and not (start > 0 and clause[start - 1] in NOT_BARE_COMMAND)
@@ -552,6 +580,19 @@ def _by_speaker(clause: list[str], start: int) -> bool:
     """Whether a cue said at clause[start] is the speaker's own action (`not_self` skills)."""
     before = set(clause[:start])
     return bool(before & SPEAKER_SUBJECTS) and not before & ROBOT_WORDS
+
+
+def _says_myself(clause: list[str]) -> bool:
+    """Whether the clause says "myself" / "ourselves" without a negation ("I'll do it myself"; not
+    "I can't reach it myself")."""
+    return bool(SPEAKER_DOES_IT.intersection(clause)) and not NEGATIONS.intersection(clause)
+
+
+def does_it_myself(text: str) -> bool:
+    """Whether the speaker says they do something themselves (`_says_myself`, with a speaker subject
+    before "myself": "I'll answer the front door myself")."""
+    return any(w in SPEAKER_DOES_IT and _says_myself(c) and _by_speaker(c, i)
+               for c in _clauses(text) for i, w in enumerate(c))
 
 
 def _unpossessed(words: list[str]) -> list[str]:
@@ -728,8 +769,9 @@ class Skill:
 
     def _speaker_acts(self, clause: list[str], start: int) -> bool:
         """Whether the cue said at clause[start] is the speaker's own action (`_by_speaker`): for a
-        `not_self` skill, or for any skill in a clause that says "myself" ("I'll get it myself")."""
-        return (self.not_self or bool(SPEAKER_DOES_IT.intersection(clause))) and _by_speaker(clause, start)
+        `not_self` skill, or for any skill in a clause that says "myself" ("I'll get it myself";
+        `_says_myself`)."""
+        return (self.not_self or _says_myself(clause)) and _by_speaker(clause, start)
 
     def allowed(self, text: str) -> bool:
         """False when the skill `requires` words and `text` says none of them, or `text` says one of
@@ -801,12 +843,15 @@ class Example:
 
 class SkillSet:
     def __init__(self, skills: list[Skill], examples: list[Example] = (), source: str = "skills",
-                 other_people: tuple[str, ...] = (), pleasantries: tuple[str, ...] = ()) -> None:
+                 other_people: tuple[str, ...] = (), pleasantries: tuple[str, ...] = (),
+                 endearments: tuple[str, ...] = ()) -> None:
         self.skills = {s.name: s for s in skills}
         self.examples = list(examples)
         self.source = source
-        # terms of address for people and words of thanks, each as `_tokens` joined by spaces
+        # terms of address for people, for people or the robot, and words of thanks, each as
+        # `_tokens` joined by spaces
         self.other_people = tuple(other_people)
+        self.endearments = tuple(endearments)
         self.pleasantries = tuple(pleasantries)
         self._phrases = {p: s.name for s in skills for p in s.phrases}
         # the -ing forms of the other skills' cue verbs ("driving", "following"): what a stop stops
@@ -945,7 +990,7 @@ class SkillSet:
                 if seen.setdefault(p, s.name) != s.name:
                     raise fail(f"skills.{s.name}.phrases", f"{p!r} is also a phrase of {seen[p]}")
         lists = {}
-        for key in ("other_people", "pleasantries"):
+        for key in ("other_people", "endearments", "pleasantries"):
             words = data.get(key) or []
             if not isinstance(words, list):
                 raise fail(key, "must be a list of words or phrases")
@@ -973,7 +1018,7 @@ class SkillSet:
             raise SkillsError(f"{self.source}: unknown skill(s) {unknown}; declared: {sorted(self.skills)}")
         kept = [s for n, s in self.skills.items() if n in names]
         return SkillSet(kept, [e for e in self.examples if e.skill in names or e.skill == NONE], self.source,
-                        self.other_people, self.pleasantries)
+                        self.other_people, self.pleasantries, self.endearments)
 
     def stop_doing(self, text: str) -> str | None:
         """The safety skill (one with `phrases`: stop) when one of its cues is said as a command
@@ -1008,13 +1053,15 @@ class SkillSet:
 
     def asks_nothing(self, text: str) -> bool:
         """Whether `text` is nothing but FILLERS and `pleasantries` ("", "Tiny.", "Great, cheers.",
-        "No worries."; seventh and eighth rounds: the probe alone took such short ones for stop). A
-        pleasantry of several words counts only as a whole ("no worries"; "no" alone is none)."""
+        "No worries."; seventh and eighth rounds: the probe alone took such short ones for stop), and
+        `endearments` ("Cheers, love."). A pleasantry of several words counts only as a whole ("no
+        worries"; "no" alone is none)."""
         said = f" {' '.join(_tokens(text))} "
-        for phrase in (p for p in self.pleasantries if " " in p):
+        words = self.pleasantries + self.endearments  # "Cheers, love."
+        for phrase in (p for p in words if " " in p):
             while f" {phrase} " in said:
                 said = said.replace(f" {phrase} ", " ")
-        return not set(said.split()) - FILLERS - set(self.pleasantries)
+        return not set(said.split()) - FILLERS - set(words)
 
     def stop_clause(self, text: str) -> str | None:
         """The skill (stop) one of whose `phrases` that says its cue is a clause of `text` on its own
@@ -1031,11 +1078,22 @@ class SkillSet:
 
     def to_someone_else(self, text: str) -> bool:
         """Whether `text` addresses another person (ninth round): one of `other_people` is a clause
-        of its own ("Honey, have you seen the keys?", "Your phone is ringing, love.") and the robot
-        is not named ("Tiny, ...")."""
+        of its own ("Mum, have you seen the keys?", "Your medicine, Dad.") and the robot is not named
+        ("Tiny, ..."). Terms of endearment ("love", "honey") are no such sign since the sixteenth
+        round (`endearments`, `fast_only`)."""
         clauses = [" ".join(c) for c in _clauses(text)]
         return (any(c in self.other_people for c in clauses)
                 and not any(w in ROBOT_NAMES for c in clauses for w in c.split()))
+
+    def fast_only(self, text: str) -> set[str]:
+        """The skills `text` may name only on the fast path (`fast_call`): the safety skill (one with
+        `phrases`: stop) where one of `endearments` is a clause of its own ("Stop worrying so much,
+        love.", "Stop by the bakery on your way home, honey."; "Honey, stop!" still stops there).
+        Sixteenth round: such an utterance is parsed as usual ("Could you bring me a mug of coffee,
+        love?"), as people call the robot so too."""
+        if not any(" ".join(c) in self.endearments for c in _clauses(text)):
+            return set()
+        return {s.name for s in self.skills.values() if s.phrases}
 
     def check(self, call: Any) -> tuple[str, dict[str, str]]:
         """(skill, arguments) of a call dict, or ValueError saying what is wrong with it."""
@@ -1388,11 +1446,14 @@ class CommandParser:
                     if prior is not None and len(prior) == len(scores):
                         scores = [x - y for x, y in zip(scores, prior)]
                     if key == "":
-                        scores = [x + (self.none_bias if o == NONE else self._evidence(self.skills.skills[o], text))
+                        fast_only = self.skills.fast_only(text)
+                        scores = [x + (self.none_bias if o == NONE else float("-inf") if o in fast_only
+                                       else self._evidence(self.skills.skills[o], text))
                                   for x, o in zip(scores, options)]
-                        if not cued:  # "I'll go to the kitchen myself": no skill the speaker does
-                            scores = [float("-inf") if o != NONE and self.skills.skills[o].by_speaker(text) else x
-                                      for x, o in zip(scores, options)]
+                        if not cued:  # "I'll go to the kitchen myself", "I'll answer the door myself"
+                            mine = does_it_myself(text)  # no skill the speaker does
+                            scores = [float("-inf") if o != NONE and (mine or self.skills.skills[o].by_speaker(text))
+                                      else x for x, o in zip(scores, options)]
                         if self.probe is not None:
                             scores, decided = self._with_probe(options, scores, cued)
                             if decided is not None:  # no cue: the probe's pick, its probability as confidence
@@ -1449,7 +1510,8 @@ class CommandParser:
             return SkillCall(NONE, {}, 1.0, text, "empty", time.perf_counter() - t0)
         if self.skills.to_someone_else(text):  # "Honey, stop!" was a stop on the fast path
             return SkillCall(NONE, {}, 1.0, text, "others", time.perf_counter() - t0)
-        cued = any(s.cued(text) for s in self.skills.skills.values())
+        fast_only = self.skills.fast_only(text)  # "Stop worrying so much, love."
+        cued = any(s.cued(text) for s in self.skills.skills.values() if s.name not in fast_only)
         if self.require_cue and not cued and (self.probe is None or self.method != "choice"):
             return SkillCall(NONE, {}, 1.0, text, "no_cue", time.perf_counter() - t0)
         if self.method == "choice":
