@@ -292,6 +292,8 @@ def test_a_cue_the_speaker_acts_on_is_by_the_speaker():
     fetch = SkillSet.load(default_skills_file()).skills["fetch"]
     assert not fetch.by_speaker("I'll get it.")  # not a not_self skill ...
     assert fetch.by_speaker("I'll get it myself.") and not fetch.by_speaker("Get it yourself.")  # ... but "myself"
+    stop = SkillSet.load(default_skills_file()).skills["stop"]  # sixteenth round: a cue right after a negation (the probe may not pick it)
+    assert stop.negated("Don't stop now, you're nearly done.") and not stop.negated("Please stop now.")
 
 
 def test_the_imperative_rule_is_the_skills_choice():
