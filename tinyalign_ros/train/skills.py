@@ -11,8 +11,8 @@ heard, misheard words included). Clips and transcripts are cached under the data
 
 Before the fit on everything, each dev split is predicted by a probe fit on the others (text and
 heard): those leave-one-split-out figures, on requests and phrasings the probe never saw, go to the
-model card and `<out>.metrics.json` (`--loo-probes DIR` keeps those probes too). Fitting takes seconds; the first run's transcripts take about
-0.35 s per clip and voice on 2 cores.
+model card and `<out>.metrics.json` (`--loo-probes DIR` keeps those probes too). Fitting takes
+seconds; the first run's transcripts take about 0.35 s per clip and voice on 2 cores.
 """
 from __future__ import annotations
 
