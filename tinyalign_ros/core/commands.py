@@ -794,12 +794,16 @@ class Skill:
     def by_speaker(self, text: str) -> bool:
         """Whether one of the skill's cues is said with the speaker as the one who acts (`_speaker_acts`:
         "I'll go to the kitchen myself"): then the skill probe may not pick it (`choose`)."""
-        return any(self._speaker_acts(c, i) for c in _clauses(text) for cue in self.cues for i in _said_at(c, cue, True))
+        return any(self._speaker_acts(c, i) for c, i in self._cues_said(text))
 
     def negated(self, text: str) -> bool:
         """Whether one of the skill's cues is said right after a NEGATIONS word ("Don't stop now,
         you're nearly done"): then the skill probe may not pick it (`choose`; sixteenth round)."""
-        return any(i and c[i - 1] in NEGATIONS for c in _clauses(text) for cue in self.cues for i in _said_at(c, cue, True))
+        return any(i and c[i - 1] in NEGATIONS for c, i in self._cues_said(text))
+
+    def _cues_said(self, text: str):
+        """(clause, start) of every cue of the skill said in `text`, in any inflection (`_said_at`)."""
+        return ((c, i) for c in _clauses(text) for cue in self.cues for i in _said_at(c, cue, True))
 
     @property
     def arguments_by_name(self) -> dict[str, Argument]:
@@ -1438,14 +1442,16 @@ class CommandParser:
                self.inflected_cue_bonus if skill.cued(text) else 0.0)
         return cue - self.missing_penalty * missing + self.named_bonus * named
 
-    def choose(self, text: str, cued: bool = True) -> tuple[str, dict[str, str], float]:
+    def choose(self, text: str, cued: bool = True,
+               fast_only: set[str] | None = None) -> tuple[str, dict[str, str], float]:
         """Constrained choice: the skill whose name is likeliest after the request (then each
         argument's value in turn), scored by the LLM's log-likelihood of the JSON it would write,
         less the calibration prior. Every option is a declared skill or an allowed value, so the
         result is valid by construction; the confidence is the product of the softmaxes over the
         (calibrated) options at each decision. With a probe, its log probabilities add to the
         skill scores; `cued` False (the request says no skill's cue) lets the probe alone decide:
-        its top allowed skill when more likely than `probe_threshold`, else "none"."""
+        its top allowed skill when more likely than `probe_threshold`, else "none". `fast_only`:
+        `SkillSet.fast_only(text)` where the caller has it."""
         import math
 
         confidence, skill, args = 1.0, NONE, {}
@@ -1459,7 +1465,8 @@ class CommandParser:
                     if prior is not None and len(prior) == len(scores):
                         scores = [x - y for x, y in zip(scores, prior)]
                     if key == "":
-                        fast_only = self.skills.fast_only(text)
+                        if fast_only is None:  # `parse` passes what it found
+                            fast_only = self.skills.fast_only(text)
                         scores = [x + (self.none_bias if o == NONE else float("-inf") if o in fast_only
                                        else self._evidence(self.skills.skills[o], text))
                                   for x, o in zip(scores, options)]
@@ -1529,7 +1536,7 @@ class CommandParser:
         if self.require_cue and not cued and (self.probe is None or self.method != "choice"):
             return SkillCall(NONE, {}, 1.0, text, "no_cue", time.perf_counter() - t0)
         if self.method == "choice":
-            skill, args, confidence = self.choose(text, cued=cued or not self.require_cue)
+            skill, args, confidence = self.choose(text, cued=cued or not self.require_cue, fast_only=fast_only)
             via = "llm" if cued or not self.require_cue else "probe"
         else:
             (skill, args, confidence), via = self.generate(text), "llm"

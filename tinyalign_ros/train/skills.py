@@ -72,17 +72,19 @@ def accuracy(probe: SkillProbe, rows: list[tuple[torch.Tensor, str]]) -> dict[st
     return {"skill_acc": share(req), "none_acc": share(chat), "n_requests": len(req), "n_chatter": len(chat)}
 
 
+def _scores_row(split: str, m: dict) -> str:
+    """A model card table row: skill and "none" accuracy on the split's text and as heard."""
+    return (f"| {split} | {m['text']['skill_acc']} | {m['heard']['skill_acc']} | {m['text']['none_acc']} | "
+            f"{m['heard']['none_acc']} |")
+
+
 def write_card(path: Path, args, counts: dict, metrics: dict, seconds: float) -> None:
-    rows = "\n".join(
-        f"| {s} | {m['text']['skill_acc']} | {m['heard']['skill_acc']} | {m['text']['none_acc']} | "
-        f"{m['heard']['none_acc']} | {m['text']['n_requests']} / {m['text']['n_chatter']} |"
-        for s, m in metrics["leave_one_split_out"].items())
+    rows = "\n".join(f"{_scores_row(s, m)} {m['text']['n_requests']} / {m['text']['n_chatter']} |"
+                     for s, m in metrics["leave_one_split_out"].items())
     baseline = ""
     if "baseline" in metrics:
         old = metrics["baseline"]["scores"]
-        base_rows = "\n".join(
-            f"| {s} | {m['text']['skill_acc']} | {m['heard']['skill_acc']} | {m['text']['none_acc']} | "
-            f"{m['heard']['none_acc']} |" for s, m in old.items())
+        base_rows = "\n".join(_scores_row(s, m) for s, m in old.items())
         baseline = f"""
 ## The probe it replaces (`--baseline {metrics['baseline']['file']}`, fit on {metrics['baseline']['splits']})
 
