@@ -73,6 +73,10 @@ def test_shipped_skills_load_and_their_schema_accepts_every_allowed_call_and_not
      "aliases: 'moon' is not one of the values"),
     (lambda d: d["skills"]["go_to"]["arguments"]["place"].update(aliases={"garden": "yard"}),
      "aliases.garden: must be a non-empty list"),
+    (lambda d: d["skills"]["fetch"]["arguments"]["person"].update(pronouns={"uncle": ["him"]}),
+     "pronouns: 'uncle' is not one of the values"),
+    (lambda d: d["skills"]["fetch"]["arguments"]["person"].update(pronouns={"grandpa": ["the old man"]}),
+     "pronouns.grandpa: must be single words"),
     (lambda d: d["skills"]["stop"].update(imperative="yes"), "skills.stop.imperative: must be true or false"),
     (lambda d: d["skills"]["go_to"].update(not_self=1), "skills.go_to.not_self: must be true or false"),
     (lambda d: d["skills"]["lights"].update(requires="light"), "skills.lights.requires: must be a list"),
@@ -293,7 +297,25 @@ def test_a_cue_the_speaker_acts_on_is_by_the_speaker():
     assert not fetch.by_speaker("I'll get it.")  # not a not_self skill ...
     assert fetch.by_speaker("I'll get it myself.") and not fetch.by_speaker("Get it yourself.")  # ... but "myself"
     stop = SkillSet.load(default_skills_file()).skills["stop"]  # sixteenth round: a cue right after a negation (the probe may not pick it)
-    assert stop.negated("Don't stop now, you're nearly done.") and not stop.negated("Please stop now.")
+    assert stop.not_asked("Don't stop now, you're nearly done.") and not stop.not_asked("Please stop now.")
+    # seventeenth round: a cue as a passive is no request, nor one the speaker has "already" done
+    assert go.not_asked("The meeting got moved to the big office upstairs.") and not go.cued("The meeting got moved to the office.")
+    assert go.cued("Move to the office.") and not go.not_asked("Move to the office.")
+    lights = SkillSet.load(default_skills_file()).skills["lights"]
+    assert lights.by_speaker("I already turned the lights off.") and not lights.cued("I already turned the lights off.")
+    assert lights.cued("I already asked you to turn the lights off.")  # the robot is the one to act
+    assert go.cued("I think you'd best go to the charging station, Tiny.")  # "you'd": the robot goes
+
+
+def test_a_tale_of_what_happened_tells_the_past():
+    """`tells_past`: a clause that starts with a subject and an -ed verb (the probe may not pick)."""
+    from tinyalign_ros.core.commands import tells_past
+    others = SkillSet.load(default_skills_file()).other_people
+    assert tells_past("Grandpa nodded off reading the paper.", others)
+    assert tells_past("Oh no, I spilled it.") and tells_past("Never mind, she switched jobs last spring.")
+    assert not tells_past("Grandpa nodded off reading the paper.")  # grandpa is one of `others`
+    for said in ("I need my keys, I'm running late.", "I'm parched, get me some water.", "Grandpa wants the paper."):
+        assert not tells_past(said, others), said
 
 
 def test_the_imperative_rule_is_the_skills_choice():
@@ -336,6 +358,14 @@ def test_a_nearly_named_value_is_heard_only_when_none_is_named():
     assert mentioned("Can you pop into the loo for a sec?", places) == {"bathroom"}  # eighth round's aliases
     assert mentioned("The little ones want the remote", fetch["person"]) == {"the kids"}
     assert mentioned("The little ones want the remote", fetch["object"]) == {"remote control"}
+    # seventeenth round: a pronoun refers to the one value it fits when none is named as written
+    # (Whisper tiny bent "grandpa"); a value named wins, and two values' pronouns name none
+    assert mentioned("Bring Grant by the newspaper, he's been asking for it.", fetch["person"], fuzzy=True) == {"grandpa"}
+    assert mentioned("Can Grand that have his glasses please?", fetch["person"], fuzzy=True) == {"grandpa"}
+    assert mentioned("Take Bramatha her glasses.", fetch["person"], fuzzy=True) == {"grandma"}
+    assert mentioned("Take Bramatha her glasses.", fetch["person"]) == set()  # only with fuzzy
+    assert mentioned("Bring me his glasses.", fetch["person"], fuzzy=True) == {"me"}
+    assert mentioned("Give him her glasses.", fetch["person"], fuzzy=True) == set()
 
 
 def test_which_of_several_named_values_count():

@@ -419,7 +419,7 @@ NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 ARG_TYPES = ("choice", "text")
 SKILL_KEYS = {"description", "arguments", "confirm", "ask", "phrases", "cues", "imperative", "not_self", "requires",
               "unless"}
-ARG_KEYS = {"choice": {"type", "values", "default", "aliases", "last_named", "description"},
+ARG_KEYS = {"choice": {"type", "values", "default", "aliases", "pronouns", "last_named", "description"},
             "text": {"type", "max_chars", "description"}}
 EXAMPLE_KEYS = {"text", "skill", "arguments"}
 TOP_KEYS = {"skills", "examples", "other_people", "endearments", "pleasantries"}
@@ -523,13 +523,20 @@ NOT_BARE_COMMAND = ARTICLES | {"this", "that", "our", "its", "bus", "would", "wi
 # A subject before a `not_self` skill's cue that makes the speaker the one who acts ("I'm going out
 # to the garden", "I need to go to the bank"), unless the robot is named too ("I need you to go").
 SPEAKER_SUBJECTS = {"i", "i'm", "i'll", "i've", "i'd", "we", "we're", "we'll", "we'd"}
-ROBOT_WORDS = {"you", "you're", "you'll", "yourself"}
+ROBOT_WORDS = {"you", "you're", "you'll", "you'd", "you've", "yourself"}  # "I think you'd best go ..."
 # Words that make the speaker the one who acts for every skill, `not_self` or not, said with a
-# SPEAKER_SUBJECTS subject before the cue ("I'll get the coffee myself, don't worry about it").
-SPEAKER_DOES_IT = {"myself", "ourselves"}
+# SPEAKER_SUBJECTS subject before the cue ("I'll get the coffee myself, don't worry about it"), or
+# the one who has done it ("I already turned the lights off."; seventeenth round).
+SPEAKER_DOES_IT = {"myself", "ourselves", "already"}
 # Words that negate what follows: a cue right after one is no command ("don't stop now", "can't
 # stop, I'm late"), "myself" in a clause with one no action of the speaker's ("I can't reach it myself").
 NEGATIONS = {"not", "never", "don't", "can't", "cannot", "couldn't", "won't", "wouldn't", "didn't", "doesn't"}
+# Said right before a cue's -ed form, these make it a passive or a report ("The meeting got moved to
+# the big office upstairs.", "The bus stop's been moved again"): no request (seventeenth round).
+PASSIVE_AUX = {"got", "get", "gets", "getting", "was", "were", "been", "be", "being", "is", "are"}
+# Subjects that, followed by an -ed verb at a clause's start, tell what happened ("Grandpa nodded off
+# reading the paper.", "I burned the toast again"): `tells_past` (seventeenth round).
+NARRATORS = {"i", "we", "he", "she", "they", "someone", "somebody", "everybody", "everyone"}
 SELF_QUESTION = re.compile(r"^(?:(?:how|where|what|when|why|which) )?(?:should|shall|do|did|must) (?:i|we)\b")
 
 
@@ -583,6 +590,14 @@ def _addressed(clause: list[str], start: int, end: int) -> bool:
                     and not (before and before[0] in ARTICLES))
 
 
+def _passive(clause: list[str], start: int, cue: str) -> bool:
+    """Whether the cue said at clause[start] is said in an -ed form right after a PASSIVE_AUX word
+    ("got moved", "been moved")."""
+    word = clause[start]
+    return (start > 0 and clause[start - 1] in PASSIVE_AUX and word.endswith("ed")
+            and word != cue.split()[0])
+
+
 def _by_speaker(clause: list[str], start: int) -> bool:
     """Whether a cue said at clause[start] is the speaker's own action (`not_self` skills)."""
     before = set(clause[:start])
@@ -590,8 +605,8 @@ def _by_speaker(clause: list[str], start: int) -> bool:
 
 
 def _says_myself(clause: list[str]) -> bool:
-    """Whether the clause says "myself" / "ourselves" without a negation ("I'll do it myself"; not
-    "I can't reach it myself")."""
+    """Whether the clause says "myself" / "ourselves" / "already" without a negation ("I'll do it
+    myself", "I already turned the lights off"; not "I can't reach it myself")."""
     return bool(SPEAKER_DOES_IT.intersection(clause)) and not NEGATIONS.intersection(clause)
 
 
@@ -600,6 +615,18 @@ def does_it_myself(text: str) -> bool:
     before "myself": "I'll answer the front door myself")."""
     return any(w in SPEAKER_DOES_IT and _says_myself(c) and _by_speaker(c, i)
                for c in _clauses(text) for i, w in enumerate(c))
+
+
+def tells_past(text: str, others: tuple[str, ...] = ()) -> bool:
+    """Whether a clause of `text` starts (after its lead-in) with one of NARRATORS or `others`
+    (`other_people`) and a verb in -ed ("Grandpa nodded off reading the paper.", "I switched
+    energy providers last month"; not "I need ...", "I'm parched"): it tells what happened."""
+    for clause in _clauses(text):
+        words = _without_lead_in(clause)
+        if (len(words) > 1 and (words[0] in NARRATORS or words[0] in others)
+                and words[1].endswith("ed") and not words[1].endswith("eed")):
+            return True
+    return False
 
 
 def _unpossessed(words: list[str]) -> list[str]:
@@ -633,13 +660,24 @@ FUZZY_VALUE_RATIO = 0.7
 def mentioned(text: str, arg: "Argument", fuzzy: bool = False) -> set[str]:
     """The values of a choice argument that `text` names (the value or its spoken form, articles
     and plural -s ignored, as whole words): grounding evidence added to the LLM's score. With
-    `fuzzy`, when none is named as written, the one value nearly named (`nearly_mentioned`), if any."""
+    `fuzzy`, when none is named as written, the one value a pronoun refers to (`referred_to`), else
+    the one value nearly named (`nearly_mentioned`), if any."""
     heard = _words(text)
     said = f" {' '.join(heard)} "
     out = {value for value, words in _forms(arg) if f" {' '.join(words)} " in said}
     if len(out) > 1:
         out = _among_several(text, arg, out)
-    return out if out or not fuzzy else nearly_mentioned(heard, arg)
+    return out if out or not fuzzy else referred_to(text, arg) or nearly_mentioned(heard, arg)
+
+
+def referred_to(text: str, arg: "Argument") -> set[str]:
+    """The one value of `arg` one of whose `pronouns` `text` says, if only one value's is said
+    ("Bring Grant by the newspaper, he's been asking for it", "Take Bramatha her glasses": Whisper
+    tiny bends the name, the pronoun stays; seventeenth round, on the dev splits' Whisper
+    transcripts 107 person arguments right, none wrong)."""
+    said = set(_tokens(text))
+    hit = {value for value, words in arg.pronouns.items() if said.intersection(words)}
+    return hit if len(hit) == 1 else set()
 
 
 # Said before a `last_named` value in its clause, these make it a report of how things are ("Somebody
@@ -719,6 +757,7 @@ class Argument:
     max_chars: int = 60  # text
     default: str = ""  # choice: the value when the text names none of them ("" = the LLM chooses)
     aliases: dict[str, tuple[str, ...]] = field(default_factory=dict)  # choice: value -> other words naming it
+    pronouns: dict[str, tuple[str, ...]] = field(default_factory=dict)  # choice: value -> words referring to it
     last_named: bool = False  # choice: of values named in different clauses, the last clause's count
 
     def schema(self) -> dict[str, Any]:
@@ -769,8 +808,8 @@ class Skill:
                 continue
             for cue in self.cues:
                 n = len(cue.split())
-                if any((not self.imperative or _addressed(clause, i, i + n))
-                       and not self._speaker_acts(clause, i) for i in _said_at(clause, cue, inflected)):
+                if any((not self.imperative or _addressed(clause, i, i + n)) and not self._speaker_acts(clause, i)
+                       and not _passive(clause, i, cue) for i in _said_at(clause, cue, inflected)):
                     return True
         return False
 
@@ -794,16 +833,18 @@ class Skill:
     def by_speaker(self, text: str) -> bool:
         """Whether one of the skill's cues is said with the speaker as the one who acts (`_speaker_acts`:
         "I'll go to the kitchen myself"): then the skill probe may not pick it (`choose`)."""
-        return any(self._speaker_acts(c, i) for c, i in self._cues_said(text))
+        return any(self._speaker_acts(c, i) for c, i, _ in self._cues_said(text))
 
-    def negated(self, text: str) -> bool:
+    def not_asked(self, text: str) -> bool:
         """Whether one of the skill's cues is said right after a NEGATIONS word ("Don't stop now,
-        you're nearly done"): then the skill probe may not pick it (`choose`; sixteenth round)."""
-        return any(i and c[i - 1] in NEGATIONS for c, i in self._cues_said(text))
+        you're nearly done"; sixteenth round) or as a passive ("The meeting got moved to the big
+        office upstairs."; `_passive`, seventeenth round): then the skill probe may not pick it
+        (`choose`)."""
+        return any((i and c[i - 1] in NEGATIONS) or _passive(c, i, cue) for c, i, cue in self._cues_said(text))
 
     def _cues_said(self, text: str):
-        """(clause, start) of every cue of the skill said in `text`, in any inflection (`_said_at`)."""
-        return ((c, i) for c in _clauses(text) for cue in self.cues for i in _said_at(c, cue, True))
+        """(clause, start, cue) of every cue of the skill said in `text`, in any inflection (`_said_at`)."""
+        return ((c, i, cue) for c in _clauses(text) for cue in self.cues for i in _said_at(c, cue, True))
 
     @property
     def arguments_by_name(self) -> dict[str, Argument]:
@@ -939,19 +980,27 @@ class SkillSet:
                     default = raw_arg.get("default", "")
                     if default and default not in values:
                         raise fail(f"{aw}.default", f"{default!r} is not one of the values {sorted(values)}")
-                    raw_aliases = mapping(raw_arg.get("aliases") or {}, f"{aw}.aliases")
-                    aliases = {}
-                    for value, forms in raw_aliases.items():
-                        value = text(value, f"{aw}.aliases")  # a bare on/off key: YAML made it a boolean
-                        if value not in values:
-                            raise fail(f"{aw}.aliases", f"{value!r} is not one of the values {sorted(values)}")
-                        if not isinstance(forms, list) or not forms:
-                            raise fail(f"{aw}.aliases.{value}", "must be a non-empty list of words or phrases")
-                        aliases[value] = tuple(text(f, f"{aw}.aliases.{value}") for f in forms)
+
+                    def words_of_values(key: str, one_word: bool = False) -> dict[str, tuple[str, ...]]:
+                        """{value: words} of `aliases:` / `pronouns:` (one word each), checked."""
+                        out = {}
+                        for value, forms in mapping(raw_arg.get(key) or {}, f"{aw}.{key}").items():
+                            value = text(value, f"{aw}.{key}")  # a bare on/off key: YAML made it a boolean
+                            if value not in values:
+                                raise fail(f"{aw}.{key}", f"{value!r} is not one of the values {sorted(values)}")
+                            if not isinstance(forms, list) or not forms:
+                                raise fail(f"{aw}.{key}.{value}", "must be a non-empty list of words or phrases")
+                            out[value] = tuple(text(f, f"{aw}.{key}.{value}") for f in forms)
+                            if one_word and any(len(f.split()) != 1 for f in out[value]):
+                                raise fail(f"{aw}.{key}.{value}", "must be single words")
+                        return out
+
+                    aliases, pronouns = words_of_values("aliases"), words_of_values("pronouns", one_word=True)
                     last_named = raw_arg.get("last_named", False)
                     if not isinstance(last_named, bool):
                         raise fail(f"{aw}.last_named", f"must be true or false, got {last_named!r}")
                     args.append(Argument(arg_name, kind, values, default=default, aliases=aliases,
+                                         pronouns={v: tuple(w.lower() for w in ws) for v, ws in pronouns.items()},
                                          last_named=last_named))
                 else:
                     max_chars = raw_arg.get("max_chars", 60)
@@ -1471,9 +1520,10 @@ class CommandParser:
                                        else self._evidence(self.skills.skills[o], text))
                                   for x, o in zip(scores, options)]
                         if not cued:  # "I'll go to the kitchen myself", "I'll answer the door myself"
-                            mine = does_it_myself(text)  # no skill the speaker does, nor one said negated
+                            # no skill the speaker does or did, nor in a tale of what happened, nor one said negated
+                            mine = does_it_myself(text) or tells_past(text, self.skills.other_people)
                             scores = [float("-inf") if o != NONE and (mine or self.skills.skills[o].by_speaker(text)
-                                                                      or self.skills.skills[o].negated(text))
+                                                                      or self.skills.skills[o].not_asked(text))
                                       else x for x, o in zip(scores, options)]
                         if self.probe is not None:
                             scores, decided = self._with_probe(options, scores, cued)
