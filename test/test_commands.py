@@ -400,6 +400,17 @@ def test_which_of_several_named_values_count():
     assert mentioned("Turn the kitchen light on, no wait, the living room one.", lights["room"]) == {"living room"}
     assert mentioned("No, not the kitchen, the bedroom.", places) == {"bedroom"}  # nothing said before the "no"
     assert mentioned("Bring grandma her book, no rush.", fetch["object"]) == {"book"}  # nothing said after it
+    # seventeenth round: a correction inside a clause (Whisper drops the comma), a clause that says
+    # how things are is a reason, and words Whisper tiny writes for "loo", "hall light", "lights off"
+    assert mentioned("Go to the bedroom no wait, the bathroom.", places) == {"bathroom"}
+    assert mentioned("Turn on the lights in the kitchen, no wait the hallway.", lights["room"]) == {"hallway"}
+    assert mentioned("Go on into the bathroom, Tiny, the kitchen floor's still wet.", places) == {"bathroom"}
+    assert mentioned("Head to the office please, you're blocking the kitchen door.", places) == {"office"}
+    assert mentioned("The baby's napping in the living room, so go to the bedroom.", places) == {"bedroom"}
+    assert mentioned("That's my glasses for me, tiny. I want to read the newspaper.", fetch["object"]) == {"glasses"}
+    assert mentioned("Tiny head to the Lou. There's a good lad.", places) == {"bathroom"}
+    assert mentioned("Turn the whole light off, nobody's out there.", lights["room"]) == {"hallway"}
+    assert mentioned("Light soft in the bathroom tiny nobody in there", lights["state"]) == {"off"}
     # a `last_named` value after "left", "still", "is" ... reports the state, it is not asked for (twelfth round)
     assert mentioned("Turn off the bathroom light, somebody left it on again.", lights["state"]) == {"off"}
     assert mentioned("The light is on in the kitchen, turn it off.", lights["state"]) == {"off"}

@@ -687,18 +687,46 @@ REPORTS = {"left", "still", "is", "are", "was", "were", "been"}
 # no wait, the bedroom", "Fetch my phone, sorry, I mean my glasses"; tenth round).
 CORRECTIONS = (("no",), ("sorry",), ("wait",), ("i", "mean"), ("make", "that"), ("or", "rather"), ("scratch", "that"),
                ("actually",))
+# Said inside a clause, these start a correction too: Whisper drops the comma or dash before them
+# ("Go to the bedroom no wait, the bathroom."; seventeenth round).
+MID_CORRECTIONS = tuple(c for c in CORRECTIONS if len(c) > 1) + (("no", "wait"), ("no", "sorry"), ("no", "actually"))
+# Words that make a clause a statement of how things are, as does a word in 's / 're ("the kitchen
+# floor's still wet", "you're blocking the kitchen door"): a value said in one is a reason where
+# another is said ("Go on into the bathroom, Tiny, the kitchen floor's still wet."; seventeenth round).
+STATEMENT_WORDS = {"is", "are", "was", "were", "still"}
+
+
+def _states(clause: list[str]) -> bool:
+    """Whether the clause says how things are (STATEMENT_WORDS, a word in 's or 're but "let's",
+    "that's": "That's my glasses for me" is Whisper's "Fetch my glasses for me")."""
+    return bool(STATEMENT_WORDS.intersection(clause)) or any(
+        w.endswith(("'s", "'re")) and w not in ("let's", "that's") for w in clause)
+
+
+def _at_corrections(clauses: list[list[str]]) -> list[list[str]]:
+    """`clauses`, each also split before a MID_CORRECTIONS phrase said inside it."""
+    out = []
+    for clause in clauses:
+        start = 0
+        for i in range(1, len(clause)):
+            if any(tuple(clause[i:i + len(c)]) == c for c in MID_CORRECTIONS):
+                out.append(clause[start:i])
+                start = i
+        out.append(clause[start:])
+    return out
 
 
 def _among_several(text: str, arg: "Argument", named: set[str]) -> set[str]:
     """Which of several `named` values count: those said from the last correction on where one
     names a value (tenth round: "Go to the bathroom, no wait, the bedroom"), not one said right
     after "not" ("Not the kitchen, the bedroom"; eighth round), not one in a clause of the
-    speaker's own ("..., I need the kitchen to myself") or said as the subject of "is" / 's
-    ("..., the hallway's too cluttered"): a reason, where another is said (thirteenth round), and
-    for an argument declared
-    `last_named`, only those of the last clause that names one ("Somebody left the light on, turn
-    it off")."""
-    parts = _clauses(text)
+    speaker's own ("..., I need the kitchen to myself"), said as the subject of "is" / 's
+    ("..., the hallway's too cluttered") or in a clause that says how things are (`_states`:
+    "..., the kitchen floor's still wet"): a reason, where another is said (thirteenth and
+    seventeenth rounds), and for an argument declared `last_named`, only those of the last clause
+    that names one ("Somebody left the light on, turn it off"). A correction may start inside a
+    clause (`MID_CORRECTIONS`)."""
+    parts = _at_corrections(_clauses(text))
     corrected = [ci for ci, c in enumerate(parts) if ci and any(tuple(c[:len(w)]) == w for w in CORRECTIONS)]
     where = []  # (clause index, value, negated, reported: said after one of REPORTS, aside)
     for ci, clause in enumerate(parts):
@@ -709,7 +737,7 @@ def _among_several(text: str, arg: "Argument", named: set[str]) -> set[str]:
                 j, end = i - 1, i + len(words)
                 while j >= 0 and heard[j] in ARTICLES:
                     j -= 1
-                subject = clause[end - 1].endswith("'s") or clause[end:end + 1] in (["is"], ["was"])
+                subject = clause[end - 1].endswith("'s") or clause[end:end + 1] in (["is"], ["was"]) or _states(clause)
                 where.append((ci, value, j >= 0 and heard[j] == "not", bool(set(heard[:i]) & REPORTS),
                               speaker or subject))
     for k in reversed(corrected):  # the last correction after which a value is said, and one before it
