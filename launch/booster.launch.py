@@ -28,7 +28,7 @@ ARGS = {  # name: (default, type, description)
     "text_every_chunks": ("1", int, "a new transcript every this many 0.1 s chunks of speech"),
     "compute_type": ("int8", str, "CTranslate2 compute type of the text teacher"),
     "vad_threshold": ("0.5", float, "text teacher's VAD threshold (= asr_node's vad.threshold)"),
-    "vad_min_silence_ms": ("300", int, "text teacher's VAD end silence (= asr_node's vad.min_silence_ms)"),
+    "vad_min_silence_ms": ("400", int, "text teacher's VAD end silence (= asr_node's vad.min_silence_ms)"),
     "vad_speech_pad_ms": ("200", int, "text teacher's VAD padding (= asr_node's vad.speech_pad_ms)"),
 }
 

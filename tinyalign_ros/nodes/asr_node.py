@@ -67,7 +67,7 @@ class AsrNode(Node):
         p = self.declare_parameter
         self.vad_config = VadConfig(
             threshold=float(p("vad.threshold", 0.5).value),
-            min_silence_ms=int(p("vad.min_silence_ms", 500).value),
+            min_silence_ms=int(p("vad.min_silence_ms", 400).value),
             min_speech_ms=int(p("vad.min_speech_ms", 250).value),
             speech_pad_ms=int(p("vad.speech_pad_ms", 200).value),
             max_utterance_s=float(p("vad.max_utterance_s", 20.0).value),

@@ -78,7 +78,7 @@ class BoosterNode(Node):
         every = int(p("text_every_chunks", 1).value)
         compute_type = p("compute_type", "int8").value  # CTranslate2 compute type of the text teacher
         vad = VadConfig(threshold=float(p("vad_threshold", 0.5).value),
-                        min_silence_ms=int(p("vad_min_silence_ms", 300).value),
+                        min_silence_ms=int(p("vad_min_silence_ms", 400).value),
                         speech_pad_ms=int(p("vad_speech_pad_ms", 200).value))
         if self.mode not in ("text", "encoder", "both"):
             raise ValueError(f"hints must be text, encoder or both, got {self.mode!r}")
