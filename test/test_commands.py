@@ -298,7 +298,7 @@ def test_a_cue_the_speaker_acts_on_is_by_the_speaker():
     assert fetch.by_speaker("I'll get it myself.") and not fetch.by_speaker("Get it yourself.")  # ... but "myself"
     stop = SkillSet.load(default_skills_file()).skills["stop"]  # sixteenth round: a cue right after a negation (the probe may not pick it)
     assert stop.not_asked("Don't stop now, you're nearly done.") and not stop.not_asked("Please stop now.")
-    # seventeenth round: a cue as a passive is no request, nor one the speaker has "already" done
+    # eighteenth round: a cue as a passive is no request, nor one the speaker has "already" done
     assert go.not_asked("The meeting got moved to the big office upstairs.") and not go.cued("The meeting got moved to the office.")
     assert go.cued("Move to the office.") and not go.not_asked("Move to the office.")
     lights = SkillSet.load(default_skills_file()).skills["lights"]
@@ -358,7 +358,7 @@ def test_a_nearly_named_value_is_heard_only_when_none_is_named():
     assert mentioned("Can you pop into the loo for a sec?", places) == {"bathroom"}  # eighth round's aliases
     assert mentioned("The little ones want the remote", fetch["person"]) == {"the kids"}
     assert mentioned("The little ones want the remote", fetch["object"]) == {"remote control"}
-    # seventeenth round: a pronoun refers to the one value it fits when none is named as written
+    # eighteenth round: a pronoun refers to the one value it fits when none is named as written
     # (Whisper tiny bent "grandpa"); a value named wins, and two values' pronouns name none
     assert mentioned("Bring Grant by the newspaper, he's been asking for it.", fetch["person"], fuzzy=True) == {"grandpa"}
     assert mentioned("Can Grand that have his glasses please?", fetch["person"], fuzzy=True) == {"grandpa"}
@@ -400,7 +400,7 @@ def test_which_of_several_named_values_count():
     assert mentioned("Turn the kitchen light on, no wait, the living room one.", lights["room"]) == {"living room"}
     assert mentioned("No, not the kitchen, the bedroom.", places) == {"bedroom"}  # nothing said before the "no"
     assert mentioned("Bring grandma her book, no rush.", fetch["object"]) == {"book"}  # nothing said after it
-    # seventeenth round: a correction inside a clause (Whisper drops the comma), a clause that says
+    # eighteenth round: a correction inside a clause (Whisper drops the comma), a clause that says
     # how things are is a reason, and words Whisper tiny writes for "loo", "hall light", "lights off"
     assert mentioned("Go to the bedroom no wait, the bathroom.", places) == {"bathroom"}
     assert mentioned("Turn on the lights in the kitchen, no wait the hallway.", lights["room"]) == {"hallway"}

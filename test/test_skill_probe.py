@@ -129,7 +129,7 @@ def test_the_shipped_probe_fits_the_shipped_skills_and_llm(llm, skills):
     for said in ("Stop worrying so much, love.", "Stop by the bakery on your way home, honey.", "Honey."):
         assert parser.parse(said).skill == NONE, said
     assert parser.parse("Don't stop now, you're nearly done.").skill == NONE  # a negated cue is no command
-    # seventeenth round: a report, a passive, a tale are no requests (the probe took each for one);
+    # eighteenth round: a report, a passive, a tale are no requests (the probe took each for one);
     # "go get" is a fetch; a pronoun tells whom to bring it to when the name was misheard
     for said in ("I already turned the lights off.", "The meeting got moved to the big office upstairs.",
                  "Grandpa nodded off reading the paper."):
