@@ -262,7 +262,7 @@ def test_a_stop_phrase_as_a_clause_of_its_own_stops_on_the_fast_path():
     """...whatever else is said and whoever else is spoken to (twelfth and thirteenth rounds)."""
     skills = SkillSet.load(default_skills_file())
     for said in ("Honey, stop!", "Love, stand still.", "Stop it, honey.", "Stop, do not drive into the garden.",
-                 "Stop, there is a step ahead."):
+                 "Stop, there is a step ahead.", "Hang on, stay put, don't go any further."):  # nineteenth round
         assert skills.stop_clause(said) == "stop", said
         assert (skills.fast_call(said).skill, skills.fast_call(said).via) == ("stop", "stop_clause"), said
     for said in ("Stop worrying so much, love.", "Stop by the bakery on your way home, honey.", "Hold on, love.",
@@ -283,7 +283,9 @@ def test_a_stop_phrase_as_a_clause_of_its_own_stops_on_the_fast_path():
     # fifteenth round: a complaint, a thing that needs replacing, an offer to anybody
     ("lights", "Who left the hallway light on again?", False), ("lights", "Leave the hallway light on.", True),
     ("fetch", "My phone needs a new battery.", False), ("fetch", "Grandma needs her medicine.", True),
-    ("go_to", "The bathroom's free if anyone needs it.", False), ("follow_me", "Be my shadow for a bit.", True)])
+    ("go_to", "The bathroom's free if anyone needs it.", False), ("follow_me", "Be my shadow for a bit.", True),
+    # nineteenth round: the robot has no blanket of its own
+    ("fetch", "Bring your own blanket if you're camping with us, Jenny.", False), ("fetch", "Bring your blanket.", True)])
 def test_an_unless_phrase_rules_the_skill_out(skill, text, allowed):
     assert SkillSet.load(default_skills_file()).skills[skill].allowed(text) is allowed
 

@@ -424,6 +424,15 @@ asr_node's `vad.min_silence_ms` went from 300 to 400 ms: the piper voice pauses 
 its lines (requests and chatter) of dev9..dev18 were cut in two 125 times of 1324 at 300 ms,
 once at 400.
 
+**Nineteenth round (begun).** The eighteenth held-out set was run once (2fad2d5: 89.6% exact
+pooled, text 98.6%; "none" 94.8%, text 96.8%) and became `dev19`. On its text: stop cue and phrase
+"stay put" ("Hang on, stay put, don't go any further." was none); fetch `unless` "your own" ("Bring
+your own blanket if you're camping with us, Jenny." was fetch). Nothing else changed on any split's
+text or transcripts. Tried and dropped: a skill whose choice argument without a default is named
+nowhere, not even nearly, may not be chosen ("Go team!" is go_to office): 28 requests on the text
+lost, 0 gained ("I'm parched, get me something to drink"; "Head to the entrance ..."), and for go_to
+alone 6 on the text and 24 heard lost for one chatter line heard.
+
 **Stop.** `SkillSet.match_phrase` maps whole utterances such as "stop", "halt!", "stop, stop"
 to an argument-less skill declared with `phrases:` without the LLM (microseconds): assistant_node
 calls it in the subscription callback, before the bounded queue, so a stop is published at once
