@@ -1,11 +1,11 @@
 """`tinyalign bench commands --out DIR`: spoken requests -> skill calls (core/commands.py).
 
 Held-out requests (`--split heldout`, the default: data/skill_requests_heldout.tsv and
-data/chatter_heldout.txt, written 2026-12-06 before the nineteenth round of parser changes and never
+data/chatter_heldout.txt, written 2026-12-06 before the twentieth round of parser changes and never
 used to tune anything) and chatter, or a dev split that cues, aliases, prompts and thresholds may
 be tuned on (`dev`: data/skill_requests_dev.tsv + the even lines of data/questions.txt; `dev2`:
 data/skill_requests_dev2.tsv + data/chatter_dev2.txt + the odd lines of questions.txt; `dev3`:
-data/skill_requests_dev3.tsv + data/chatter_dev3.txt; `dev4` ... `dev19` likewise; dev2 ... dev19
+data/skill_requests_dev3.tsv + data/chatter_dev3.txt; `dev4` ... `dev20` likewise; dev2 ... dev20
 were held out until their errors were looked at; `extra1`, `extra2`: written as training data for
 the skill probe, never held out), are spoken by several typical synthetic voices
 (core.corpus, as `tinyalign synth`), each voice's clips in one file with 1.2 s gaps, and played at
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="folder for commands.json and commands.png")
     parser.add_argument("--split", choices=SPLITS, default="heldout",
-                        help="heldout: the quoted figures; dev ... dev19: what the parser may be tuned on; "
+                        help="heldout: the quoted figures; dev ... dev20: what the parser may be tuned on; "
                              "extra1, extra2: written as training data for the skill probe")
     parser.add_argument("--voices", type=int, default=3, help="typical synthetic voices (0: text only)")
     parser.add_argument("--modes", default="cascade,aligned", help="graph modes to run (comma-separated)")

@@ -5,8 +5,8 @@ that speak them, and their cached clips: what `tinyalign bench commands` measure
 Splits: `heldout` (data/skill_requests_heldout.tsv + data/chatter_heldout.txt: the quoted figures,
 never used to tune or fit anything); `dev` (skill_requests_dev.tsv + the even lines of
 questions.txt), `dev2` (skill_requests_dev2.tsv + chatter_dev2.txt + the odd lines of
-questions.txt), `dev3` ... `dev19` (skill_requests_devN.tsv + chatter_devN.txt): what the parser's
-rules may be tuned on and the probe fit on. dev2-dev19 were each the held-out set once, until
+questions.txt), `dev3` ... `dev20` (skill_requests_devN.tsv + chatter_devN.txt): what the parser's
+rules may be tuned on and the probe fit on. dev2-dev20 were each the held-out set once, until
 their errors were read. `extra1`, `extra2` (skill_requests_extraN.tsv + chatter_extraN.txt, about
 85 requests and 105 chatter lines each) were written as training data for the probe, by someone who
 had seen neither the parser nor any split, and were never held out.
@@ -23,7 +23,7 @@ from .commands import NONE
 
 DATA = Path(__file__).resolve().parents[2] / "data"
 SPLITS = ("heldout", "dev", "dev2", "dev3", "dev4", "dev5", "dev6", "dev7", "dev8", "dev9", "dev10", "dev11", "dev12",
-          "dev13", "dev14", "dev15", "dev16", "dev17", "dev18", "dev19", "extra1", "extra2")
+          "dev13", "dev14", "dev15", "dev16", "dev17", "dev18", "dev19", "dev20", "extra1", "extra2")
 DEV_SPLITS = tuple(s for s in SPLITS if s != "heldout")
 SAMPLE_RATE = 16000
 

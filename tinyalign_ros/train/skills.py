@@ -1,7 +1,7 @@
 """Fit the skill probe (core/skill_probe.py) that helps the command parser name the skill:
 `tinyalign train skills`.
 
-    tinyalign train skills [--splits dev,dev2,...,dev19] [--voices 4] [--out models/skill_probe.safetensors]
+    tinyalign train skills [--splits dev,dev2,...,dev20] [--voices 4] [--out models/skill_probe.safetensors]
 
 Data: the requests and chatter of the dev splits (core/skill_data.py; never `heldout`, which
 `tinyalign bench commands` quotes) and the skills file's `examples:`, as text and as Whisper
