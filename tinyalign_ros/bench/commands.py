@@ -1,7 +1,7 @@
 """`tinyalign bench commands --out DIR`: spoken requests -> skill calls (core/commands.py).
 
 Held-out requests (`--split heldout`, the default: data/skill_requests_heldout.tsv and
-data/chatter_heldout.txt, written 2026-12-06 before the twentieth round of parser changes and never
+data/chatter_heldout.txt, written 2026-12-07 before the twentieth round of parser changes and never
 used to tune anything) and chatter, or a dev split that cues, aliases, prompts and thresholds may
 be tuned on (`dev`: data/skill_requests_dev.tsv + the even lines of data/questions.txt; `dev2`:
 data/skill_requests_dev2.tsv + data/chatter_dev2.txt + the odd lines of questions.txt; `dev3`:
