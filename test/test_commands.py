@@ -405,6 +405,7 @@ def test_which_of_several_named_values_count():
     # eighteenth round: a correction inside a clause (Whisper drops the comma), a clause that says
     # how things are is a reason, and words Whisper tiny writes for "loo", "hall light", "lights off"
     assert mentioned("Go to the bedroom no wait, the bathroom.", places) == {"bathroom"}
+    assert mentioned("Go to the office sorry, I meant the hallway.", places) == {"hallway"}  # nineteenth round
     assert mentioned("Turn on the lights in the kitchen, no wait the hallway.", lights["room"]) == {"hallway"}
     assert mentioned("Go on into the bathroom, Tiny, the kitchen floor's still wet.", places) == {"bathroom"}
     assert mentioned("Head to the office please, you're blocking the kitchen door.", places) == {"office"}

@@ -428,7 +428,9 @@ once at 400.
 pooled, text 98.6%; "none" 94.8%, text 96.8%) and became `dev19`. On its text: stop cue and phrase
 "stay put" ("Hang on, stay put, don't go any further." was none); fetch `unless` "your own" ("Bring
 your own blanket if you're camping with us, Jenny." was fetch). Nothing else changed on any split's
-text or transcripts. Tried and dropped: a skill whose choice argument without a default is named
+text or transcripts. After the nineteenth set was run (`dev20`): "I meant" starts a correction
+("Go to the office sorry, I meant the hallway." was office, as piper's transcript dropped the dash;
+no line of any split's text or cached transcripts changes). Tried and dropped: a skill whose choice argument without a default is named
 nowhere, not even nearly, may not be chosen ("Go team!" is go_to office): 28 requests on the text
 lost, 0 gained ("I'm parched, get me something to drink"; "Head to the entrance ..."), and for go_to
 alone 6 on the text and 24 heard lost for one chatter line heard.
@@ -722,8 +724,8 @@ def referred_to(text: str, arg: "Argument") -> set[str]:
 REPORTS = {"left", "still", "is", "are", "was", "were", "been"}
 # A clause that starts with one of these takes back what was said before it ("Go to the bathroom,
 # no wait, the bedroom", "Fetch my phone, sorry, I mean my glasses"; tenth round).
-CORRECTIONS = (("no",), ("sorry",), ("wait",), ("i", "mean"), ("make", "that"), ("or", "rather"), ("scratch", "that"),
-               ("actually",))
+CORRECTIONS = (("no",), ("sorry",), ("wait",), ("i", "mean"), ("i", "meant"), ("make", "that"), ("or", "rather"),
+               ("scratch", "that"), ("actually",))
 # Said inside a clause, these start a correction too: Whisper drops the comma or dash before them
 # ("Go to the bedroom no wait, the bathroom."; eighteenth round).
 MID_CORRECTIONS = tuple(c for c in CORRECTIONS if len(c) > 1) + (("no", "wait"), ("no", "weight"), ("no", "sorry"),
