@@ -744,15 +744,11 @@ def _states(clause: list[str]) -> bool:
 
 
 def _at_corrections(clauses: list[list[str]]) -> list[list[str]]:
-    """`clauses`, each also split before a MID_CORRECTIONS phrase said inside it."""
+    """`clauses`, each also split before a MID_CORRECTIONS phrase said inside it (`_said_at`)."""
     out = []
     for clause in clauses:
-        start = 0
-        for i in range(1, len(clause)):
-            if any(tuple(clause[i:i + len(c)]) == c for c in MID_CORRECTIONS):
-                out.append(clause[start:i])
-                start = i
-        out.append(clause[start:])
+        cuts = sorted({i for c in MID_CORRECTIONS for i in _said_at(clause, " ".join(c), False) if i > 0})
+        out += [clause[a:b] for a, b in zip([0] + cuts, cuts + [len(clause)])]
     return out
 
 
@@ -772,12 +768,13 @@ def _among_several(text: str, arg: "Argument", named: set[str]) -> set[str]:
     for ci, clause in enumerate(parts):
         heard = _words(clause)
         speaker = ci not in corrected and bool(set(_without_lead_in(clause)[:1]) & SPEAKER_SUBJECTS)
+        states = _states(clause)
         for value, words in _forms(arg):
             for i in _said_at(heard, " ".join(words), False):
                 j, end = i - 1, i + len(words)
                 while j >= 0 and heard[j] in ARTICLES:
                     j -= 1
-                subject = clause[end - 1].endswith("'s") or clause[end:end + 1] in (["is"], ["was"]) or _states(clause)
+                subject = clause[end - 1].endswith("'s") or clause[end:end + 1] in (["is"], ["was"]) or states
                 where.append((ci, value, j >= 0 and heard[j] == "not", bool(set(heard[:i]) & REPORTS),
                               speaker or subject))
     for k in reversed(corrected):  # the last correction after which a value is said, and one before it
